@@ -1,0 +1,25 @@
+"""Objectives: pure (outputs, batch) -> (sum, count) metrics, combined by `compute_loss`."""
+
+from objectives.base import Metric, Metrics, Objective
+from objectives.core import (
+    OBJECTIVES,
+    active_objectives,
+    compute_loss,
+    denominators,
+    forward,
+    get_objective,
+    summarize,
+)
+
+__all__ = [
+    "OBJECTIVES",
+    "Metric",
+    "Metrics",
+    "Objective",
+    "active_objectives",
+    "compute_loss",
+    "denominators",
+    "forward",
+    "get_objective",
+    "summarize",
+]

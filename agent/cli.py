@@ -1,0 +1,151 @@
+"""`solo`: the one command. The agent stage is the last in the flow, so it may see every other.
+
+  solo train CONFIG [--workdir DIR] [--config.key=value ...]
+  solo eval WORKDIR
+  solo sample WORKDIR --prompt TEXT
+  solo chat WORKDIR
+  solo serve WORKDIR [--port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from experiments import load_config
+    from train.loop import train_and_evaluate
+
+    config = load_config(args.config, overrides)
+    workdir = args.workdir or str(Path("runs") / config.name)
+    summary = train_and_evaluate(config, workdir)
+    print(_format_summary(summary))
+    if config.data.task == "sft":
+        _chat_report(workdir, config)
+    return 0
+
+
+def _format_summary(summary: dict, prefix: str = "") -> str:
+    """One line per group: scalars first, then nested dicts (train / eval metrics)."""
+    scalars = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+    lines = [f"{prefix or 'run'}: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))]
+    for k, v in sorted(summary.items()):
+        if isinstance(v, dict) and v:
+            lines.append(_format_summary(v, k))
+    return "\n".join(lines)
+
+
+def _chat_report(workdir: str, config) -> None:
+    from agent.evaluate import heldout_report
+
+    print(heldout_report(workdir, config))
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from train.loop import evaluate
+
+    from train.checkpoint import read_config
+
+    metrics = evaluate(args.workdir)
+    print(_format_summary(metrics))
+    config = read_config(args.workdir)
+    if config.data.task == "sft":
+        _chat_report(args.workdir, config)
+    return 0
+
+
+def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
+    from agent.sampler import sample_main
+
+    return sample_main(args)
+
+
+def _chat(args: argparse.Namespace, overrides: list[str]) -> int:
+    from agent.repl import chat_main
+
+    return chat_main(args)
+
+
+def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    from agent.server import serve
+
+    serve(args.workdir, host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="solo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an experiment config into a workdir (resumes if present)",
+                       description="Train CONFIG (a name in experiments/ or a path). Override any key "
+                       "with --config.a.b=value. Re-running on the same workdir resumes exactly.")
+    p.add_argument("config", help="experiment name (e.g. gpt_world) or path to a config .py")
+    p.add_argument("--workdir", default="", help="output directory (default: runs/<config name>)")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("eval", help="evaluate a workdir's checkpoint on its validation split",
+                       description="Eval loss/accuracy on the validation split; for chat experiments "
+                       "also exact-match accuracy on held-out questions through the chat path.")
+    p.add_argument("workdir")
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("sample", help="complete prompts with a trained model",
+                       description="Sample continuations of --prompt from WORKDIR's checkpoint.")
+    p.add_argument("workdir")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_sample)
+
+    p = sub.add_parser("chat", help="chat with a trained model in a REPL (reads pipes too)",
+                       description="Multi-turn chat. Commands: /reset, /system TEXT, /stats, /quit.")
+    p.add_argument("workdir")
+    p.add_argument("--system", default=None, help="system prompt (default: the experiment's)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.set_defaults(fn=_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)",
+                       description="Serve WORKDIR's model at http://HOST:PORT/v1/chat/completions.")
+    p.add_argument("workdir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(fn=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --config.* overrides are free-form; everything else goes through argparse.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    args = build_parser().parse_args(rest)
+    if overrides and args.command != "train":
+        print(f"solo {args.command}: --config.* overrides only apply to `solo train`", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings drown the progress line
+    from experiments import ConfigError
+
+    try:
+        return args.fn(args, overrides)
+    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+        # Errors raised at the edges carry a complete message: one line, no traceback.
+        print(f"solo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Held-out question answering accuracy and demo transcripts, through the REPL's ChatSession path.
+
+Each question is asked in a fresh session (same template, guards, sampling and stop ids as
+`solo chat`); the reply is compared with the world's answer by exact match after normalising
+case, whitespace and trailing punctuation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from agent.chat import ChatSession, build_session
+
+_WS = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Lower-case, collapse whitespace, strip surrounding whitespace and trailing punctuation."""
+    text = _WS.sub(" ", text.strip().lower())
+    return text.rstrip(" .!?,;:'\"").strip()
+
+
+def heldout_questions(config, split: str = "test", limit: int = 0) -> list[dict]:
+    """The world's held-out chat questions: dicts with 'question', 'answer' (+ person, ...)."""
+    from data.world import World  # local: only chat experiments need the world
+
+    rows = World.from_config(config.data.world).records("chats", split)
+    return rows[:limit] if limit else rows
+
+
+def heldout_accuracy(loaded, questions: Sequence[dict] | None = None, *, split: str = "test",
+                     limit: int | None = None, session: ChatSession | None = None,
+                     num_examples: int = 5) -> dict:
+    """Exact-match accuracy of replies on held-out questions.
+
+    questions: dicts with 'question' and 'answer' (default: world records('chats', split),
+    first config.agent.eval_questions of them, 0 = all). Returns dict(accuracy, correct, n,
+    examples=[dict(question, answer, reply, correct)] (first num_examples)).
+    """
+    if questions is None:
+        if limit is None:
+            limit = int(loaded.config.agent.get("eval_questions", 0))
+        questions = heldout_questions(loaded.config, split, limit)
+    elif limit:
+        questions = list(questions)[:limit]
+    session = session or build_session(loaded)
+    correct, examples = 0, []
+    for q in questions:
+        session.reset()
+        reply = session.reply(q["question"])
+        ok = normalize(reply) == normalize(q["answer"])
+        correct += ok
+        if len(examples) < num_examples:
+            examples.append(dict(question=q["question"], answer=q["answer"], reply=reply,
+                                 correct=ok))
+    n = len(questions)
+    return dict(accuracy=correct / n if n else 0.0, correct=correct, n=n, examples=examples)
+
+
+def transcript(loaded_or_session, user_turns: Sequence[str] | None = None) -> str:
+    """A short multi-turn demo chat rendered as text (default: three held-out questions)."""
+    session = (loaded_or_session if isinstance(loaded_or_session, ChatSession)
+               else build_session(loaded_or_session))
+    if user_turns is None:
+        user_turns = [q["question"] for q in heldout_questions(loaded_or_session.config,
+                                                               "test", 3)]
+    session.reset()
+    lines = [f"[system] {session.system_prompt}"] if session.system_prompt else []
+    for text in user_turns:
+        lines.append(f"[user] {text}")
+        lines.append(f"[assistant] {session.reply(text)}")
+    lines.append(f"[stats] {session.describe_stats()}")
+    return "\n".join(lines)
+
+
+def heldout_report(workdir: str, config=None) -> str:
+    """`solo eval` / end of `solo train` on chat experiments: accuracy line + a short transcript."""
+    from train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(workdir)
+    session = build_session(loaded)
+    res = heldout_accuracy(loaded, session=session)
+    lines = [f"heldout exact-match accuracy: {res['accuracy']:.3f} "
+             f"({res['correct']}/{res['n']} questions, chat path)"]
+    for ex in res["examples"]:
+        mark = "ok " if ex["correct"] else "bad"
+        lines.append(f"  [{mark}] Q: {ex['question']}  A: {ex['reply']!r}  (want {ex['answer']!r})")
+    lines.append(transcript(session, [ex["question"] for ex in res["examples"][:2]]))
+    return "\n".join(lines)

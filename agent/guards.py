@@ -1,0 +1,122 @@
+"""Input / output guards for the chat agent, configured per experiment via `config.agent`.
+
+Defaults (see experiments/base.py `agent`): max_input_chars 2000, no blocked patterns, refusal
+"I can't help with that.", no output length cap. Every decision is logged on logger
+'solo.guards' (refusals and edits at INFO, plain allows at DEBUG) and returned as a
+`GuardDecision`.
+
+Role-marker forging needs no rewriting: chat content always goes through `tokenizer.encode`,
+which never emits control ids, so a user typing '<|assistant|>' produces plain text tokens. The
+input guard records that it saw such text (reason 'role_marker_text'); the output guard cuts a
+reply at the first role-marker *text* as well (the sampler already stops at the control ids).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+
+from data.tokenizer import SPECIAL_PIECES
+
+log = logging.getLogger("solo.guards")
+
+ROLE_MARKER_TEXTS = tuple(p for p in SPECIAL_PIECES if p.startswith("<|")) + ("</s>",)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    max_input_chars: int = 2000  # 0: unlimited
+    blocked_patterns: tuple[str, ...] = ()  # regexes, case-insensitive, on input and output
+    refusal: str = "I can't help with that."
+    max_output_chars: int = 0  # 0: unlimited (the token budget still applies)
+
+    @classmethod
+    def from_config(cls, agent_cfg) -> GuardConfig:
+        """From `config.agent` (ConfigDict or mapping); missing keys take the defaults."""
+        get = agent_cfg.get if hasattr(agent_cfg, "get") else lambda k, d: d
+        d = cls()
+        return cls(max_input_chars=int(get("max_input_chars", d.max_input_chars)),
+                   blocked_patterns=tuple(get("blocked_patterns", d.blocked_patterns) or ()),
+                   refusal=str(get("refusal", d.refusal)),
+                   max_output_chars=int(get("max_output_chars", d.max_output_chars)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardDecision:
+    """stage 'input'|'output'; action 'allow'|'refuse'|'truncate'; text = what to use next
+    (the input to send, or the reply to show); reason / pattern explain the action."""
+
+    stage: str
+    action: str
+    text: str
+    reason: str = ""
+    pattern: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.action != "refuse"
+
+
+class Guards:
+    def __init__(self, cfg: GuardConfig | None = None):
+        self.cfg = cfg or GuardConfig()
+        self._patterns = [(p, re.compile(p, re.IGNORECASE)) for p in self.cfg.blocked_patterns]
+
+    @classmethod
+    def from_config(cls, agent_cfg) -> Guards:
+        return cls(GuardConfig.from_config(agent_cfg))
+
+    def _decide(self, decision: GuardDecision) -> GuardDecision:
+        quiet = decision.action == "allow" and not decision.reason
+        level = logging.DEBUG if quiet else logging.INFO
+        log.log(level, "guard %s: %s (%s%s)", decision.stage, decision.action,
+                decision.reason or "ok", f", pattern={decision.pattern!r}" if decision.pattern
+                else "")
+        return decision
+
+    def _blocked(self, text: str) -> str | None:
+        for src, pat in self._patterns:
+            if pat.search(text):
+                return src
+        return None
+
+    def check_input(self, text: str) -> GuardDecision:
+        cfg = self.cfg
+        if cfg.max_input_chars and len(text) > cfg.max_input_chars:
+            return self._decide(GuardDecision("input", "refuse", cfg.refusal, "too_long"))
+        pattern = self._blocked(text)
+        if pattern is not None:
+            return self._decide(GuardDecision("input", "refuse", cfg.refusal, "blocked_pattern",
+                                              pattern))
+        if any(m in text for m in ROLE_MARKER_TEXTS):
+            # Allowed: it is encoded as plain text, so it cannot open a new turn.
+            return self._decide(GuardDecision("input", "allow", text, "role_marker_text"))
+        return self._decide(GuardDecision("input", "allow", text))
+
+    def check_output(self, text: str) -> GuardDecision:
+        cfg = self.cfg
+        reasons = []
+        cut = min((text.find(m) for m in ROLE_MARKER_TEXTS if m in text), default=-1)
+        if cut >= 0:  # the model wrote a role marker as text: the turn ends there
+            text = text[:cut]
+            reasons.append("role_marker_text")
+        pattern = self._blocked(text)
+        if pattern is not None:
+            return self._decide(GuardDecision("output", "refuse", cfg.refusal, "blocked_pattern",
+                                              pattern))
+        if cfg.max_output_chars and len(text) > cfg.max_output_chars:
+            text = text[: cfg.max_output_chars]
+            reasons.append("too_long")
+        action = "truncate" if reasons else "allow"
+        return self._decide(GuardDecision("output", action, text, ",".join(reasons)))
+
+    def check_messages(self, messages: Sequence[dict]) -> GuardDecision:
+        """Input guard over the user messages of a request (server)."""
+        for m in messages:
+            if m.get("role") == "user":
+                d = self.check_input(m["content"])
+                if not d.allowed:
+                    return d
+        return GuardDecision("input", "allow", "")

@@ -1,0 +1,106 @@
+"""Interactive chat loop over a `ChatSession`.
+
+TTY: shows a banner and a '> ' prompt, streams the reply token by token, Ctrl-C during a reply
+abandons it (history unchanged) and returns to the prompt, Ctrl-D or /quit exits.
+Pipe (non-TTY): one reply per input line (not streamed), no prompts or banners; commands
+/reset and /system are silent, /stats prints one line.
+
+Commands: /reset (clear history), /system TEXT (set the system prompt and reset),
+/stats (turns, tokens used), /quit.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from agent.chat import ChatSession, ContextOverflow
+
+HELP = "commands: /reset, /system TEXT, /stats, /quit"
+
+
+def run_repl(session: ChatSession, input_stream: TextIO | None = None,
+             output_stream: TextIO | None = None, *, interactive: bool | None = None) -> int:
+    """Runs until EOF or /quit; returns the number of replies produced."""
+    inp = input_stream or sys.stdin
+    out = output_stream or sys.stdout
+    if interactive is None:
+        interactive = bool(getattr(inp, "isatty", lambda: False)())
+    write = lambda s: (out.write(s), out.flush())
+    if interactive:
+        write(f"solo chat — {HELP}\n")
+    replies = 0
+    while True:
+        if interactive:
+            write("> ")
+        try:
+            line = inp.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: fresh prompt
+            write("\n")
+            continue
+        if not line:  # EOF
+            if interactive:
+                write("\n")
+            return replies
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "/quit":
+            return replies
+        if cmd == "/reset":
+            session.reset()
+            if interactive:
+                write("[history cleared]\n")
+            continue
+        if cmd == "/system":
+            session.set_system(arg.strip())
+            session.reset()
+            if interactive:
+                write(f"[system prompt set ({len(arg.strip())} chars), history cleared]\n")
+            continue
+        if cmd == "/stats":
+            write(session.describe_stats() + "\n")
+            continue
+        if cmd.startswith("/") and cmd in ("/help", "/?"):
+            write(HELP + "\n")
+            continue
+        streamed: list[str] = []
+
+        def on_delta(delta: str, streamed=streamed) -> None:
+            streamed.append(delta)
+            write(delta)
+
+        try:  # pipes get the final (guarded) text only: exactly one answer per line
+            text = session.reply(line, stream_cb=on_delta if interactive else None)
+        except KeyboardInterrupt:
+            write("\n[interrupted]\n")
+            continue
+        except ContextOverflow as e:
+            write(f"[error: {e}]\n")
+            continue
+        if not interactive:
+            write(text)
+        elif "".join(streamed) != text:  # the output guard changed the streamed reply
+            write(("\n[guarded] " if streamed else "") + text)
+        write("\n")
+        replies += 1
+
+
+def chat_main(args) -> int:
+    """`solo chat WORKDIR [--system S] [--max-new-tokens N] [--temperature T]`."""
+    from agent.chat import build_session
+    from agent.sampler import Sampling
+    from train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(args.workdir)
+    agent = loaded.config.agent
+    overrides = {}
+    if getattr(args, "system", None) is not None:
+        overrides["system_prompt"] = args.system
+    if getattr(args, "max_new_tokens", None) is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if getattr(args, "temperature", None) is not None:
+        overrides["sampling"] = Sampling(args.temperature, int(agent.top_k), float(agent.top_p))
+    run_repl(build_session(loaded, **overrides))
+    return 0

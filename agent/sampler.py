@@ -1,0 +1,464 @@
+"""Batched, KV-cached sampling from a `model.Transformer` (gemma-sampler style).
+
+Sampling methods are small frozen dataclasses, registered as pytrees so that their *kind* is
+static (part of the jit cache key) and their *values* (temperature, k, p) are traced: a new
+temperature or top-p from a server request never recompiles. Each is a pure function
+`method(logits_BV, key) -> tokens_B`.
+
+`Sampler.generate` runs one jitted prefill (right-padded prompts bucketed to powers of two, so a
+new prompt length rarely recompiles; num_valid_B = prompt lengths) and one jitted decode loop
+(`lax.while_loop` over the KV cache, the state donated so the cache is updated in place). The
+loop stops at a dynamic step bound, so the same compiled loop serves the non-streaming fast path
+(one call for all tokens) and streaming (calls of `chunk` tokens, yielding text between them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
+from model.transformer import Transformer, init_cache
+
+_NEG = -1e30
+
+
+def _pytree(data: Sequence[str]):
+    def wrap(cls):
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=[])
+    return wrap
+
+
+def _categorical(logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+    """One independent draw per row: row b uses fold_in(key, b) (batch-size independent)."""
+    keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BV.shape[0]))
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+
+
+@_pytree([])
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """argmax; no sort, no randomness (the fast path)."""
+
+    def transform(self, logits_BV: jax.Array) -> jax.Array:
+        return logits_BV
+
+    def __call__(self, logits_BV: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+
+@_pytree(["temperature"])
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+    """Sample from softmax(logits / temperature); temperature > 0 (use Greedy for 0)."""
+
+    temperature: float = 1.0
+
+    def transform(self, logits_BV: jax.Array) -> jax.Array:
+        return logits_BV / jnp.asarray(self.temperature, jnp.float32)
+
+    def __call__(self, logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+        return _categorical(self.transform(logits_BV), key)
+
+
+@_pytree(["k"])
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Keep the k largest logits (k traced, via a sort; ties at the k-th value are all kept)."""
+
+    k: int = 50
+
+    def transform(self, logits_BV: jax.Array) -> jax.Array:
+        v = logits_BV.shape[-1]
+        k = jnp.clip(jnp.asarray(self.k, jnp.int32), 1, v)
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        kth_B1 = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(k - 1, (logits_BV.shape[0], 1)),
+                                     axis=-1)
+        return jnp.where(logits_BV >= kth_B1, logits_BV, _NEG)
+
+    def __call__(self, logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+        return _categorical(self.transform(logits_BV), key)
+
+
+@_pytree(["p"])
+@dataclasses.dataclass(frozen=True)
+class TopP:
+    """Nucleus: keep the most probable tokens until their mass reaches p, *including* the token
+    that crosses p (so at least one token always survives)."""
+
+    p: float = 0.9
+
+    def transform(self, logits_BV: jax.Array) -> jax.Array:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # exclusive cumsum
+        keep_BV = mass_before_BV < jnp.asarray(self.p, jnp.float32)
+        keep_BV = keep_BV.at[:, 0].set(True)
+        # smallest kept logit is the threshold (sorted descending, keep is a prefix)
+        n_keep_B1 = keep_BV.sum(-1, keepdims=True)
+        thresh_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+        return jnp.where(logits_BV >= thresh_B1, logits_BV, _NEG)
+
+    def __call__(self, logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+        return _categorical(self.transform(logits_BV), key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compose:
+    """Apply the transforms in order (e.g. Temperature, TopK, TopP as HF does), then sample.
+    A Greedy anywhere makes the whole composition an argmax."""
+
+    methods: tuple = ()
+
+    def __init__(self, *methods):
+        if len(methods) == 1 and isinstance(methods[0], (tuple, list)):
+            methods = tuple(methods[0])
+        object.__setattr__(self, "methods", tuple(methods))
+
+    def transform(self, logits_BV: jax.Array) -> jax.Array:
+        for m in self.methods:
+            logits_BV = m.transform(logits_BV)
+        return logits_BV
+
+    def __call__(self, logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+        if any(isinstance(m, Greedy) for m in self.methods):
+            return Greedy()(self.transform(logits_BV))
+        return _categorical(self.transform(logits_BV), key)
+
+
+# Compose takes *methods; its children are the methods (kinds static, values traced).
+jax.tree_util.register_pytree_node(Compose, lambda c: (c.methods, None),
+                                   lambda _, ch: Compose(*ch))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Convenience (OpenAI / HF style knobs): temperature 0 = greedy; top_k 0 and top_p 1 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def method(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling {self}: need temperature >= 0, top_k >= 0, "
+                             "0 < top_p <= 1")
+        if self.temperature == 0:
+            return Greedy()
+        parts = [Temperature(float(self.temperature))]
+        if self.top_k > 0:
+            parts.append(TopK(int(self.top_k)))
+        if self.top_p < 1:
+            parts.append(TopP(float(self.top_p)))
+        return parts[0] if len(parts) == 1 else Compose(*parts)
+
+    def __call__(self, logits_BV, key):
+        return self.method()(logits_BV, key)
+
+
+def as_method(method) -> Any:
+    """Sampling / None -> a jit-able method pytree."""
+    if method is None:
+        return Greedy()
+    if isinstance(method, Sampling):
+        return method.method()
+    return method
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+@dataclasses.dataclass
+class Generation:
+    """One row's result. tokens exclude the stop token; text is cut before a stop string."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str  # 'stop' (stop token or string) | 'length'
+    prompt_tokens: int
+
+
+class Sampler:
+    """Batched generation with a KV cache. See module docstring.
+
+    Args:
+      model: a `Transformer` (kind 'decoder' or 'encoder_decoder').
+      params: the 'params' tree (or a {'params': ...} variables dict); boxed metadata is removed.
+      tokenizer: `data.tokenizer.Tokenizer` (needed for text in/out and stop strings).
+      cache_len: KV-cache slots S (default: model max_len). prompt + max_new_tokens must fit.
+      stop_ids: tokens that end a row (not included in the output).
+      overflow: 'error' (default: prompt + budget > cache_len raises ValueError) or 'truncate_left'
+        (keep the newest prompt tokens that fit; encoder_decoder sources are right-truncated).
+    """
+
+    def __init__(self, model: Transformer, params, tokenizer=None, *, cache_len: int | None = None,
+                 stop_ids: Sequence[int] = (EOS_ID, EOT_ID), overflow: str = "error",
+                 min_bucket: int = 16):
+        cfg = model.cfg
+        if cfg.kind == "encoder":
+            raise ValueError("Sampler needs a 'decoder' or 'encoder_decoder' model")
+        if overflow not in ("error", "truncate_left"):
+            raise ValueError(f"overflow must be 'error' or 'truncate_left', got {overflow!r}")
+        params = nn.meta.unbox(params)
+        self.variables = params if "params" in params else {"params": params}
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.cache_len = int(cache_len or cfg.max_len)
+        if cfg.positions == "learned" and self.cache_len > cfg.max_len:
+            raise ValueError(f"cache_len={self.cache_len} > max_len={cfg.max_len} (learned "
+                             "positions cannot extrapolate)")
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.overflow = overflow
+        self.min_bucket = min_bucket
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("batch", "length"))
+        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,))
+
+    # --- jitted pieces -------------------------------------------------------------------------
+
+    def _prefill_impl(self, variables, prompt_BL, lengths_B, src_BL, key, method, stop_B_ids,
+                      max_new_B, *, batch, length):
+        """Runs the prompt through the cache and samples the first token. Returns loop state."""
+        del batch, length
+        model, cfg = self.model, self.cfg
+        b = prompt_BL.shape[0]
+        cache = init_cache(cfg, b, self.cache_len, jnp.dtype(cfg.dtype))
+        enc = {}
+        if cfg.kind == "encoder_decoder":
+            src_seg = (src_BL != PAD_ID).astype(jnp.int32)
+            enc = dict(encoded=model.apply(variables, dict(src_tokens=src_BL,
+                                                            src_segment_ids=src_seg),
+                                           method=Transformer.encode),
+                       src_segment_ids=src_seg)
+        logits_BLV, cache = model.apply(variables, prompt_BL, cache, num_valid_B=lengths_B,
+                                        method=Transformer.decode, **enc)
+        last_BV = jnp.take_along_axis(logits_BLV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        tok_B = method(last_BV, jax.random.fold_in(key, 0))
+        out_BN = jnp.full((b, self.cache_len), PAD_ID, jnp.int32).at[:, 0].set(tok_B)
+        done_B = jnp.isin(tok_B, stop_B_ids) | (max_new_B <= 1)
+        return dict(cache=cache, tok=tok_B, out=out_BN, step=jnp.int32(1), done=done_B,
+                    count=jnp.ones((b,), jnp.int32), key=key, max_new=max_new_B, **enc)
+
+    def _loop_impl(self, variables, state, until, method, stop_ids):
+        """Decodes while step < until and some row is not done (finished rows idle)."""
+        model = self.model
+
+        def cond(s):
+            return (s["step"] < until) & ~jnp.all(s["done"])
+
+        def body(s):
+            enc = {k: s[k] for k in ("encoded", "src_segment_ids") if k in s}
+            logits_B1V, cache = model.apply(variables, s["tok"][:, None], s["cache"],
+                                            method=Transformer.decode, **enc)
+            tok_B = method(logits_B1V[:, 0], jax.random.fold_in(s["key"], s["step"]))
+            tok_B = jnp.where(s["done"], PAD_ID, tok_B)
+            live_B = ~s["done"]
+            out = s["out"].at[:, s["step"]].set(tok_B)
+            count = s["count"] + live_B.astype(jnp.int32)
+            done = s["done"] | jnp.isin(tok_B, stop_ids) | (count >= s["max_new"])
+            return dict(s, cache=cache, tok=tok_B, out=out, step=s["step"] + 1, done=done,
+                        count=count)
+
+        return jax.lax.while_loop(cond, body, state)
+
+    # --- host side -----------------------------------------------------------------------------
+
+    def _prepare(self, prompts: Sequence[Sequence[int]], max_new: int):
+        s = self.cache_len
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        if max_new >= s:
+            raise ValueError(f"max_new_tokens={max_new} does not fit the cache ({s} slots)")
+        rows = []
+        for i, p in enumerate(prompts):
+            p = [int(t) for t in p]
+            if not p:
+                raise ValueError(f"prompt {i} is empty (start it with BOS)")
+            if len(p) + max_new > s:
+                if self.overflow == "error":
+                    raise ValueError(
+                        f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new} = "
+                        f"{len(p) + max_new} > cache_len={s}; shorten the prompt, lower "
+                        "max_new_tokens, or use overflow='truncate_left'")
+                p = p[len(p) + max_new - s:]
+            rows.append(p)
+        return rows
+
+    def _start(self, prompts, max_new_tokens, method, seed, src=None, stop_ids=None):
+        """Pads, buckets and prefills. Returns (state, n_rows, prompt lengths, method, stop)."""
+        method = as_method(method)
+        max_new = int(max_new_tokens)
+        if self.cfg.kind == "encoder_decoder":
+            if src is None:  # the prompts are the sources; the decoder starts from BOS
+                src, prompts = prompts, [[BOS_ID]] * len(prompts)
+            src = [list(map(int, x)) for x in src]
+            if any(len(x) > self.cfg.max_len for x in src):
+                if self.overflow == "error":
+                    raise ValueError(f"source longer than max_len={self.cfg.max_len}")
+                src = [x[: self.cfg.max_len] for x in src]
+        rows = self._prepare(prompts, max_new)
+        n = len(rows)
+        b = _bucket(n, 1)
+        lens = [len(r) for r in rows]
+        length = min(_bucket(max(lens), self.min_bucket), self.cache_len)
+        prompt = np.full((b, length), PAD_ID, np.int32)
+        lengths = np.ones((b,), np.int32)
+        for i, r in enumerate(rows):
+            prompt[i, : len(r)] = r
+            lengths[i] = len(r)
+        max_new_b = np.full((b,), max_new, np.int32)
+        max_new_b[n:] = 1  # batch-padding rows finish immediately
+        src_arr = np.zeros((b, 1), np.int32)
+        if self.cfg.kind == "encoder_decoder":
+            ls = min(_bucket(max(map(len, src)), self.min_bucket), self.cfg.max_len)
+            src_arr = np.full((b, ls), PAD_ID, np.int32)
+            for i, x in enumerate(src):
+                src_arr[i, : len(x)] = x
+        stop_ids = self.stop_ids if stop_ids is None else tuple(stop_ids)
+        stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
+        state = self._prefill(self.variables, jnp.asarray(prompt), jnp.asarray(lengths),
+                              jnp.asarray(src_arr), jax.random.key(int(seed)), method, stop,
+                              jnp.asarray(max_new_b), batch=b, length=length)
+        return state, n, lens, method, stop
+
+    def iterate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                method=None, seed: int = 0, chunk: int = 0, src=None,
+                stop_rows: np.ndarray | None = None, stop_ids: Sequence[int] | None = None,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+        """Low level: yields (new_tokens [n, t], done [n], info) after prefill and after each
+        chunk of decode steps (chunk 0 = everything at once). Rows already done carry PAD.
+        Setting stop_rows[i] = True (a bool array of n the caller owns) between chunks finishes
+        row i early (host-side stop strings). stop_ids overrides the sampler's stop tokens (a
+        traced array: no recompile unless their number changes)."""
+        state, n, lens, method, stop = self._start(prompts, max_new_tokens, method, seed, src,
+                                                   stop_ids)
+        early = np.zeros((state["done"].shape[0],), bool)
+        stop_set = set(np.asarray(stop).tolist())
+        first = np.asarray(state["tok"])[:n, None]
+        yield first, np.asarray(state["done"])[:n], dict(lens=lens, stop=stop_set)
+        pos = 1
+        limit = int(max_new_tokens)
+        while pos < limit:
+            if stop_rows is not None and stop_rows.any():
+                early[:n] = stop_rows
+                state["done"] = state["done"] | jnp.asarray(early)
+            if bool(np.all(np.asarray(state["done"]))):
+                return
+            until = limit if chunk <= 0 else min(limit, pos + chunk)
+            state = self._loop(self.variables, state, jnp.int32(until), method, stop)
+            step = int(state["step"])
+            new = np.asarray(state["out"][:n, pos:step])
+            pos = step
+            yield new, np.asarray(state["done"])[:n], dict(lens=lens, stop=stop_set)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                     method=None, seed: int = 0, src=None, stop_ids: Sequence[int] | None = None,
+                     ) -> tuple[list[list[int]], list[str]]:
+        """Fast path (no streaming, no stop strings): token ids per row (stop token excluded)
+        and finish reasons."""
+        parts, stops = [], set()
+        for new, _, info in self.iterate(prompts, max_new_tokens=max_new_tokens, method=method,
+                                         seed=seed, src=src, stop_ids=stop_ids):
+            parts.append(new)
+            stops = info["stop"]
+        all_NT = np.concatenate(parts, axis=1)
+        out, reasons = [], []
+        for row in all_NT:
+            toks, reason = [], "length"
+            for t in row.tolist():
+                if t in stops:
+                    reason = "stop"
+                    break
+                toks.append(t)
+            out.append(toks[: int(max_new_tokens)])
+            reasons.append(reason)
+        return out, reasons
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
+                 method=None, seed: int = 0, stop: Sequence[str] = (),
+                 stream_cb: Callable[[int, str], None] | None = None, chunk: int = 8,
+                 src=None, stop_ids: Sequence[int] | None = None) -> list[Generation]:
+        """Generates for a batch of prompts (str -> BOS + tokenizer.encode, or token lists).
+
+        Rows end independently at a stop token, a stop string (text cut before it) or
+        max_new_tokens. stream_cb(row, text_delta) is called as text becomes final (held back
+        while it could still be the start of a stop string). Without stream_cb and stop strings
+        the whole decode is one jitted call.
+        """
+        tok = self.tokenizer
+        ids = [([BOS_ID] + tok.encode(p)) if isinstance(p, str) else list(p) for p in prompts]
+        if src is not None:
+            src = [tok.encode(x) if isinstance(x, str) else list(x) for x in src]
+        stop = [s for s in stop if s]
+        if (stop or stream_cb) and tok is None:
+            raise ValueError("stop strings and streaming need a tokenizer")
+        n = len(ids)
+        toks: list[list[int]] = [[] for _ in range(n)]
+        finished = [None] * n  # finish reason once decided
+        texts = [""] * n
+        emitted = [0] * n
+        hold = max((len(s) for s in stop), default=1) - 1
+        streaming = bool(stream_cb or stop)
+        stop_rows = np.zeros((n,), bool)
+        it = self.iterate(ids, max_new_tokens=max_new_tokens, method=method, seed=seed,
+                          chunk=chunk if streaming else 0, src=src, stop_rows=stop_rows,
+                          stop_ids=stop_ids)
+        lens = None
+        for new, _, info in it:
+            lens = info["lens"]
+            for i in range(n):
+                if finished[i]:
+                    continue
+                for t in new[i].tolist():
+                    if t in info["stop"]:
+                        finished[i] = "stop"
+                        break
+                    toks[i].append(t)
+                    if len(toks[i]) >= max_new_tokens:
+                        finished[i] = "length"
+                        break
+                if not streaming:
+                    continue
+                text = tok.decode(toks[i])
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    text, finished[i] = text[:cut], "stop"
+                    stop_rows[i] = True
+                texts[i] = text
+                safe = len(text) if finished[i] else len(text) - hold
+                while safe > emitted[i] and text[safe - 1] == "\ufffd":  # partial UTF-8
+                    safe -= 1
+                if stream_cb and safe > emitted[i]:
+                    stream_cb(i, text[emitted[i]:safe])
+                    emitted[i] = safe
+            if all(finished):
+                it.close()
+                break
+        results = []
+        for i in range(n):
+            text = texts[i] if streaming else (tok.decode(toks[i]) if tok else "")
+            if stream_cb and len(text) > emitted[i]:
+                stream_cb(i, text[emitted[i]:])
+            results.append(Generation(toks[i], text, finished[i] or "length", lens[i]))
+        return results
+
+
+
+def sample_main(args) -> int:
+    """`solo sample WORKDIR --prompt TEXT [...]`: prints prompt + continuation per prompt."""
+    from train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(args.workdir)
+    sampler = Sampler(loaded.model, loaded.params, loaded.tokenizer,
+                      overflow="truncate_left")
+    method = Sampling(args.temperature, args.top_k, args.top_p)
+    gens = sampler.generate(list(args.prompt), max_new_tokens=args.max_new_tokens,
+                            method=method, seed=args.seed)
+    for prompt, g in zip(args.prompt, gens, strict=True):
+        print(f"{prompt}{g.text}\n[{len(g.tokens)} tokens, {g.finish_reason}]\n", flush=True)
+    return 0

@@ -1,0 +1,299 @@
+"""OpenAI-compatible HTTP server (Starlette + uvicorn): /v1/chat/completions and /v1/models.
+
+One model worker thread owns the Sampler and serves a FIFO queue, so concurrent requests are
+answered one generation at a time (correct, simple; no micro-batching). Streaming requests get
+server-sent events in OpenAI's `chat.completion.chunk` format ending with `data: [DONE]`. A
+client that disconnects mid-stream cancels its generation at the next chunk boundary; the worker
+moves on to the next request.
+
+Errors are OpenAI-shaped: {"error": {"message", "type": "invalid_request_error", "param",
+"code"}} with status 400 (malformed JSON, unknown fields, bad values, n != 1, prompt + max_tokens
+over the context) or 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from agent.chat import CHAT_STOP_IDS
+from agent.guards import Guards
+from agent.sampler import Sampler, Sampling
+from data.chat import encode_chat
+
+log = logging.getLogger("solo.server")
+
+ALLOWED_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
+                  "top_p", "top_k", "stop", "stream", "stream_options", "n", "seed", "user"}
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 status: int = 400):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": "invalid_request_error",
+                                   "param": e.param, "code": e.code}}, status_code=e.status)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Job:
+    def __init__(self, ids, max_new, sampling, seed, stop, stream, loop):
+        self.ids, self.max_new, self.sampling, self.seed = ids, max_new, sampling, seed
+        self.stop, self.stream, self.loop = stop, stream, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def emit(self, kind: str, payload: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class ModelWorker:
+    """A daemon thread running generations from a queue, one at a time."""
+
+    def __init__(self, sampler: Sampler, guards: Guards, chunk: int = 4):
+        self.sampler, self.guards, self.chunk = sampler, guards, chunk
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="solo-model-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._generate(job)
+            except _Cancelled:
+                log.info("generation cancelled (client went away)")
+            except Exception as e:  # keep serving others
+                log.exception("generation failed")
+                job.emit("error", str(e))
+
+    def _generate(self, job: _Job) -> None:
+        def on_delta(_row: int, delta: str) -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled()
+            if job.stream:
+                job.emit("delta", delta)
+
+        gen = self.sampler.generate([job.ids], max_new_tokens=job.max_new, method=job.sampling,
+                                    seed=job.seed, stop=job.stop, stop_ids=CHAT_STOP_IDS,
+                                    stream_cb=on_delta if job.stream else None,
+                                    chunk=self.chunk)[0]
+        d = self.guards.check_output(gen.text)
+        job.emit("done", dict(text=d.text, finish_reason=gen.finish_reason,
+                              prompt_tokens=gen.prompt_tokens,
+                              completion_tokens=len(gen.tokens), guard=d.action))
+
+
+def _parse(body: bytes, sampler: Sampler, defaults: dict) -> dict:
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(req, dict):
+        raise RequestError("request body must be a JSON object")
+    unknown = sorted(set(req) - ALLOWED_FIELDS)
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; supported: {sorted(ALLOWED_FIELDS)}",
+                           param=unknown[0], code="unknown_field")
+    msgs = req.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RequestError("'messages' must be a non-empty list", param="messages")
+    messages = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(f"messages[{i}] needs role in {ROLES}", param=f"messages[{i}]")
+        content = m.get("content", "")
+        if isinstance(content, list):  # OpenAI content parts: text only
+            try:
+                content = "".join(p["text"] for p in content if p.get("type") == "text")
+            except (TypeError, KeyError, AttributeError):
+                raise RequestError(f"messages[{i}].content parts must be text",
+                                   param=f"messages[{i}].content") from None
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string",
+                               param=f"messages[{i}].content")
+        messages.append(dict(role=m["role"], content=content))
+
+    def num(name, typ, lo, hi, default):
+        v = req.get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and v != int(v)):
+            raise RequestError(f"'{name}' must be a number", param=name)
+        if not lo <= v <= hi:
+            raise RequestError(f"'{name}'={v} out of range [{lo}, {hi}]", param=name)
+        return typ(v)
+
+    if num("n", int, 1, 1, 1) != 1:  # pragma: no cover (range check catches it)
+        raise RequestError("only n=1 is supported", param="n")
+    stop = req.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise RequestError("'stop' must be a string or a list of up to 4 strings", param="stop")
+    stream = req.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+    max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
+    name = "max_completion_tokens" if "max_completion_tokens" in req else "max_tokens"
+    max_tokens = num(name, int, 1, sampler.cache_len, None) if max_tokens is not None else None
+    sampling = Sampling(temperature=num("temperature", float, 0.0, 2.0, defaults["temperature"]),
+                        top_k=num("top_k", int, 0, 1 << 20, defaults["top_k"]),
+                        top_p=num("top_p", float, 1e-6, 1.0, defaults["top_p"]))
+    seed = num("seed", int, -(1 << 63), (1 << 63) - 1, None)
+    return dict(messages=messages, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                stream=stream, seed=seed)
+
+
+def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | None = None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, chunk: int = 4) -> Starlette:
+    """The ASGI app. Defaults (max_new_tokens, temperature, ...) apply when a request omits them
+    (normally config.agent's). The worker thread starts here and stops on app shutdown."""
+    guards = guards or Guards()
+    worker = ModelWorker(sampler, guards, chunk=chunk)
+    defaults = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    counter = iter(range(1 << 62))
+
+    async def models(_request: Request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": 0, "owned_by": "solo"}]})
+
+    async def chat_completions(request: Request):
+        try:
+            req = _parse(await request.body(), sampler, defaults)
+            ids, _ = encode_chat(sampler.tokenizer, req["messages"], add_generation_prompt=True)
+            room = sampler.cache_len - len(ids)
+            max_new = req["max_tokens"] or min(max_new_tokens, room)
+            if room < 1 or len(ids) + max_new > sampler.cache_len:
+                raise RequestError(
+                    f"this model's maximum context length is {sampler.cache_len} tokens; the "
+                    f"messages use {len(ids)} tokens and max_tokens={max_new}",
+                    param="messages", code="context_length_exceeded")
+        except RequestError as e:
+            return error_response(e)
+        d = guards.check_messages(req["messages"])
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        seed = req["seed"] if req["seed"] is not None else next(counter)
+        if not d.allowed:  # refused by the input guard: answer with the refusal, no generation
+            result = dict(text=d.text, finish_reason="stop", prompt_tokens=len(ids),
+                          completion_tokens=0)
+            job = None
+        else:
+            job = _Job(ids, max_new, req["sampling"], seed % (1 << 32), req["stop"],
+                       req["stream"], asyncio.get_running_loop())
+            worker.submit(job)
+        chunk_of = lambda delta, finish=None: "data: " + json.dumps({
+            "id": rid, "object": "chat.completion.chunk", "created": created,
+            "model": model_name, "choices": [{"index": 0, "delta": delta,
+                                              "finish_reason": finish}]}) + "\n\n"
+
+        if req["stream"]:
+            async def events():
+                try:
+                    yield chunk_of({"role": "assistant", "content": ""})
+                    if job is None:
+                        yield chunk_of({"content": result["text"]})
+                        yield chunk_of({}, "stop")
+                        yield "data: [DONE]\n\n"
+                        return
+                    streamed = ""
+                    while True:
+                        kind, payload = await job.events.get()
+                        if kind == "delta":
+                            streamed += payload
+                            yield chunk_of({"content": payload})
+                        elif kind == "error":
+                            yield "data: " + json.dumps({"error": {
+                                "message": payload, "type": "server_error"}}) + "\n\n"
+                            break
+                        else:
+                            if payload["text"] != streamed and payload["guard"] == "refuse":
+                                yield chunk_of({"content": "\n" + payload["text"]})
+                            yield chunk_of({}, payload["finish_reason"])
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:  # normal end, or the client went away (generator cancelled)
+                    if job is not None:
+                        job.cancelled.set()
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        if job is not None:
+            try:
+                kind, payload = await job.events.get()
+            finally:
+                job.cancelled.set()
+            if kind == "error":
+                return JSONResponse({"error": {"message": payload, "type": "server_error",
+                                               "param": None, "code": None}}, status_code=500)
+            result = payload
+        usage = dict(prompt_tokens=result["prompt_tokens"],
+                     completion_tokens=result["completion_tokens"],
+                     total_tokens=result["prompt_tokens"] + result["completion_tokens"])
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": created, "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                         "finish_reason": result["finish_reason"]}],
+            "usage": usage})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.close()
+
+    app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
+                            Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+                    lifespan=lifespan)
+    app.state.worker = worker
+    return app
+
+
+def app_from_loaded(loaded, **overrides) -> Starlette:
+    """make_app from `train.checkpoint.load_for_inference(...)` with config.agent defaults."""
+    from agent.chat import build_sampler  # local: keeps the module import light
+
+    agent = loaded.config.agent
+    kw = dict(model_name=str(loaded.config.get("name", "solo")), guards=Guards.from_config(agent),
+              max_new_tokens=int(agent.max_new_tokens), temperature=float(agent.temperature),
+              top_k=int(agent.top_k), top_p=float(agent.top_p))
+    kw.update(overrides)
+    return make_app(build_sampler(loaded), **kw)
+
+
+def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, **overrides) -> None:
+    """Loads the checkpoint in workdir and serves it with uvicorn (blocking)."""
+    import uvicorn
+
+    from train.checkpoint import load_for_inference
+
+    uvicorn.run(app_from_loaded(load_for_inference(workdir), **overrides), host=host, port=port)

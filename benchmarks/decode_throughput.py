@@ -1,0 +1,130 @@
+"""Decode throughput: solo's jitted KV-cache sampler vs Hugging Face `generate` (PyTorch CPU).
+
+Same GPT-2-shaped model on both sides: 6 layers, d_model 384, 6 heads, d_ff 1536, GELU, LayerNorm,
+learned positions, tied embeddings, vocabulary 65, float32, random weights, greedy decoding of
+224 new tokens after a 32-token prompt (no stop token can fire). Measurements of the two systems
+are interleaved round by round (the machine is shared), and we report the median per system plus
+the per-round ratio (ours / HF) whose median is the headline.
+
+  python benchmarks/decode_throughput.py [--rounds 3] [--batches 1,8] [--skip-hf]
+
+Needs the `bench` extra (torch==2.13.0 CPU, transformers) for the HF side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agent.sampler import Greedy, Sampler
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+PROMPT, NEW, VOCAB = 32, 224, 65
+CFG = ModelConfig(vocab_size=VOCAB, d_model=384, num_layers=6, num_heads=6, d_ff=1536,
+                  max_len=PROMPT + NEW, positions="learned", norm="layernorm", mlp="gelu",
+                  tie_embeddings=True)
+
+
+def make_ours():
+    model = Transformer(CFG)
+    params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 8), jnp.int32)})
+    return Sampler(model, params, None, cache_len=PROMPT + NEW, stop_ids=())
+
+
+def run_ours(sampler: Sampler, prompts: np.ndarray) -> dict:
+    """Prefill (timed to the first token on the host = TTFT) then the whole decode loop."""
+    t0 = time.perf_counter()
+    it = sampler.iterate(prompts.tolist(), max_new_tokens=NEW, method=Greedy())
+    first, _, _ = next(it)
+    ttft = time.perf_counter() - t0
+    n = first.shape[1]
+    for new, _, _ in it:
+        n += new.shape[1]
+    total = time.perf_counter() - t0
+    assert n == NEW, n
+    return dict(tok_s=prompts.shape[0] * NEW / total, ttft_ms=1e3 * ttft, total_s=total)
+
+
+def make_hf():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=PROMPT + NEW, n_embd=384, n_layer=6, n_head=6,
+                     n_inner=1536, activation_function="gelu_new", bos_token_id=None,
+                     eos_token_id=None, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def run_hf(model, prompts: np.ndarray) -> dict:
+    import torch
+
+    x = torch.tensor(prompts, dtype=torch.long)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, min_new_tokens=1,
+                       do_sample=False, use_cache=True)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
+                             min_new_tokens=NEW, do_sample=False, use_cache=True)
+        total = time.perf_counter() - t0
+    assert out.shape[1] == PROMPT + NEW, out.shape
+    return dict(tok_s=prompts.shape[0] * NEW / total, ttft_ms=1e3 * ttft, total_s=total)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    rng = np.random.default_rng(0)
+    ours = make_ours()
+    hf = None
+    if not args.skip_hf:
+        import torch
+
+        torch.set_num_threads(2)
+        hf = make_hf()
+    prompts = {b: rng.integers(10, VOCAB, (b, PROMPT)).astype(np.int32) for b in batches}
+    for b in batches:  # warm-up: compile every bucket / let torch allocate
+        run_ours(ours, prompts[b])
+        if hf is not None:
+            run_hf(hf, prompts[b])
+    results = {}
+    for b in batches:
+        rows = []
+        for _ in range(args.rounds):
+            r = dict(ours=run_ours(ours, prompts[b]))
+            if hf is not None:
+                r["hf"] = run_hf(hf, prompts[b])
+                r["ratio"] = r["ours"]["tok_s"] / r["hf"]["tok_s"]
+            rows.append(r)
+        med = lambda k, f, rows=rows: statistics.median(r[k][f] for r in rows)
+        res = dict(ours_tok_s=med("ours", "tok_s"), ours_ttft_ms=med("ours", "ttft_ms"))
+        if hf is not None:
+            res.update(hf_tok_s=med("hf", "tok_s"), hf_ttft_ms=med("hf", "ttft_ms"),
+                       ratio=statistics.median(r["ratio"] for r in rows),
+                       ratios=[round(r["ratio"], 2) for r in rows])
+        results[f"batch{b}"] = res
+        print(f"batch {b}: " + ", ".join(
+            f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
+            flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

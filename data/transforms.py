@@ -1,0 +1,259 @@
+"""Small numpy transforms: tokenize, chunk, pack, mask, NSP pairs, views, SFT and seq2seq rows.
+
+An *example* is a dict of equal-length 1-D arrays (e.g. tokens/targets/weights) that stays in one
+row; `pack_examples` places examples greedily into fixed-length rows, adding segment_ids (1..n per
+row, 0 = padding) and positions (restarting at 0 for each example). Documents longer than a row are
+split into consecutive chunks of seq_len predictions first; each chunk is its own segment (positions
+restart), so no attention or target ever crosses a row or a document boundary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from data.tokenizer import BOS_ID, EOS_ID, MASK_ID, SEP_ID, SPECIAL_IDS
+
+Example = dict[str, np.ndarray]
+Rows = dict[str, np.ndarray]
+
+
+def encode_docs(tok, texts: Sequence[str]) -> list[np.ndarray]:
+    """[BOS] + tokens + [EOS] per document, int32."""
+    return [np.asarray([BOS_ID, *tok.encode(t), EOS_ID], np.int32) for t in texts]
+
+
+def lm_examples(docs: Sequence[np.ndarray], seq_len: int) -> list[Example]:
+    """Causal-LM examples: inputs ids[:-1], targets ids[1:] (so the last token predicts EOS),
+    chunked into pieces of at most seq_len predictions."""
+    out = []
+    for ids in docs:
+        for s in range(0, len(ids) - 1, seq_len):
+            x = ids[s : s + seq_len]
+            y = ids[s + 1 : s + 1 + seq_len]
+            x = x[: len(y)]
+            out.append({"tokens": x, "targets": y, "weights": np.ones(len(y), np.float32)})
+    return out
+
+
+def mlm_examples(docs: Sequence[np.ndarray], seq_len: int) -> list[Example]:
+    """Encoder examples: the document's own tokens, chunked to seq_len."""
+    return [{"tokens": ids[s : s + seq_len]} for ids in docs for s in range(0, len(ids), seq_len)]
+
+
+def pack_examples(
+    examples: Sequence[Example],
+    seq_len: int,
+    *,
+    window: int = 16,
+    fill: bool = False,
+    min_piece: int = 8,
+) -> Rows:
+    """Greedy first-fit packing over the last `window` open rows (keeps order roughly stable).
+
+    fill=True: an example that fits no open row first fills the newest row's free space (if at
+    least min_piece slots) and continues in a new row, as a separate segment (positions restart):
+    ~100% packing at the cost of cutting documents, like nanoGPT's concatenated stream.
+    """
+    pieces, used, open_rows = [], [], []  # pieces: (example, lo, hi, row, offset)
+    for e, ex in enumerate(examples):
+        n = len(next(iter(ex.values())))
+        if not 0 < n <= seq_len:
+            raise ValueError(f"example length {n} not in [1, {seq_len}]; chunk it first")
+        lo = 0
+        while lo < n:
+            r = next((r for r in open_rows if used[r] + n - lo <= seq_len), None)
+            hi = n
+            if r is None and fill and open_rows and seq_len - used[open_rows[-1]] >= min_piece:
+                r = open_rows[-1]
+                hi = lo + seq_len - used[r]
+            if r is None:
+                r = len(used)
+                used.append(0)
+                open_rows.append(r)
+                if len(open_rows) > window:
+                    open_rows.pop(0)
+            pieces.append((e, lo, hi, r, used[r]))
+            used[r] += hi - lo
+            lo = hi
+    num_rows = len(used)
+    keys = list(examples[0]) if examples else ["tokens"]
+    rows = {
+        k: np.zeros((num_rows, seq_len), np.float32 if k == "weights" else np.int32) for k in keys
+    }
+    rows["segment_ids"] = np.zeros((num_rows, seq_len), np.int32)
+    rows["positions"] = np.zeros((num_rows, seq_len), np.int32)
+    seg_count = np.zeros(num_rows, np.int32)
+    for e, lo, hi, r, o in pieces:
+        n = hi - lo
+        for k in keys:
+            rows[k][r, o : o + n] = examples[e][k][lo:hi]
+        seg_count[r] += 1
+        rows["segment_ids"][r, o : o + n] = seg_count[r]
+        rows["positions"][r, o : o + n] = np.arange(n)
+    return rows
+
+
+def packing_efficiency(rows: Rows) -> float:
+    """Fraction of row slots holding a real token (segment_ids > 0)."""
+    seg = rows["segment_ids"]
+    return float((seg > 0).mean()) if seg.size else 0.0
+
+
+def mask_row(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    vocab_size: int,
+    rate: float,
+    segment_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BERT masking via data/masking.py; special ids (incl. PAD/SEP/BOS) are never selected."""
+    from data.masking import mask_tokens
+
+    inputs, targets, weights = mask_tokens(
+        tokens,
+        rng,
+        vocab_size=vocab_size,
+        special_ids=SPECIAL_IDS,
+        mask_id=MASK_ID,
+        rate=rate,
+        segment_ids=segment_ids,
+    )
+    return (
+        np.asarray(inputs, np.int32),
+        np.asarray(targets, np.int32),
+        np.asarray(weights, np.float32),
+    )
+
+
+# Sentence ends: . ! or ? (optionally followed by a closing quote/bracket), whitespace, then an
+# uppercase letter, digit or opening quote. Short abbreviations (Mr. Dr. St. e.g.) are not ends.
+_SENT_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
+_ABBREV = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|Prof|St|Sr|Jr|vs|etc|e\.g|i\.e|No)\.|\b[A-Z]\.)$")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Plain-prose sentence splitter (regex; good enough for NSP pairs, not for linguistics)."""
+    out, start = [], 0
+    for m in _SENT_END.finditer(text):
+        piece = text[start : m.start()]
+        if _ABBREV.search(piece):
+            continue
+        out.append(piece.strip())
+        start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
+
+
+def take_sentences(sents: Sequence[np.ndarray], start: int, budget: int) -> tuple[list[int], int]:
+    """Consecutive sentences from `start` while they fit in `budget` tokens (always >= 1).
+    Returns (concatenated ids, index after the last sentence taken)."""
+    ids, j = list(sents[start]), start + 1
+    while j < len(sents) and len(ids) + len(sents[j]) <= budget:
+        ids += sents[j].tolist()
+        j += 1
+    return [int(t) for t in ids], j
+
+
+def truncate_pair(a: list[int], b: list[int], max_total: int) -> tuple[list[int], list[int]]:
+    """Trim the longer side from its end until len(a)+len(b) <= max_total (as BERT does)."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > max_total:
+        (a if len(a) >= len(b) else b).pop()
+    return a, b
+
+
+def nsp_row(a: Sequence[int], b: Sequence[int], is_next: bool, seq_len: int) -> Example:
+    """[BOS] A [SEP] B [SEP] with token_types 0 for BOS A SEP and 1 for B SEP, padded to seq_len."""
+    a, b = truncate_pair(a, b, seq_len - 3)
+    ids = [BOS_ID, *a, SEP_ID, *b, SEP_ID]
+    n = len(ids)
+    row = {
+        k: np.zeros(seq_len, np.int32)
+        for k in ("tokens", "segment_ids", "positions", "token_types")
+    }
+    row["tokens"][:n] = ids
+    row["segment_ids"][:n] = 1
+    row["positions"][:n] = np.arange(n)
+    row["token_types"][len(a) + 2 : n] = 1
+    row["nsp_labels"] = np.int32(is_next)
+    row["nsp_weights"] = np.float32(1.0)
+    return row
+
+
+def view_row(ids: Sequence[int], seq_len: int, suffix: str = "") -> Example:
+    """One contrastive view: [BOS] text [EOS] truncated to seq_len (keeping EOS), one segment."""
+    ids = [BOS_ID, *ids][: seq_len - 1] + [EOS_ID]
+    n = len(ids)
+    row = {
+        f"{k}{suffix}": np.zeros(seq_len, np.int32) for k in ("tokens", "segment_ids", "positions")
+    }
+    row[f"tokens{suffix}"][:n] = ids
+    row[f"segment_ids{suffix}"][:n] = 1
+    row[f"positions{suffix}"][:n] = np.arange(n)
+    return row
+
+
+def pairs_rows(tok, records: Sequence[dict], seq_len: int) -> Rows:
+    """Two views per record (a paraphrase pair, or the same text twice for dropout views)."""
+    rows = [
+        {
+            **view_row(tok.encode(r["text_a"]), seq_len),
+            **view_row(tok.encode(r["text_b"]), seq_len, "_b"),
+            "pair_weights": np.float32(1.0),
+        }
+        for r in records
+    ]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def sft_examples(tok, chats: Sequence[dict], seq_len: int) -> list[Example]:
+    """encode_chat ids -> shifted tokens/targets; weights only on assistant content + EOT.
+    Conversations longer than seq_len+1 tokens are truncated at the end."""
+    from data.chat import encode_chat
+
+    out = []
+    for rec in chats:
+        ids, w = encode_chat(tok, rec["messages"], add_generation_prompt=False)
+        ids, w = np.asarray(ids, np.int32)[: seq_len + 1], np.asarray(w, np.float32)[: seq_len + 1]
+        if len(ids) < 2:
+            continue
+        out.append({"tokens": ids[:-1], "targets": ids[1:], "weights": w[1:]})
+    return out
+
+
+def seq2seq_rows(tok, records: Sequence[dict], src_len: int, seq_len: int) -> Rows:
+    """One pair per row: src = source+[EOS]; decoder tokens [BOS]+target, targets target+[EOS]."""
+    n = len(records)
+    rows = {
+        k: np.zeros((n, src_len), np.int32)
+        for k in ("src_tokens", "src_segment_ids", "src_positions")
+    }
+    rows.update(
+        {
+            k: np.zeros((n, seq_len), np.int32)
+            for k in ("tokens", "targets", "segment_ids", "positions")
+        }
+    )
+    rows["weights"] = np.zeros((n, seq_len), np.float32)
+    for i, r in enumerate(records):
+        src = ([*tok.encode(r["source"])][: src_len - 1]) + [EOS_ID]
+        tgt = tok.encode(r["target"])[: seq_len - 1]
+        m, k = len(src), len(tgt) + 1
+        rows["src_tokens"][i, :m] = src
+        rows["src_segment_ids"][i, :m] = 1
+        rows["src_positions"][i, :m] = np.arange(m)
+        rows["tokens"][i, :k] = [BOS_ID, *tgt]
+        rows["targets"][i, :k] = [*tgt, EOS_ID]
+        rows["weights"][i, :k] = 1.0
+        rows["segment_ids"][i, :k] = 1
+        rows["positions"][i, :k] = np.arange(k)
+    return rows
+
+
+def zero_like_row(row: Example) -> Example:
+    """An all-padding row (every weight 0) with the same keys/shapes/dtypes."""
+    return {k: np.zeros_like(v) for k, v in row.items()}

@@ -1,0 +1,397 @@
+"""Embedded synthetic world of people (offline, deterministic from a seed).
+
+Each person has a unique full name and six attributes. The corpus follows the knowledge-storage
+setup of "Physics of Language Models 3.1": several differently-paraphrased biographies per person
+(the augmentation that makes facts extractable), question/answer chats whose held-out people are
+never trained on, same-fact paraphrase pairs, and fact -> question seq2seq rows.
+
+Splits: people are split once into train / held-out (validation half + test half). Documents cover
+every person (held-out people's facts are learned from their bios only); chats and seq2seq rows
+for held-out people exist only in 'validation' / 'test'. Sentences never use pronouns, so every
+sentence names its person (full or first name) and states one fact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+from collections.abc import Mapping
+
+# fmt: off
+FIRST_NAMES = (
+    "Anya", "Bruno", "Camila", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas",
+    "Kavya", "Lars", "Maya", "Nikolai", "Olivia", "Pablo", "Quinn", "Rosa", "Sven", "Tamar",
+    "Umar", "Vera", "Wendell", "Ximena", "Yusuf", "Zara", "Amir", "Beatrix", "Cyrus", "Daria",
+    "Emil", "Fiona", "Gideon", "Hana", "Ivo", "Julia", "Kenji", "Leila", "Marco", "Nadia", "Oscar",
+    "Priya", "Rafael", "Selin", "Tobias", "Ursula", "Viktor", "Wanda", "Yara", "Zoltan", "Aurora",
+    "Boris", "Clara", "Dario", "Esther", "Felix", "Gloria", "Hector", "Irene", "Joaquin",
+)
+LAST_NAMES = (
+    "Kovac", "Almeida", "Brandt", "Castillo", "Dubois", "Eriksen", "Fischer", "Gallo", "Haddad",
+    "Ivanova", "Jensen", "Kaur", "Lindqvist", "Moreau", "Nakamura", "Okafor", "Petrov", "Quiroga",
+    "Rossi", "Sato", "Tanaka", "Ulrich", "Varga", "Weber", "Xu", "Yilmaz", "Zielinski", "Abbott",
+    "Bianchi", "Costa", "Dalton", "Esposito", "Ferreira", "Gruber", "Horvat", "Ibsen", "Jovanovic",
+    "Keller", "Lombardi", "Mendes", "Novak", "Oliveira", "Popescu", "Reyes", "Schmidt", "Torres",
+    "Uchida", "Vasquez", "Walsh", "Yamada", "Zamora", "Adler", "Becker", "Cruz", "Duarte", "Engel",
+    "Fontaine", "Galindo", "Hoffmann", "Iglesias",
+)
+MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)
+CITIES = (
+    "Lisbon", "Oslo", "Nairobi", "Kyoto", "Montreal", "Valparaiso", "Krakow", "Marseille",
+    "Istanbul", "Hanoi", "Dublin", "Seville", "Tbilisi", "Perth", "Bergen", "Porto Alegre",
+    "Casablanca", "Helsinki", "Lagos", "Chennai", "Glasgow", "Ljubljana", "Quito", "Osaka",
+    "Vienna", "Tallinn", "Cusco", "Accra", "Bologna", "Reykjavik", "Busan", "Antwerp", "Cordoba",
+    "Dhaka", "Edinburgh", "Florence", "Gdansk", "Havana", "Izmir", "Jaipur",
+)
+UNIVERSITIES = (
+    "Northfield University", "the University of Lakemont", "Brightwater College",
+    "the Technical University of Varden", "Eastbrook Institute of Technology",
+    "the University of Calderon", "Silverpine University", "Ashford College",
+    "the Royal Academy of Westmere", "Redcliff University", "the University of Port Halden",
+    "Greyhaven Polytechnic", "Stonebridge University", "the Institute of Meridian Sciences",
+    "Willowbrook College", "the University of Saltmarsh", "Highgate University",
+    "Ravenmoor College", "the Free University of Ostwald", "Kingsreach University",
+    "Marlowe Institute", "the University of Thornbury", "Oakhurst University",
+    "Blue Harbor College", "the National University of Estria",
+)
+MAJORS = (
+    "Mathematics", "Computer Science", "Biology", "Chemistry", "Physics", "Economics", "History",
+    "Philosophy", "Linguistics", "Architecture", "Mechanical Engineering", "Civil Engineering",
+    "Psychology", "Sociology", "Astronomy", "Geology", "Music", "Fine Arts", "Political Science",
+    "Anthropology", "Statistics", "Nursing", "Law", "Marine Biology", "Journalism",
+    "Materials Science", "Neuroscience", "Agronomy",
+)
+EMPLOYERS = (
+    "Halcyon Robotics", "Bluefin Logistics", "Orchid Pharmaceuticals", "Granite Bank",
+    "Solstice Energy", "Nimbus Software", "Copperleaf Foods", "Vantage Aerospace",
+    "Tidewater Shipping", "Lumen Optics", "Evergreen Insurance", "Quarry Construction",
+    "Saffron Media", "Polaris Telecom", "Ironwood Motors", "Meadowlark Publishing",
+    "Cobalt Mining", "Harborview Hospital", "Juniper Analytics", "Falcon Airlines",
+    "Riverstone Textiles", "Atlas Consulting", "Pinnacle Games", "Northwind Chemicals",
+    "Sunbeam Retail", "Crescent Biotech", "Keystone Railways", "Mosaic Architects",
+)
+JOBS = (
+    "software engineer", "accountant", "data scientist", "nurse", "architect", "pilot", "chemist",
+    "lawyer", "product manager", "electrician", "journalist", "economist", "graphic designer",
+    "civil engineer", "pharmacist", "sales director", "translator", "research scientist",
+    "marketing analyst", "ship captain", "geologist", "statistician", "financial advisor",
+    "editor", "surgeon", "urban planner", "mechanic", "teacher", "interior designer",
+    "operations manager",
+)
+# fmt: on
+
+ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "job")
+
+# One fact per sentence. {name}: full or first name; {value}: the attribute value verbatim;
+# {a_value}: value with its indefinite article (jobs).
+BIO_TEMPLATES: Mapping[str, tuple[str, ...]] = {
+    "birth_date": (
+        "{name} was born on {value}.",
+        "{name}'s birthday is {value}.",
+        "{name} came into the world on {value}.",
+        "The birth date of {name} is {value}.",
+        "{name} was born on the date {value}.",
+    ),
+    "birth_city": (
+        "{name} was born in {value}.",
+        "{name} is a native of {value}.",
+        "The birthplace of {name} is {value}.",
+        "{name} was born and raised in {value}.",
+        "{name} hails from the city of {value}.",
+    ),
+    "university": (
+        "{name} graduated from {value}.",
+        "{name} attended {value}.",
+        "{name} received an education at {value}.",
+        "{name} is an alumnus of {value}.",
+        "{name} completed a degree at {value}.",
+    ),
+    "major": (
+        "{name} majored in {value}.",
+        "{name}'s field of study was {value}.",
+        "{name} earned a degree in {value}.",
+        "{name} specialized in {value} at university.",
+        "{name} chose {value} as a major.",
+    ),
+    "employer": (
+        "{name} works for {value}.",
+        "{name} is employed by {value}.",
+        "{name} has a job at {value}.",
+        "{name} is on the staff of {value}.",
+        "{name}'s employer is {value}.",
+    ),
+    "job": (
+        "{name} works as {a_value}.",
+        "{name} earns a living as {a_value}.",
+        "By profession, {name} is {a_value}.",
+        "{name} has a career as {a_value}.",
+        "{name}'s occupation is {value}.",
+    ),
+}
+QUESTION_TEMPLATES: Mapping[str, tuple[str, ...]] = {
+    "birth_date": (
+        "When was {name} born?",
+        "What is the birth date of {name}?",
+        "What is {name}'s birthday?",
+    ),
+    "birth_city": (
+        "Where was {name} born?",
+        "In which city was {name} born?",
+        "What is the birthplace of {name}?",
+    ),
+    "university": (
+        "Which university did {name} attend?",
+        "Where did {name} go to university?",
+        "What university did {name} graduate from?",
+    ),
+    "major": (
+        "What did {name} study?",
+        "What was {name}'s major?",
+        "What subject did {name} major in?",
+    ),
+    "employer": (
+        "Which company does {name} work for?",
+        "Who employs {name}?",
+        "Where does {name} work?",
+    ),
+    "job": (
+        "What is {name}'s job?",
+        "What does {name} do for a living?",
+        "What is the occupation of {name}?",
+    ),
+}
+DEFAULT_SYSTEM = "Answer the question about the person with the exact fact."
+VALIDATION_DOC_FRAC = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+    first: str
+    last: str
+    attributes: Mapping[str, str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.first} {self.last}"
+
+
+def _article(value: str) -> str:
+    return ("an " if value[0].lower() in "aeiou" else "a ") + value
+
+
+def fact_sentence(
+    person: Person, attribute: str, template: int = 0, *, name: str | None = None
+) -> str:
+    value = person.attributes[attribute]
+    t = BIO_TEMPLATES[attribute][template]
+    return t.format(name=name or person.name, value=value, a_value=_article(value))
+
+
+def question(person: Person, attribute: str, template: int = 0) -> str:
+    return QUESTION_TEMPLATES[attribute][template].format(name=person.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    seed: int
+    people: tuple[Person, ...]
+    heldout: frozenset[str]  # names of held-out people (validation + test)
+    test_people: frozenset[str]  # the held-out half used for split 'test'
+    bios_per_person: int = 5
+
+    @classmethod
+    def generate(
+        cls,
+        seed: int = 0,
+        num_people: int = 200,
+        heldout_frac: float = 0.25,
+        bios_per_person: int = 5,
+    ) -> World:
+        max_people = len(FIRST_NAMES) * len(LAST_NAMES)
+        if not 0 < num_people <= max_people:
+            raise ValueError(f"num_people must be in [1, {max_people}], got {num_people}")
+        if not 0.0 <= heldout_frac < 1.0:
+            raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
+        if bios_per_person < 1:
+            raise ValueError(f"bios_per_person must be >= 1, got {bios_per_person}")
+        rng = random.Random(f"world:{seed}:people")
+        people = []
+        for k in rng.sample(range(max_people), num_people):
+            first, last = FIRST_NAMES[k // len(LAST_NAMES)], LAST_NAMES[k % len(LAST_NAMES)]
+            attrs = {
+                "birth_date": f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, "
+                f"{rng.randint(1950, 2005)}",
+                "birth_city": rng.choice(CITIES),
+                "university": rng.choice(UNIVERSITIES),
+                "major": rng.choice(MAJORS),
+                "employer": rng.choice(EMPLOYERS),
+                "job": rng.choice(JOBS),
+            }
+            people.append(Person(first, last, attrs))
+        n_held = round(heldout_frac * num_people)
+        held = random.Random(f"world:{seed}:heldout").sample(people, n_held)
+        return cls(
+            seed=seed,
+            people=tuple(people),
+            heldout=frozenset(p.name for p in held),
+            test_people=frozenset(p.name for p in held[(n_held + 1) // 2 :]),
+            bios_per_person=bios_per_person,
+        )
+
+    @classmethod
+    def from_config(cls, cfg) -> World:
+        """From a `data.world` ConfigDict / dict (missing keys take the defaults)."""
+        get = cfg.get if hasattr(cfg, "get") else lambda k, d: getattr(cfg, k, d)
+        return cls.generate(
+            seed=int(get("seed", 0)),
+            num_people=int(get("num_people", 200)),
+            heldout_frac=float(get("heldout_frac", 0.25)),
+            bios_per_person=int(get("bios_per_person", 5)),
+        )
+
+    # --- people and splits ---------------------------------------------------------------------
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Person]:
+        return {p.name: p for p in self.people}
+
+    def person(self, name: str) -> Person:
+        return self._by_name[name]
+
+    def split_people(self, split: str) -> list[Person]:
+        """'train': not held out; 'validation'/'test': the two halves of the held-out people."""
+        if split == "train":
+            return [p for p in self.people if p.name not in self.heldout]
+        if split == "validation":
+            return [
+                p for p in self.people if p.name in self.heldout and p.name not in self.test_people
+            ]
+        if split == "test":
+            return [p for p in self.people if p.name in self.test_people]
+        raise ValueError(f"unknown split {split!r}; valid: 'train', 'validation', 'test'")
+
+    # --- text ----------------------------------------------------------------------------------
+
+    def biography(self, person: Person, index: int) -> str:
+        """The `index`-th paraphrase of a person's biography (deterministic)."""
+        rng = random.Random(f"world:{self.seed}:bio:{person.name}:{index}")
+        order = list(ATTRIBUTES)
+        rng.shuffle(order)
+        sentences = []
+        for j, attr in enumerate(order):
+            name = person.name if j == 0 or rng.random() < 0.5 else person.first
+            t = rng.randrange(len(BIO_TEMPLATES[attr]))
+            sentences.append(fact_sentence(person, attr, t, name=name))
+        return " ".join(sentences)
+
+    def biographies(self, num_per_person: int | None = None) -> list[dict]:
+        """[{'person', 'index', 'text'}], person-major, `num_per_person` paraphrases each."""
+        n = self.bios_per_person if num_per_person is None else num_per_person
+        return [
+            dict(person=p.name, index=i, text=self.biography(p, i))
+            for p in self.people
+            for i in range(n)
+        ]
+
+    def _validation_docs(self) -> set[tuple[str, int]]:
+        """~5% of (person, bio index) held out for LM validation, never a person's bio 0."""
+        n = self.bios_per_person
+        if n == 1:  # keep every bio in train; validation gets an extra paraphrase (index 1)
+            k = max(1, round(VALIDATION_DOC_FRAC * len(self.people)))
+            chosen = random.Random(f"world:{self.seed}:valdocs").sample(self.people, k)
+            return {(p.name, 1) for p in chosen}
+        cands = [(p.name, i) for p in self.people for i in range(1, n)]
+        k = max(1, round(VALIDATION_DOC_FRAC * len(self.people) * n))
+        return set(random.Random(f"world:{self.seed}:valdocs").sample(cands, min(k, len(cands))))
+
+    def qa(self, people: list[Person]) -> list[tuple[Person, str, str, str]]:
+        """(person, attribute, question, answer) for every question template."""
+        return [
+            (p, a, QUESTION_TEMPLATES[a][t].format(name=p.name), p.attributes[a])
+            for p in people
+            for a in ATTRIBUTES
+            for t in range(len(QUESTION_TEMPLATES[a]))
+        ]
+
+    def records(self, kind: str, split: str = "train", **opts) -> list[dict]:
+        """Rows for one task. kinds: 'documents', 'pairs', 'chats', 'seq2seq'.
+
+        opts: documents: num_per_person; pairs: num_per_fact (default 2);
+        chats: system (str or None = no system message, default None).
+        documents 'test' = the 'validation' documents (all people's facts are in train anyway).
+        """
+        if split not in ("train", "validation", "test"):
+            raise ValueError(f"unknown split {split!r}; valid: 'train', 'validation', 'test'")
+        if kind == "documents":
+            return self._documents(split, **opts)
+        if kind == "pairs":
+            return self._pairs(split, **opts)
+        if kind == "chats":
+            return self._chats(split, **opts)
+        if kind == "seq2seq":
+            return self._seq2seq(split)
+        raise ValueError(
+            f"unknown record kind {kind!r}; valid: 'documents', 'pairs', 'chats', 'seq2seq'"
+        )
+
+    def _documents(self, split: str, num_per_person: int | None = None) -> list[dict]:
+        world = (
+            self
+            if num_per_person is None
+            else dataclasses.replace(self, bios_per_person=num_per_person)
+        )
+        val = world._validation_docs()
+        if split == "train":
+            return [
+                dict(text=b["text"])
+                for b in world.biographies()
+                if (b["person"], b["index"]) not in val
+            ]
+        return [dict(text=world.biography(world.person(name), i)) for name, i in sorted(val)]
+
+    def _pairs(self, split: str, num_per_fact: int = 2) -> list[dict]:
+        # Facts of train people train; held-out people's facts are the eval pairs.
+        rows = []
+        for p in self.split_people(split):
+            for a in ATTRIBUTES:
+                rng = random.Random(f"world:{self.seed}:pair:{p.name}:{a}")
+                n_t = len(BIO_TEMPLATES[a])
+                combos = [(i, j) for i in range(n_t) for j in range(n_t) if i != j]
+                for i, j in rng.sample(combos, min(num_per_fact, len(combos))):
+                    rows.append(
+                        dict(
+                            text_a=fact_sentence(p, a, i),
+                            text_b=fact_sentence(p, a, j),
+                            person=p.name,
+                            attribute=a,
+                        )
+                    )
+        return rows
+
+    def _chats(self, split: str, system: str | None = None) -> list[dict]:
+        rows = []
+        for p, a, q, ans in self.qa(self.split_people(split)):
+            msgs = ([dict(role="system", content=system)] if system else []) + [
+                dict(role="user", content=q),
+                dict(role="assistant", content=ans),
+            ]
+            rows.append(dict(messages=msgs, person=p.name, attribute=a, question=q, answer=ans))
+        return rows
+
+    def _seq2seq(self, split: str) -> list[dict]:
+        return [
+            dict(source=fact_sentence(p, a, t), target=q, person=p.name, attribute=a)
+            for p, a, q, _ in self.qa(self.split_people(split))
+            for t in range(len(BIO_TEMPLATES[a]))
+        ]
+
+    def corpus_text(self) -> str:
+        """All text worth training a tokenizer on: bios, questions, answers (newline-separated)."""
+        parts = [b["text"] for b in self.biographies()]
+        parts += [f"{q}\n{ans}" for _, _, q, ans in self.qa(list(self.people))]
+        parts += [DEFAULT_SYSTEM]
+        return "\n".join(parts)

@@ -1,0 +1,114 @@
+"""Defaults shared by every experiment: each experiment file starts from this and overrides.
+
+Every key a run can read lives here, so `--config.a.b=value` is type-checked against it and an
+unknown key fails before anything runs. Not meant to be trained directly.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.name = "base"
+    c.seed = 0
+
+    c.model = ConfigDict(
+        dict(
+            kind="decoder",  # decoder | encoder | encoder_decoder
+            vocab_size=0,  # 0: taken from the tokenizer
+            d_model=128,
+            num_layers=2,
+            num_decoder_layers=0,  # encoder_decoder: decoder depth (0: num_layers)
+            num_heads=4,
+            num_kv_heads=0,  # 0: num_heads (multi-head); fewer: grouped-query
+            head_dim=0,  # 0: d_model // num_heads
+            d_ff=512,
+            max_len=256,
+            positions="rope",  # rope | learned
+            rope_theta=10_000.0,
+            norm="rmsnorm",  # rmsnorm | layernorm
+            mlp="swiglu",  # swiglu | gelu
+            dropout=0.0,
+            tie_embeddings=True,
+            type_vocab_size=0,  # > 0: BERT token-type embeddings
+            embed_dim=128,  # embedding head width
+            pooling="mean",  # mean | first
+            dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
+            param_dtype="float32",
+            scan_layers=True,
+            remat="none",  # none | full | dots
+        )
+    )
+
+    c.data = ConfigDict(
+        dict(
+            source="synthetic:world",  # synthetic:world | path/glob (.txt/.jsonl) | tfds:NAME[/CONFIG]
+            task="lm",  # lm | mlm | bert | pairs | sft | seq2seq
+            seq_len=128,
+            src_seq_len=64,
+            batch_size=32,  # global, over all devices and processes
+            eval_batch_size=32,
+            shuffle_seed=-1,  # -1: config.seed
+            num_workers=0,
+            prefetch=2,
+            val_fraction=0.1,
+            split_mode="random",  # random | tail (contiguous tail, as nanoGPT)
+            txt_split="file",  # file | blank_lines
+            text_field="text",
+            prompt_field="",
+            response_field="",
+            data_dir="",  # TFDS data_dir ('' = TFDS default / $TFDS_DATA_DIR)
+            mlm_rate=0.15,
+            tokenizer=ConfigDict(dict(kind="bpe", vocab_size=512, sample_size=1_000_000, path="")),
+            world=ConfigDict(dict(seed=0, num_people=200, heldout_frac=0.25, bios_per_person=5)),
+        )
+    )
+
+    # name -> ConfigDict(weight=..., **options); weight 0 disables an objective.
+    c.objectives = ConfigDict(dict(causal_lm=ConfigDict(dict(weight=1.0, z_loss=0.0))))
+
+    c.optim = ConfigDict(
+        dict(
+            lr=1e-3,
+            warmup_steps=100,
+            decay_steps=0,  # 0: train.steps
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,
+            grad_accum=1,
+        )
+    )
+
+    c.train = ConfigDict(
+        dict(
+            steps=1000,
+            log_every=50,
+            eval_every=250,
+            eval_batches=0,  # 0: the whole validation split
+            ckpt_every=250,
+            keep=3,
+            keep_best=True,
+            parallel="jit",  # jit | pmap
+            mesh=ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # -1: all remaining devices
+            init_from="",  # workdir whose params initialise this run (e.g. SFT from a causal run)
+            init_experiment="",  # experiment that trains init_from first when it has no checkpoint
+        )
+    )
+
+    c.agent = ConfigDict(
+        dict(
+            system_prompt="",
+            max_new_tokens=64,
+            temperature=0.0,  # 0: greedy
+            top_k=0,
+            top_p=1.0,
+            max_input_chars=2000,
+            blocked_patterns=(),
+            refusal="I can't help with that.",
+            eval_questions=0,  # 0: every held-out question
+        )
+    )
+    return c

@@ -1,0 +1,22 @@
+"""Encoder-decoder: turn a fact sentence into the question that asks for it.
+
+Command:  solo train seq2seq_world --workdir runs/seq2seq_world
+Runtime:  RUNTIME_S2S on a 2-core CPU.
+Expect:   EXPECT_S2S
+"""
+
+from ml_collections import ConfigDict
+
+from experiments import base
+
+
+def get_config():
+    c = base.get_config()
+    c.name = "seq2seq_world"
+    c.model.update(kind="encoder_decoder", d_model=128, num_layers=2, num_heads=4, d_ff=512,
+                   max_len=64)
+    c.data.update(task="seq2seq", seq_len=48, src_seq_len=48, batch_size=32)
+    c.objectives = ConfigDict(dict(seq2seq=ConfigDict(dict(weight=1.0))))
+    c.optim.update(lr=2e-3, warmup_steps=50)
+    c.train.update(steps=600, eval_every=200, ckpt_every=300)
+    return c

@@ -1,0 +1,28 @@
+"""Character-level causal LM on tinyshakespeare (nanoGPT's shakespeare_char, 90/10 tail split).
+
+Get the file: it ships in ../shared/data/tinyshakespeare.txt here; elsewhere download
+karpathy/char-rnn's data/tinyshakespeare/input.txt and pass --config.data.source=PATH.
+
+Command:  solo train shakespeare_char --workdir runs/shakespeare_char
+Runtime:  RUNTIME_SHAKES on a 2-core CPU.
+Expect:   EXPECT_SHAKES
+"""
+
+from pathlib import Path
+
+from experiments import base
+
+DEFAULT_PATH = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
+
+
+def get_config():
+    c = base.get_config()
+    c.name = "shakespeare_char"
+    c.model.update(d_model=384, num_layers=6, num_heads=6, d_ff=1536, max_len=256,
+                   positions="learned", norm="layernorm", mlp="gelu", dropout=0.2)
+    c.data.update(source=DEFAULT_PATH, task="lm", seq_len=256, batch_size=16, split_mode="tail",
+                  val_fraction=0.1, txt_split="file")
+    c.data.tokenizer.update(kind="char", vocab_size=0)
+    c.optim.update(lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, b2=0.99, weight_decay=0.1)
+    c.train.update(steps=2000, log_every=50, eval_every=250, eval_batches=50, ckpt_every=500)
+    return c

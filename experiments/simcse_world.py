@@ -1,0 +1,26 @@
+"""SimCSE-style sentence encoder: InfoNCE over paraphrase pairs of the same fact.
+
+In-batch negatives (gathered over every data-parallel device), temperature 0.05.
+
+Command:  solo train simcse_world --workdir runs/simcse_world
+Runtime:  RUNTIME_SIMCSE on a 2-core CPU.
+Expect:   EXPECT_SIMCSE
+"""
+
+from ml_collections import ConfigDict
+
+from experiments import base
+
+
+def get_config():
+    c = base.get_config()
+    c.name = "simcse_world"
+    c.model.update(kind="encoder", d_model=128, num_layers=2, num_heads=4, d_ff=512, max_len=64,
+                   embed_dim=128, pooling="mean")
+    c.data.update(task="pairs", seq_len=64, batch_size=64)
+    c.objectives = ConfigDict(
+        dict(infonce=ConfigDict(dict(weight=1.0, temperature=0.05, learn_temperature=False)))
+    )
+    c.optim.update(lr=1e-3, warmup_steps=50)
+    c.train.update(steps=500, eval_every=250, ckpt_every=250)
+    return c

@@ -1,0 +1,139 @@
+"""ModelConfig: the frozen, validated description of a Transformer, and its FLOP count."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+_CHOICES = {
+    "kind": ("decoder", "encoder", "encoder_decoder"),
+    "positions": ("rope", "learned"),
+    "norm": ("rmsnorm", "layernorm"),
+    "mlp": ("swiglu", "gelu"),
+    "pooling": ("mean", "first"),
+    "dtype": ("float32", "bfloat16"),
+    "param_dtype": ("float32",),
+    "remat": ("none", "full", "dots"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of `model.Transformer`.
+
+    Zero-valued "derived" fields are resolved in `__post_init__` so consumers always see concrete
+    values: num_decoder_layers 0 -> num_layers, num_kv_heads 0 -> num_heads,
+    head_dim 0 -> d_model // num_heads, embed_dim 0 -> d_model.
+    """
+
+    kind: str = "decoder"
+    vocab_size: int = 256
+    d_model: int = 64
+    num_layers: int = 2
+    num_decoder_layers: int = 0
+    num_heads: int = 4
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    d_ff: int = 256
+    max_len: int = 512
+    positions: str = "rope"
+    rope_theta: float = 10_000.0
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    type_vocab_size: int = 0
+    embed_dim: int = 0
+    pooling: str = "mean"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def __post_init__(self):
+        for name, valid in _CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)!r} is invalid; valid choices: {valid}"
+                )
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("num_decoder_layers", "num_kv_heads", "head_dim", "type_vocab_size",
+                     "embed_dim"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        setf = lambda k, v: object.__setattr__(self, k, v)  # frozen: resolve derived fields once
+        if self.num_decoder_layers == 0:
+            setf("num_decoder_layers", self.num_layers)
+        if self.num_kv_heads == 0:
+            setf("num_kv_heads", self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be divisible by "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim == 0:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"ModelConfig.d_model={self.d_model} not divisible by num_heads="
+                    f"{self.num_heads}; set head_dim explicitly"
+                )
+            setf("head_dim", self.d_model // self.num_heads)
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for rope")
+        if self.embed_dim == 0:
+            setf("embed_dim", self.d_model)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None = None, **overrides) -> ModelConfig:
+        """Builds from `config.model` (a ConfigDict or mapping); `overrides` win (e.g. vocab_size).
+
+        Unknown keys raise ValueError naming them and the valid fields (typos fail loudly).
+        """
+        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+        values.update(overrides)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig field(s) {unknown}; valid: {sorted(fields)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _block_matmul_params(cfg: ModelConfig, cross: bool) -> int:
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn = d * h * k * 2 + d * g * k * 2  # q, o + k, v
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+    return attn * (2 if cross else 1) + mlp
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM-style (Chowdhery et al. 2022, App. B).
+
+        flops_per_token = 6 * N + 12 * n_attn_layers * seq_len * (num_heads * head_dim)
+
+    N counts matmul weights only: per block q/k/v/o projections (+ a second set for cross-attention
+    in encoder-decoder decoder blocks) and MLP (3*D*F for SwiGLU, 2*D*F for GELU), plus the output
+    projection D*V (counted once whether or not tied; embedding lookups, norms and biases are free).
+    The second term is the QK^T and AV matmuls (2 matmuls * 2 FLOPs * 3 for fwd+bwd = 12), counted
+    over the full L x L square even when causal, as PaLM does. For encoder_decoder we assume source
+    and target both have seq_len tokens and count one source plus one target token per "token":
+    n_attn_layers = encoder layers + 2 * decoder layers (self + cross).
+    """
+    n = cfg.d_model * cfg.vocab_size
+    if cfg.kind == "encoder_decoder":
+        n += cfg.num_layers * _block_matmul_params(cfg, cross=False)
+        n += cfg.num_decoder_layers * _block_matmul_params(cfg, cross=True)
+        n_attn_layers = cfg.num_layers + 2 * cfg.num_decoder_layers
+    else:
+        n += cfg.num_layers * _block_matmul_params(cfg, cross=False)
+        n_attn_layers = cfg.num_layers
+    return float(6 * n + 12 * n_attn_layers * seq_len * cfg.num_heads * cfg.head_dim)

@@ -1,0 +1,30 @@
+"""Next-token cross-entropy (pretraining and SFT: `weights` carries the padding/prompt mask)."""
+
+from __future__ import annotations
+
+from objectives.base import (
+    Batch,
+    Metrics,
+    Objective,
+    Options,
+    perplexity,
+    token_ce,
+    weight_sum,
+)
+
+
+def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
+    """CE of `logits` [B,L,V] vs `targets` [B,L], weighted by `weights`; option `z_loss` (coeff)."""
+    return token_ce(
+        outputs["logits"], batch["targets"], batch["weights"], float(options.get("z_loss", 0.0))
+    )
+
+
+OBJECTIVE = Objective(
+    name="causal_lm",
+    heads=("lm",),
+    batch_keys=("tokens", "targets", "weights"),
+    loss=loss,
+    count=weight_sum("weights"),
+    derived=perplexity,
+)

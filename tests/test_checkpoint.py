@@ -1,0 +1,198 @@
+"""Checkpointing, resume and workdir safety, end to end on the real synthetic:world pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.base import get_config
+from train import checkpoint as ckpt_lib
+from train.loop import TrainConfigError, train_and_evaluate
+
+
+def small_config(steps: int = 8):
+    c = get_config()
+    c.model.update(dict(d_model=32, num_layers=1, num_heads=2, d_ff=64, max_len=64, embed_dim=32))
+    c.data.update(dict(seq_len=32, batch_size=8, eval_batch_size=8))
+    c.data.tokenizer.update(dict(kind="bpe", vocab_size=400, sample_size=100_000))
+    c.data.world.update(dict(num_people=20, bios_per_person=2))
+    c.train.update(dict(steps=steps, log_every=4, eval_every=4, ckpt_every=4, keep=2,
+                        eval_batches=2))
+    c.optim.update(dict(warmup_steps=2, decay_steps=8))  # fixed: resumed runs share the schedule
+    return c
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(root))] = (st.st_mtime_ns, digest)
+    return out
+
+
+def flat_params(workdir) -> dict[str, np.ndarray]:
+    loaded = ckpt_lib.load_for_inference(str(workdir))
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """wd_a: 8 steps straight; wd_b: 4 steps, then a fresh call resumes to 8."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    summary_a = train_and_evaluate(small_config(8), str(tmp / "a"))
+    first = train_and_evaluate(small_config(4), str(tmp / "b"))
+    summary_b = train_and_evaluate(small_config(8), str(tmp / "b"))
+    return tmp, summary_a, first, summary_b
+
+
+def test_resume_is_bit_identical(runs):
+    tmp, a, first, b = runs
+    assert first["step"] == 4 and a["step"] == b["step"] == 8
+    pa, pb = flat_params(tmp / "a"), flat_params(tmp / "b")
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        assert np.array_equal(pa[k], pb[k]), k
+    assert a["eval"] == b["eval"]
+    assert a["train"]["causal_lm/loss"] == b["train"]["causal_lm/loss"]
+
+
+def test_workdir_layout_and_metrics(runs):
+    tmp, a, _, _ = runs
+    wd = tmp / "a"
+    assert (wd / "config.json").is_file() and (wd / "tokenizer.model").is_file()
+    assert list(wd.glob("events.out.tfevents.*"))
+    steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 8]
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [4, 8]
+    for key in ("loss", "causal_lm/loss", "lr", "grad_norm", "tokens_per_sec", "step_time", "mfu"):
+        assert key in train_rows[-1], key
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [4, 8]
+    assert a["eval"]["loss"] == pytest.approx(rows[-1]["loss"])
+
+
+def test_different_model_shape_is_refused_and_workdir_untouched(runs):
+    wd = runs[0] / "a"
+    before = snapshot(wd)
+    c = small_config(8)
+    c.model.d_model = 48
+    c.model.num_layers = 2
+    with pytest.raises(ckpt_lib.WorkdirError) as e:
+        train_and_evaluate(c, str(wd))
+    msg = str(e.value)
+    assert "model.d_model" in msg and "model.num_layers" in msg and "--workdir" in msg
+    assert "\n" not in msg
+    assert snapshot(wd) == before
+
+
+def test_leftover_tmp_and_corrupt_checkpoints_are_skipped(runs, tmp_path):
+    wd = tmp_path / "copy"
+    shutil.copytree(runs[0] / "a", wd)
+    ref = flat_params(wd)
+    tmp_dir = wd / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000"
+    (tmp_dir / "state").mkdir(parents=True)
+    (tmp_dir / "state" / "garbage").write_bytes(b"\x00partial")
+    got = flat_params(wd)  # the crashed save at step 12 is invisible
+    assert all(np.array_equal(ref[k], got[k]) for k in ref)
+    corrupt = wd / "checkpoints" / "16"  # a finalized-looking but truncated step dir
+    shutil.copytree(wd / "checkpoints" / "8", corrupt)
+    for f in (corrupt / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and f.name != "_CHECKPOINT_METADATA":
+            f.write_bytes(b"")
+    loaded = ckpt_lib.load_for_inference(str(wd))
+    assert loaded.step in (8, 16)
+    got = {jax.tree_util.keystr(p): np.asarray(x)
+           for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
+    assert all(np.array_equal(ref[k], got[k]) for k in ref)
+    c = small_config(20)
+    c.train.ckpt_every = 16
+    summary = train_and_evaluate(c, str(wd))  # resumes from 8 past both, then saves 16 and 20
+    assert summary["step"] == 20
+    assert len(list((wd / "checkpoints").glob("16.unrestorable-*"))) == 1  # kept, not deleted
+    assert flat_params(wd).keys() == ref.keys()
+    assert ckpt_lib.load_for_inference(str(wd)).step == 20
+
+
+def test_best_checkpoint_is_kept(tmp_path):
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=1, keep_best=True, async_save=False)
+    for step, loss in zip([1, 2, 3, 4], [3.0, 1.0, 2.0, 4.0], strict=True):
+        ck.save(step, {"w": np.full((2,), step, np.float32)}, {"pos": step}, loss)
+    ck.save(5, {"w": np.full((2,), 5, np.float32)}, {"pos": 5}, None)
+    ck.wait()
+    assert ck.all_steps() == [2, 5] and ck.best_step() == 2 and ck.latest_step() == 5
+    state, data, step = ck.restore({"w": np.zeros((2,), np.float32)})
+    assert step == 5 and data == {"pos": 5} and np.array_equal(state["w"], [5, 5])
+    ck.close()
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ckpt_lib.WorkdirError, match="not writable|not a directory"):
+        train_and_evaluate(small_config(), str(blocker / "wd"))
+    with pytest.raises(ckpt_lib.WorkdirError, match="not a directory"):
+        train_and_evaluate(small_config(), str(blocker))
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(ckpt_lib.WorkdirError, match="not writable"):
+                train_and_evaluate(small_config(), str(ro))
+        finally:
+            ro.chmod(0o700)
+
+
+def test_bad_configs_fail_before_anything_is_written(tmp_path):
+    wd = tmp_path / "never"
+    c = small_config()
+    c.objectives = dict(causal_llm=dict(weight=1.0))
+    with pytest.raises(TrainConfigError, match="causal_llm"):
+        train_and_evaluate(c, str(wd))
+    c = small_config()
+    c.objectives = dict(mlm=dict(weight=1.0))
+    with pytest.raises(TrainConfigError, match="mlm_targets.*data.task='lm'"):
+        train_and_evaluate(c, str(wd))
+    c = small_config()
+    c.data.batch_size = 6
+    c.optim.grad_accum = 4
+    with pytest.raises(TrainConfigError, match="divisible"):
+        train_and_evaluate(c, str(wd))
+    assert not wd.exists()
+
+
+def test_load_for_inference_errors(runs, tmp_path):
+    with pytest.raises(ckpt_lib.WorkdirError, match="does not exist"):
+        ckpt_lib.load_for_inference(str(tmp_path / "nope"))
+    with pytest.raises(ckpt_lib.WorkdirError, match="no config.json"):
+        ckpt_lib.load_for_inference(str(tmp_path))
+    shutil.copy(runs[0] / "a" / "config.json", tmp_path / "config.json")
+    with pytest.raises(ckpt_lib.WorkdirError, match="tokenizer.model"):
+        ckpt_lib.load_for_inference(str(tmp_path))
+    shutil.copy(runs[0] / "a" / "tokenizer.model", tmp_path / "tokenizer.model")
+    with pytest.raises(ckpt_lib.WorkdirError, match="no checkpoint"):
+        ckpt_lib.load_for_inference(str(tmp_path))
+    best = ckpt_lib.load_for_inference(str(runs[0] / "a"), which="best")
+    assert best.step in (4, 8) and best.tokenizer.vocab_size == best.model.cfg.vocab_size
+
+
+def test_init_from_loads_params_and_tokenizer(runs, tmp_path):
+    src = runs[0] / "a"
+    c = small_config(2)
+    c.train.init_from = str(src)
+    c.optim.lr = 0.0  # zero updates (AdamW scales decay by lr too): params stay the loaded ones
+    train_and_evaluate(c, str(tmp_path / "sft"))
+    assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (src /
+                                                                    "tokenizer.model").read_bytes()
+    ref, got = flat_params(src), flat_params(tmp_path / "sft")
+    assert all(np.array_equal(ref[k], got[k]) for k in ref)

@@ -1,0 +1,353 @@
+"""Pipelines: packing, MLM/NSP statistics, SFT weights, sharding, exact resume, eval exactness."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from data import pipeline as P
+from data import transforms as T
+from data.sources import load_records
+from data.tokenizer import (
+    ASSISTANT_ID,
+    BOS_ID,
+    EOS_ID,
+    EOT_ID,
+    MASK_ID,
+    SEP_ID,
+    SPECIAL_IDS,
+    SYSTEM_ID,
+    USER_ID,
+)
+
+SHAKESPEARE = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"
+)
+
+
+def make_config(task="lm", **data):
+    d = dict(
+        source="synthetic:world",
+        task=task,
+        seq_len=64,
+        src_seq_len=48,
+        batch_size=8,
+        eval_batch_size=8,
+        shuffle_seed=-1,
+        num_workers=0,
+        prefetch=2,
+        val_fraction=0.1,
+        split_mode="random",
+        txt_split="file",
+        text_field="text",
+        prompt_field="",
+        response_field="",
+        data_dir="",
+        mlm_rate=0.15,
+        nsp=True,
+        tokenizer=dict(kind="bpe", vocab_size=400, sample_size=100_000, path=""),
+        world=dict(seed=0, num_people=16, heldout_frac=0.25, bios_per_person=2),
+    )
+    d.update(data)
+    return ConfigDict(dict(seed=0, data=d))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return P.build_tokenizer(make_config(), str(tmp_path_factory.mktemp("tok")))
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_build_tokenizer_reused_from_workdir(tmp_path):
+    c = make_config()
+    t1 = P.build_tokenizer(c, str(tmp_path))
+    path = tmp_path / "tokenizer.model"
+    before = path.stat().st_mtime_ns
+    c.data.tokenizer.vocab_size = 350  # ignored on resume: the saved model wins
+    t2 = P.build_tokenizer(c, str(tmp_path))
+    assert path.stat().st_mtime_ns == before and t2.vocab_size == t1.vocab_size
+    c.data.tokenizer.path = str(path)
+    t3 = P.build_tokenizer(c, str(tmp_path / "other"))
+    assert t3.encode("Alice was born") == t1.encode("Alice was born")
+
+
+def test_pack_examples_handcrafted():
+    docs = [np.array([BOS_ID, 11, 12, EOS_ID]), np.array([BOS_ID, *range(20, 29), EOS_ID])]
+    rows = T.pack_examples(T.lm_examples(docs, 6), 6)
+    # doc 0 -> 3 predictions; doc 1 -> 10 predictions, chunked 6 + 4; neither chunk fits beside
+    # doc 0 (3 + 4 > 6), so three rows.
+    assert rows["tokens"].tolist() == [
+        [BOS_ID, 11, 12, 0, 0, 0],
+        [BOS_ID, 20, 21, 22, 23, 24],
+        [25, 26, 27, 28, 0, 0],
+    ]
+    assert rows["targets"].tolist() == [
+        [11, 12, EOS_ID, 0, 0, 0],
+        [20, 21, 22, 23, 24, 25],
+        [26, 27, 28, EOS_ID, 0, 0],
+    ]
+    assert rows["segment_ids"].tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6, [1, 1, 1, 1, 0, 0]]
+    short = T.pack_examples(T.lm_examples([np.array([BOS_ID, 7, EOS_ID])] * 3, 6), 6)
+    assert short["segment_ids"].tolist() == [[1, 1, 2, 2, 3, 3]]
+    assert short["positions"].tolist() == [[0, 1, 0, 1, 0, 1]]
+    seg, pos = rows["segment_ids"], rows["positions"]
+    assert ((seg > 0) == (rows["weights"] > 0)).all()
+    for r in range(3):
+        for s in set(seg[r][seg[r] > 0]):
+            assert (pos[r][seg[r] == s] == np.arange((seg[r] == s).sum())).all()
+
+
+@pytest.mark.parametrize("pack", ["first_fit", "fill"])
+def test_lm_packing_keeps_documents_and_all_tokens(tok, pack):
+    c = make_config(seq_len=48, pack=pack)  # world bios are longer than 48: exercises chunking
+    rows = P.prepare_split(c, tok, "train")[0].rows
+    docs = T.encode_docs(tok, [r["text"] for r in load_records(c, "train")[0]])
+    seg, x, y, w, pos = (
+        rows[k] for k in ("segment_ids", "tokens", "targets", "weights", "positions")
+    )
+    assert ((seg > 0) == (w > 0)).all() and (x[seg == 0] == 0).all()
+    # Multisets: inputs = every doc minus its EOS; targets = every doc minus its BOS.
+    assert collections.Counter(x[seg > 0].tolist()) == collections.Counter(
+        t for d in docs for t in d[:-1].tolist()
+    )
+    assert collections.Counter(y[seg > 0].tolist()) == collections.Counter(
+        t for d in docs for t in d[1:].tolist()
+    )
+    doc_strings = [",".join(map(str, d.tolist())) for d in docs]
+    for r in range(len(seg)):
+        ids = seg[r][seg[r] > 0]
+        assert (np.diff(ids) >= 0).all() and ids[0] == 1 and set(ids) == set(range(1, ids[-1] + 1))
+        for s in set(ids.tolist()):
+            m = seg[r] == s
+            assert (pos[r][m] == np.arange(m.sum())).all()
+            assert (y[r][m][:-1] == x[r][m][1:]).all()  # next token of the same document
+            piece = ",".join(map(str, [*x[r][m].tolist(), int(y[r][m][-1])]))
+            assert any(piece in d for d in doc_strings)  # a contiguous piece of one document
+    assert P.packing_efficiency(c, tok) == pytest.approx((seg > 0).mean())
+    assert P.packing_efficiency(c, tok) > 0.9
+
+
+def unmasked(batch):
+    return np.where(batch["mlm_weights"] > 0, batch["mlm_targets"], batch["tokens"])
+
+
+def test_mlm_statistics(tok):
+    c = make_config("mlm")
+    orig = P.prepare_split(c, tok, "train")[0].rows["tokens"]
+    (b,) = P.eval_batches(c, tok, "train", batch_size=len(orig))  # in row order, masked
+    w = b["mlm_weights"] > 0
+    assert (b["tokens"][~w] == orig[~w]).all() and (b["mlm_targets"][w] == orig[w]).all()
+    assert (b["mlm_targets"][~w] == 0).all()
+    special = np.isin(orig, SPECIAL_IDS)
+    assert not (w & special).any()
+    assert (b["tokens"][special] == orig[special]).all()
+    eligible = (~special).sum()
+    assert abs(w.sum() / eligible - 0.15) < 0.02
+    masked = (b["tokens"] == MASK_ID) & w
+    kept = (b["tokens"] == orig) & w
+    rand = w & ~masked & ~kept
+    assert abs(masked.sum() / w.sum() - 0.8) < 0.04
+    assert abs(kept.sum() / w.sum() - 0.1) < 0.035 and abs(rand.sum() / w.sum() - 0.1) < 0.035
+    assert not np.isin(b["tokens"][rand], SPECIAL_IDS).any()
+    # The training stream masks too, and differently per index.
+    t = next(P.make_train_iterator(c, tok))
+    assert 0.05 < t["mlm_weights"][t["segment_ids"] > 0].mean() < 0.3
+
+
+def test_sentence_splitter():
+    text = "Mr. Smith went to Washington. He liked it! Did he? Yes. The end"
+    assert T.split_sentences(text) == [
+        "Mr. Smith went to Washington.",
+        "He liked it!",
+        "Did he?",
+        "Yes.",
+        "The end",
+    ]
+    assert T.split_sentences("no end here") == ["no end here"]
+
+
+def test_nsp_pairs(tok):
+    c = make_config("bert", seq_len=96)
+    docs = [r["text"] for r in load_records(c, "train")[0]]
+    sents = [[tuple(tok.encode(s)) for s in T.split_sentences(d)] for d in docs]
+    # A = sentences i..j-1 and B = sentences j..k-1 of one document (true next), or B = a run of
+    # consecutive sentences of another document.
+    run = lambda d, i, j: tuple(t for s in d[i:j] for t in s)
+    consecutive = {
+        (run(d, i, j), run(d, j, k))
+        for d in sents
+        for i in range(len(d))
+        for j in range(i + 1, len(d))
+        for k in range(j + 1, len(d) + 1)
+    }
+    all_runs = {
+        run(d, i, j) for d in sents for i in range(len(d)) for j in range(i + 1, len(d) + 1)
+    }
+    batches = P.eval_batches(c, tok, "train", batch_size=64)
+    labels, n_multi = [], 0
+    sents_flat = {s for d in sents for s in d}
+    for b in batches:
+        x = unmasked(b)
+        for r in range(len(x)):
+            if b["nsp_weights"][r] == 0:
+                assert (b["segment_ids"][r] == 0).all()
+                continue
+            ids = x[r][b["segment_ids"][r] > 0].tolist()
+            assert ids[0] == BOS_ID and ids[-1] == SEP_ID
+            s1 = ids.index(SEP_ID)
+            a, bb = tuple(ids[1:s1]), tuple(ids[s1 + 1 : -1])
+            tt = b["token_types"][r][: len(ids)]
+            assert (tt[: s1 + 1] == 0).all() and (tt[s1 + 1 :] == 1).all()
+            assert (b["token_types"][r][len(ids) :] == 0).all()
+            labels.append(int(b["nsp_labels"][r]))
+            n_multi += a not in sents_flat
+            assert bb in all_runs
+            if labels[-1] == 1:
+                assert (a, bb) in consecutive
+    assert len(labels) > 100 and n_multi > 5  # multi-sentence segments do occur
+    assert abs(np.mean(labels) - 0.5) < 0.1
+
+
+def test_sft_weights_cover_exactly_assistant_tokens(tok):
+    c = make_config("sft", seq_len=128)
+    records = load_records(c, "train")[0]
+    rows = P.prepare_split(c, tok, "train")[0].rows
+    expected_total = sum(
+        len(tok.encode(m["content"])) + 1
+        for r in records
+        for m in r["messages"]
+        if m["role"] == "assistant"
+    )
+    assert rows["weights"].sum() == expected_total
+    roles = {SYSTEM_ID: "system", USER_ID: "user", ASSISTANT_ID: "assistant"}
+    for r in range(len(rows["tokens"])):
+        seg = rows["segment_ids"][r]
+        for s in set(seg[seg > 0].tolist()):
+            m = seg == s
+            x, y, w = rows["tokens"][r][m], rows["targets"][r][m], rows["weights"][r][m]
+            assert (y[:-1] == x[1:]).all() and x[0] == BOS_ID
+            seq, role, want = [*x.tolist(), int(y[-1])], None, []
+            for t in seq:  # independent re-derivation of the loss mask
+                if t in roles:
+                    role = roles[t]
+                    want.append(0.0)
+                else:
+                    want.append(1.0 if role == "assistant" and t != BOS_ID else 0.0)
+                    if t == EOT_ID:
+                        role = None
+            assert w.tolist() == want[1:]
+
+
+def test_seq2seq_and_pairs_rows(tok):
+    c = make_config("seq2seq")
+    b = next(P.make_train_iterator(c, tok))
+    assert b["src_tokens"].shape == (8, 48) and b["tokens"].shape == (8, 64)
+    for r in range(8):
+        n, k = b["src_segment_ids"][r].sum(), b["segment_ids"][r].sum()
+        assert b["src_tokens"][r][n - 1] == EOS_ID and b["tokens"][r][0] == BOS_ID
+        assert b["targets"][r][k - 1] == EOS_ID and b["weights"][r].sum() == k
+        assert (b["targets"][r][: k - 1] == b["tokens"][r][1:k]).all()
+    p = next(P.make_train_iterator(make_config("pairs"), tok))
+    assert p["tokens_b"].shape == (8, 64) and (p["segment_ids_b"][:, 0] == 1).all()
+    assert not (p["tokens"] == p["tokens_b"]).all()  # world pairs are paraphrases
+
+
+def test_pairs_from_documents_are_dropout_views(tmp_path, tok):
+    f = tmp_path / "d.txt"
+    f.write_text("One doc.\n\nAnother doc here.\n\nThird.\n\nFourth one.")
+    c = make_config("pairs", source=str(f), txt_split="blank_lines", batch_size=2)
+    b = next(P.make_train_iterator(c, tok))
+    assert (b["tokens"] == b["tokens_b"]).all()
+
+
+def test_shards_disjoint_and_covering(tok):
+    c = make_config("lm")
+    glob_it = P.make_train_iterator(c, tok)
+    shards = [P.make_train_iterator(c, tok, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(3):
+        g = next(glob_it)
+        parts = [next(s) for s in shards]
+        assert all(p["tokens"].shape == (4, 64) for p in parts)
+        rows = lambda bs: sorted(r.tobytes() for b in bs for r in b["tokens"])
+        assert rows(parts) == rows([g])
+        assert not set(rows(parts[:1])) & set(rows(parts[1:]))
+
+
+def test_eval_shards_disjoint_and_covering(tok):
+    c = make_config("mlm")
+    full = P.eval_batches(c, tok, batch_size=6)
+    parts = [P.eval_batches(c, tok, batch_size=6, process_index=p, process_count=2) for p in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(full)
+    for g, a, b in zip(full, *parts, strict=True):
+        assert all((np.concatenate([a[k], b[k]]) == g[k]).all() for k in g)
+
+
+@pytest.mark.parametrize("task", ["mlm", "bert"])
+def test_exact_resume(tok, task):
+    c = make_config(task)
+    it = P.make_train_iterator(c, tok)
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 4)
+    it2 = P.make_train_iterator(c, tok)
+    it2.set_state(state)
+    for a, b in zip(expected, take(it2, 4), strict=True):
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    other = next(P.make_train_iterator(make_config(task, shuffle_seed=5), tok))
+    assert not (other["tokens"] == expected[0]["tokens"]).all()
+
+
+@pytest.mark.parametrize("task", ["lm", "mlm"])
+def test_eval_batch_size_independence(tok, task):
+    c = make_config(task)
+    key = ("weights", "targets") if task == "lm" else ("mlm_weights", "mlm_targets")
+    results = []
+    for bs in (1, 7, 32):
+        batches = P.eval_batches(c, tok, batch_size=bs)
+        n_rows = len(P.prepare_split(c, tok, "validation")[0])
+        assert len(batches) == -(-n_rows // bs) and all(len(b["tokens"]) == bs for b in batches)
+        cat = {k: np.concatenate([b[k] for b in batches])[:n_rows] for k in batches[0]}
+        pad = np.concatenate([b[key[0]] for b in batches])[n_rows:]
+        assert (pad == 0).all()
+        w = cat[key[0]]
+        fake_loss = ((cat[key[1]] * 7 + cat["tokens"]) % 11).astype(np.float64)
+        results.append((cat, (w * fake_loss).sum() / w.sum()))
+    for cat, loss in results[1:]:
+        assert loss == results[0][1]
+        assert all((cat[k] == results[0][0][k]).all() for k in cat)
+
+
+def test_mixture_pipeline(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("Alice was born in Paris. " * 20)
+    (tmp_path / "b.txt").write_text("Bob studied math at MIT. " * 20)
+    c = make_config(
+        "lm",
+        source=f"{tmp_path}/a.txt:0.5,{tmp_path}/b.txt:0.5",
+        val_fraction=0.0,
+        batch_size=8,
+        seq_len=16,
+    )
+    b = next(P.make_train_iterator(c, tok))
+    text = " ".join(tok.decode(r) for r in b["tokens"])
+    assert "Alice" in text and "Bob" in text
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="tinyshakespeare.txt absent")
+def test_shakespeare_char_rows(tmp_path):
+    c = make_config(
+        "lm",
+        source=SHAKESPEARE,
+        seq_len=256,
+        batch_size=16,
+        split_mode="tail",
+        tokenizer=dict(kind="char", vocab_size=0, sample_size=100_000, path=""),
+    )
+    tok = P.build_tokenizer(c, str(tmp_path))
+    b = next(P.make_train_iterator(c, tok))
+    assert b["tokens"].shape == (16, 256) and (b["weights"] > 0).mean() > 0.99

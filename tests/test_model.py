@@ -1,0 +1,358 @@
+"""Model tests: independent references (numpy), invariances (causality, packing, caching)."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model import ModelConfig, Transformer, attention_core, flops_per_token, init_cache
+from model.sharding import DEFAULT_RULES, param_shardings
+
+V = 32
+
+
+def make_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@functools.cache
+def _init_fn(cfg, heads):
+    return jax.jit(lambda key, batch: Transformer(cfg).init(key, batch, heads))
+
+
+@functools.cache
+def _apply_fn(cfg, heads, deterministic):
+    return jax.jit(lambda p, batch, rngs: Transformer(cfg).apply(
+        p, batch, heads, deterministic=deterministic, rngs=rngs))
+
+
+@functools.cache
+def _decode_fn(cfg):
+    return jax.jit(lambda p, tokens, cache, n, enc, seg: Transformer(cfg).apply(
+        p, tokens, cache, num_valid_B=n, encoded=enc, src_segment_ids=seg,
+        method=Transformer.decode))
+
+
+def init(cfg, batch, heads=("lm",), seed=0):
+    return _init_fn(cfg, tuple(heads))(jax.random.key(seed), batch)
+
+
+def run(cfg, params, batch, heads=("lm",), deterministic=True, rngs=None):
+    """Jitted (and cached per config) apply: repeated shapes compile once."""
+    return _apply_fn(cfg, tuple(heads), deterministic)(params, batch, rngs)
+
+
+def decode(cfg, params, tokens, cache, num_valid_B=None, encoded=None, src_segment_ids=None):
+    return _decode_fn(cfg)(params, tokens, cache, num_valid_B, encoded, src_segment_ids)
+
+
+def rand_tokens(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(10, V, size=shape), jnp.int32)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_from_configdict_resolves_and_validates():
+    cd = ml_collections.ConfigDict(dict(kind="decoder", d_model=64, num_heads=8, num_layers=2,
+                                        vocab_size=0, d_ff=128))
+    cfg = ModelConfig.from_config(cd, vocab_size=100)
+    assert (cfg.vocab_size, cfg.num_kv_heads, cfg.head_dim, cfg.num_decoder_layers,
+            cfg.embed_dim) == (100, 8, 8, 2, 64)
+    with pytest.raises(ValueError, match="norm.*rmsnorm"):
+        ModelConfig.from_config(cd, vocab_size=100, norm="batchnorm")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelConfig.from_config(cd, vocab_size=100, num_kv_heads=3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ModelConfig.from_config(cd)  # vocab_size 0 must be overridden from the tokenizer
+    with pytest.raises(ValueError, match="d_modle"):
+        ModelConfig.from_config(cd, vocab_size=100, d_modle=3)
+
+
+def test_flops_per_token_hand_computed():
+    cfg = ModelConfig(vocab_size=10, d_model=4, num_layers=2, num_heads=2, d_ff=8, mlp="gelu")
+    # per layer: q,k,v,o 4*16=64, mlp 2*32=64 -> 128; 2 layers 256; output 40 -> N = 296
+    assert flops_per_token(cfg, seq_len=5) == 6 * 296 + 12 * 2 * 5 * 4
+
+
+# ---------------------------------------------------------------- attention core
+
+
+def test_attention_core_matches_numpy_single_head():
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(1, 3, 1, 2)), rng.normal(size=(1, 3, 1, 2)), rng.normal(
+        size=(1, 3, 1, 2))
+    mask = np.tril(np.ones((3, 3), bool))[None]
+    out = np.asarray(attention_core(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+                                    jnp.asarray(mask)))
+    for t in range(3):  # explicit loops: query t over keys 0..t
+        s = np.array([q[0, t, 0] @ k[0, j, 0] / np.sqrt(2) for j in range(t + 1)])
+        p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        np.testing.assert_allclose(out[0, t, 0], (p[:, None] * v[0, : t + 1, 0]).sum(0),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_attention_core_gqa_matches_repeated_kv():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 6, 2, 3)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 6, 2, 3)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 5, 6)) < 0.7).at[:, :, 0].set(True)
+    gqa = attention_core(q, k, v, mask)
+    mha = attention_core(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask)
+    np.testing.assert_allclose(gqa, mha, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_causality(kind):
+    cfg = make_cfg(kind=kind)
+    tokens = rand_tokens((1, 8))
+    params = init(cfg, dict(tokens=tokens))
+    a = run(cfg, params, dict(tokens=tokens))["logits"]
+    b = run(cfg, params, dict(tokens=tokens.at[:, 5:].set(3)))["logits"]
+    if kind == "decoder":
+        np.testing.assert_allclose(a[:, :5], b[:, :5], rtol=1e-5, atol=1e-5)
+    else:
+        assert np.abs(np.asarray(a[:, :5] - b[:, :5])).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind,positions", [("decoder", "rope"), ("encoder", "learned"),
+                                            ("decoder", "learned")])
+def test_packed_segments_do_not_leak(kind, positions):
+    cfg = make_cfg(kind=kind, positions=positions)
+    t = rand_tokens((1, 8))
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]], jnp.int32)
+    pos = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0]], jnp.int32)
+    params = init(cfg, dict(tokens=t))
+    packed = run(cfg, params, dict(tokens=t, segment_ids=seg, positions=pos))["logits"]
+    alone = run(cfg, params, dict(tokens=t[:, 3:7]))["logits"]
+    np.testing.assert_allclose(packed[:, 3:7], alone, rtol=1e-5, atol=1e-5)
+    # changing segment 1 or the padding token does not change segment 2
+    t2 = t.at[:, :3].set(4).at[:, 7].set(5)
+    other = run(cfg, params, dict(tokens=t2, segment_ids=seg, positions=pos))["logits"]
+    np.testing.assert_allclose(other[:, 3:7], packed[:, 3:7], rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_cross_mask_ignores_src_padding():
+    cfg = make_cfg(kind="encoder_decoder", num_decoder_layers=1)
+    src = rand_tokens((1, 6), seed=1)
+    src_seg = jnp.asarray([[1, 1, 1, 1, 0, 0]], jnp.int32)
+    tgt = rand_tokens((1, 5), seed=2)
+    params = init(cfg, dict(tokens=tgt, src_tokens=src))
+    a = run(cfg, params, dict(tokens=tgt, src_tokens=src, src_segment_ids=src_seg))["logits"]
+    b = run(cfg, params, dict(tokens=tgt, src_tokens=src.at[:, 4:].set(7),
+                              src_segment_ids=src_seg))["logits"]
+    c = run(cfg, params, dict(tokens=tgt, src_tokens=src[:, :4]))["logits"]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(scan_layers=False, positions="learned"),
+                                dict(num_kv_heads=2)])
+def test_decoder_cache_matches_full_recompute(kw):
+    cfg = make_cfg(**kw)
+    tokens = rand_tokens((2, 9))
+    params = init(cfg, dict(tokens=tokens))
+    full = run(cfg, params, dict(tokens=tokens))["logits"]
+    cache = init_cache(cfg, 2, 12)
+    logits, cache = decode(cfg, params, tokens[:, :4], cache)
+    np.testing.assert_allclose(logits, full[:, :4], rtol=1e-4, atol=1e-5)
+    for t in range(4, 9):
+        logits, cache = decode(cfg, params, tokens[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(cache["end"], [9, 9])
+    assert cache["k"].shape == (2, 2, 12, cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_encoder_decoder_cache_matches_full_recompute():
+    cfg = make_cfg(kind="encoder_decoder", num_decoder_layers=1)
+    src = rand_tokens((2, 6), seed=1)
+    src_seg = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], jnp.int32)
+    tgt = rand_tokens((2, 5), seed=2)
+    batch = dict(tokens=tgt, src_tokens=src, src_segment_ids=src_seg)
+    params = init(cfg, batch)
+    full = run(cfg, params, batch)["logits"]
+    model = Transformer(cfg)
+    encoded = model.apply(params, batch, method=Transformer.encode)
+    cache = init_cache(cfg, 2, 8)
+    assert cache["k"].shape[0] == 1
+    logits, cache = decode(cfg, params, tgt[:, :2], cache, encoded=encoded,
+                           src_segment_ids=src_seg)
+    np.testing.assert_allclose(logits, full[:, :2], rtol=1e-4, atol=1e-5)
+    for t in range(2, 5):
+        logits, cache = decode(cfg, params, tgt[:, t:t + 1], cache, encoded=encoded,
+                               src_segment_ids=src_seg)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_right_padded_batched_prefill(positions):
+    cfg = make_cfg(positions=positions)
+    prompts = [np.asarray(rand_tokens((1, 5), seed=3))[0], np.asarray(rand_tokens((1, 2),
+                                                                                  seed=4))[0]]
+    lens = jnp.asarray([5, 2], jnp.int32)
+    padded = jnp.asarray(np.stack([prompts[0], np.r_[prompts[1], [0, 0, 0]]]), jnp.int32)
+    params = init(cfg, dict(tokens=padded))
+    nxt = rand_tokens((2, 3), seed=5)
+    cache = init_cache(cfg, 2, 10)
+    logits, cache = decode(cfg, params, padded, cache, num_valid_B=lens)
+    steps = []
+    for t in range(3):
+        lg, cache = decode(cfg, params, nxt[:, t:t + 1], cache)
+        steps.append(lg[:, 0])
+    np.testing.assert_array_equal(cache["end"], [8, 5])
+    for b, p in enumerate(prompts):
+        seq = jnp.asarray(np.r_[p, np.asarray(nxt[b])], jnp.int32)[None]
+        ref = run(cfg, params, dict(tokens=seq))["logits"][0]
+        np.testing.assert_allclose(logits[b, : len(p)], ref[: len(p)], rtol=1e-4, atol=1e-5)
+        for t in range(3):
+            np.testing.assert_allclose(steps[t][b], ref[len(p) + t], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- layer stacking / remat
+
+
+def _stack_loop_params(params, n):
+    """Loop-layout params {'layers_i': p_i} -> scan layout {'layers': stacked}."""
+    def convert(tree):
+        if not isinstance(tree, dict):
+            return tree
+        if "layers_0" in tree:
+            rest = {k: convert(v) for k, v in tree.items() if not k.startswith("layers_")}
+            layers = [tree[f"layers_{i}"] for i in range(n)]
+            rest["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+            return rest
+        return {k: convert(v) for k, v in tree.items()}
+    return convert(params)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder_decoder"])
+def test_scan_equals_loop(kind):
+    loop_cfg = make_cfg(kind=kind, scan_layers=False)
+    scan_cfg = make_cfg(kind=kind, scan_layers=True)
+    batch = dict(tokens=rand_tokens((2, 6)), src_tokens=rand_tokens((2, 5), seed=1))
+    loop_params = nn.unbox(init(loop_cfg, batch))
+    scan_params = _stack_loop_params(loop_params, 2)
+    expect = jax.tree.map(jnp.shape, nn.unbox(init(scan_cfg, batch)))
+    assert jax.tree.map(jnp.shape, scan_params) == expect
+    np.testing.assert_allclose(run(loop_cfg, loop_params, batch)["logits"],
+                               run(scan_cfg, scan_params, batch)["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_same_values_and_grads(remat):
+    base, rem = make_cfg(dropout=0.1), make_cfg(dropout=0.1, remat=remat)
+    batch = dict(tokens=rand_tokens((2, 6)))
+    params = init(base, batch)
+
+    def loss(p, cfg):
+        out = Transformer(cfg).apply(p, batch, deterministic=False,
+                                     rngs={"dropout": jax.random.key(7)})
+        return jnp.mean(out["logits"] ** 2)
+
+    vg = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (la, ga), (lb, gb) = (vg(params, c) for c in (base, rem))
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ga, gb)
+
+
+def test_dropout_only_when_not_deterministic():
+    cfg = make_cfg(dropout=0.5)
+    batch = dict(tokens=rand_tokens((1, 6)))
+    params = init(cfg, batch)
+    a = run(cfg, params, batch)["logits"]
+    np.testing.assert_array_equal(a, run(cfg, params, batch)["logits"])
+    b = run(cfg, params, batch, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert np.abs(np.asarray(a - b["logits"])).max() > 1e-4
+
+
+# ---------------------------------------------------------------- variants
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    gqa_cfg, mha_cfg = make_cfg(num_kv_heads=2), make_cfg(num_kv_heads=4)
+    batch = dict(tokens=rand_tokens((2, 6)))
+    gqa = nn.unbox(init(gqa_cfg, batch))
+
+    def rep(path, x):  # k/v kernels [layers, D, G, K]: kv head g serves query heads 2g, 2g+1
+        return jnp.repeat(x, 2, axis=2) if path[-1].key in ("k", "v") else x
+
+    mha = jax.tree_util.tree_map_with_path(rep, gqa)
+    assert jax.tree.map(jnp.shape, mha) == jax.tree.map(jnp.shape,
+                                                        nn.unbox(init(mha_cfg, batch)))
+    np.testing.assert_allclose(run(gqa_cfg, gqa, batch)["logits"],
+                               run(mha_cfg, mha, batch)["logits"], rtol=1e-5, atol=1e-5)
+    # num_kv_heads == num_heads is exactly the default MHA
+    assert make_cfg(num_kv_heads=4) == make_cfg()
+
+
+def test_bfloat16_compute_keeps_logits_float32():
+    cfg = make_cfg(dtype="bfloat16", tie_embeddings=False)
+    batch = dict(tokens=rand_tokens((2, 6)))
+    params = init(cfg, batch, heads=("lm", "embed"))
+    assert {x.dtype for x in jax.tree.leaves(nn.unbox(params))} == {jnp.dtype(jnp.float32)}
+    out = run(cfg, params, batch, heads=("lm", "embed"))
+    assert out["logits"].dtype == jnp.float32 and out["hidden"].dtype == jnp.bfloat16
+    ref = run(make_cfg(tie_embeddings=False), params, batch)["logits"]
+    np.testing.assert_allclose(out["logits"], ref, atol=0.05)
+
+
+def test_heads_shapes_dtypes_and_pooling():
+    cfg = make_cfg(kind="encoder", type_vocab_size=2, embed_dim=16)
+    seg = jnp.asarray([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+    tokens = rand_tokens((2, 6))
+    batch = dict(tokens=tokens, segment_ids=seg, token_types=jnp.zeros((2, 6), jnp.int32))
+    heads = ("lm", "mlm", "nsp", "embed")
+    params = init(cfg, batch, heads)
+    out = run(cfg, params, batch, heads)
+    shapes = {k: (v.shape, v.dtype) for k, v in out.items()}
+    assert shapes == {"hidden": ((2, 6, 32), jnp.float32), "logits": ((2, 6, V), jnp.float32),
+                      "mlm_logits": ((2, 6, V), jnp.float32), "nsp_logits": ((2, 2), jnp.float32),
+                      "embedding": ((2, 16), jnp.float32), "logit_scale": ((), jnp.float32)}
+    np.testing.assert_allclose(jnp.linalg.norm(out["embedding"], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["logit_scale"], np.log(20.0), rtol=1e-6)
+    # padded tokens do not change the mean-pooled embedding of row 0
+    other = run(cfg, params, dict(batch, tokens=tokens.at[0, 4:].set(9)), heads)
+    np.testing.assert_allclose(other["embedding"][0], out["embedding"][0], rtol=1e-5, atol=1e-6)
+    # token types matter
+    tt = run(cfg, params, dict(batch, token_types=jnp.ones((2, 6), jnp.int32)), heads)
+    assert np.abs(np.asarray(tt["hidden"] - out["hidden"])).max() > 1e-4
+    with pytest.raises(ValueError, match="bogus"):
+        run(cfg, params, batch, ("bogus",))
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def test_logical_axes_and_param_shardings():
+    cfg = make_cfg()
+    batch = dict(tokens=rand_tokens((1, 4)))
+    abstract = jax.eval_shape(lambda: init(cfg, batch))
+    names = {jax.tree_util.keystr(p): x.names for p, x in jax.tree_util.tree_leaves_with_path(
+        abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+    q = [v for k, v in names.items() if k.endswith("['attn']['q']")]
+    assert q == [("layers", "embed", "heads", "kv")]
+    assert names["['params']['embedder']['token']"] == ("vocab", "embed")
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    sh = param_shardings(abstract, mesh, DEFAULT_RULES)
+    q_sh = sh["params"]["decoder"]["layers"]["attn"]["q"]
+    assert isinstance(q_sh, NamedSharding)
+    assert q_sh.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    data_only = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    assert param_shardings(abstract, data_only)["params"]["embedder"]["token"].spec in (
+        PartitionSpec(), PartitionSpec(None, None))

@@ -1,0 +1,236 @@
+"""Sampler: cached decoding vs full recomputation, batching invariance, sampling distributions,
+stops, overflow errors, streaming, encoder-decoder. Tiny random models (d_model 32)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agent.sampler import (
+    Compose,
+    Greedy,
+    Sampler,
+    Sampling,
+    Temperature,
+    TopK,
+    TopP,
+)
+from data.tokenizer import BOS_ID, Tokenizer
+from data.world import World
+from model.config import ModelConfig
+from model.transformer import Transformer, init_cache
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny(kind="decoder", vocab=48, positions="rope", **kw):
+    cfg = ModelConfig(kind=kind, vocab_size=vocab, d_model=32, num_layers=2, num_heads=4,
+                      num_kv_heads=2, d_ff=64, max_len=64, positions=positions, **kw)
+    model = Transformer(cfg)
+    batch = {"tokens": jnp.zeros((1, 4), jnp.int32)}
+    if kind == "encoder_decoder":
+        batch["src_tokens"] = jnp.zeros((1, 4), jnp.int32)
+    return model, model.init(jax.random.key(1), batch)["params"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    text = World.generate(seed=0, num_people=10).corpus_text()
+    return Tokenizer.train([text], str(d / "char"), kind="char", vocab_size=0)
+
+
+def full_logits(model, params, tokens, src=None):
+    """Full (uncached) forward; right-padded to 24 so one compilation serves every length
+    (causal attention: padding after the sequence cannot change its logits)."""
+    padded = jnp.asarray([list(tokens) + [0] * (24 - len(tokens))])
+    batch = {"tokens": padded}
+    if src is not None:
+        batch["src_tokens"] = jnp.asarray([src])
+    return _forward(params, batch, model.cfg)[0, : len(tokens)]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _forward(params, batch, cfg):
+    return Transformer(cfg).apply({"params": params}, batch)["logits"]
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_cached_decode_matches_full_recompute(positions):
+    model, params = tiny(positions=positions)
+    prompt = [BOS_ID, 11, 12, 13, 14]
+    cache = init_cache(model.cfg, 1, 32)
+    # right-padded prefill (8 slots, 5 valid) then one token at a time
+    padded = jnp.asarray([prompt + [0, 0, 0]])
+    logits, cache = model.apply({"params": params}, padded, cache, num_valid_B=jnp.asarray([5]),
+                                method=Transformer.decode)
+    seq = list(prompt)
+    ref = full_logits(model, params, seq)
+    np.testing.assert_allclose(logits[0, :5], ref, atol=2e-5)
+    for step in range(6):
+        nxt = int(jnp.argmax(logits[0, len(seq) - 1 if step == 0 else 0]))
+        seq.append(nxt)
+        logits, cache = model.apply({"params": params}, jnp.asarray([[nxt]]), cache,
+                                    method=Transformer.decode)
+        ref = full_logits(model, params, seq)[-1]
+        np.testing.assert_allclose(logits[0, 0], ref, atol=2e-5, err_msg=f"step {step}")
+
+
+def test_greedy_equals_full_recompute_reference():
+    model, params = tiny()
+    sampler = Sampler(model, params, cache_len=48, stop_ids=())
+    prompt = [BOS_ID, 20, 21, 22]
+    (out,), (reason,) = sampler.generate_ids([prompt], max_new_tokens=10)
+    seq = list(prompt)
+    for _ in range(10):  # reference: argmax of a full forward pass each step
+        seq.append(int(jnp.argmax(full_logits(model, params, seq)[-1])))
+    assert out == seq[len(prompt):] and reason == "length"
+
+
+def test_batch_of_mixed_lengths_matches_alone():
+    model, params = tiny()
+    sampler = Sampler(model, params, cache_len=64, stop_ids=())
+    prompts = [[BOS_ID, 30], [BOS_ID] + list(range(10, 27)), [BOS_ID, 5 + 10, 40, 41, 42]]
+    batch, _ = sampler.generate_ids(prompts, max_new_tokens=9)
+    for p, got in zip(prompts, batch, strict=True):
+        alone, _ = sampler.generate_ids([p], max_new_tokens=9)
+        assert got == alone[0]
+
+
+def test_seeded_sampling_reproducible():
+    model, params = tiny()
+    sampler = Sampler(model, params, cache_len=48, stop_ids=())
+    m = Sampling(temperature=1.0, top_k=20, top_p=0.95)
+    a, _ = sampler.generate_ids([[BOS_ID, 11]] * 2, max_new_tokens=12, method=m, seed=3)
+    b, _ = sampler.generate_ids([[BOS_ID, 11]] * 2, max_new_tokens=12, method=m, seed=3)
+    c, _ = sampler.generate_ids([[BOS_ID, 11]] * 2, max_new_tokens=12, method=m, seed=4)
+    assert a == b and a != c
+    assert a[0] != a[1]  # rows draw independently
+
+
+def _frequencies(method, logits, n=6000, seed=0):
+    logits_BV = jnp.tile(jnp.asarray(logits, jnp.float32)[None], (n, 1))
+    toks = np.asarray(method(logits_BV, jax.random.key(seed)))
+    return np.bincount(toks, minlength=len(logits))
+
+
+def _chi2_ok(counts, probs):
+    from scipy.stats import chisquare
+
+    support = probs > 0
+    assert counts[~support].sum() == 0, "sampled a token outside the kept set"
+    expected = probs[support] * counts.sum()
+    return chisquare(counts[support], expected).pvalue > 1e-3
+
+
+LOGITS = np.log(np.array([0.3, 0.25, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01]))
+
+
+def test_topk_frequencies_match_renormalised():
+    ref = np.exp(LOGITS)
+    ref[3:] = 0
+    assert _chi2_ok(_frequencies(TopK(3), LOGITS), ref / ref.sum())
+
+
+def test_topp_frequencies_match_renormalised():
+    # mass before each token: 0, .3, .55, .75, ... -> p=0.7 keeps 3 tokens (the 3rd crosses .7)
+    ref = np.exp(LOGITS)
+    ref[3:] = 0
+    assert _chi2_ok(_frequencies(TopP(0.7), LOGITS), ref / ref.sum())
+
+
+def test_composition_temperature_then_topk_topp():
+    t = 0.5
+    tempered = np.exp(LOGITS / t) / np.exp(LOGITS / t).sum()
+    # tempered probs ~ [.41,.28,.18,.045,...]: top-k 5 then top-p .8 keeps the first 3
+    ref = tempered.copy()
+    ref[3:] = 0
+    method = Compose(Temperature(t), TopK(5), TopP(0.8))
+    assert _chi2_ok(_frequencies(method, LOGITS), ref / ref.sum())
+    plain = _frequencies(Temperature(1.0), LOGITS)
+    assert _chi2_ok(plain, np.exp(LOGITS) / np.exp(LOGITS).sum())
+
+
+def test_topp_keeps_crossing_token_hand_example():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: np.flatnonzero(np.asarray(TopP(p).transform(logits))[0] > -1e29).tolist()
+    assert kept(0.6) == [0, 1]  # 0.5 < 0.6 so 0.3 (the crossing token) is kept
+    assert kept(0.5) == [0]  # mass reaches 0.5 exactly with the first token
+    assert kept(0.81) == [0, 1, 2]  # 0.15 crosses 0.81 (mass before it is 0.8)
+    assert kept(0.96) == [0, 1, 2, 3]
+    assert kept(1e-6) == [0]  # always at least one token
+
+
+def test_sampling_factory_and_greedy():
+    assert isinstance(Sampling(0.0, 40, 0.5).method(), Greedy)
+    assert Sampling(0.7).method() == Temperature(0.7)
+    logits = jnp.asarray([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    assert Greedy()(logits, None).tolist() == [1, 0]
+    with pytest.raises(ValueError):
+        Sampling(temperature=-1.0).method()
+
+
+def test_stop_tokens_end_rows_independently():
+    model, params = tiny()
+    sampler = Sampler(model, params, cache_len=64, stop_ids=())
+    prompts = [[BOS_ID, 11, 12], [BOS_ID, 30, 31, 32, 33], [BOS_ID, 44]]
+    free, _ = sampler.generate_ids(prompts, max_new_tokens=16)
+    stop = free[0][4]  # a token row 0 emits at step 4 (maybe earlier too)
+    got, reasons = sampler.generate_ids(prompts, max_new_tokens=16, stop_ids=(stop,))
+    for row, g, r in zip(free, got, reasons, strict=True):
+        expected = row[: row.index(stop)] if stop in row else row
+        assert g == expected and r == ("stop" if stop in row else "length")
+
+
+def test_stop_strings_and_streaming(tok):
+    model, params = tiny(vocab=tok.vocab_size)
+    sampler = Sampler(model, params, tok, cache_len=64, stop_ids=())
+    prompts = ["Anya was born", "Where does Bruno live?"]
+    free = sampler.generate(prompts, max_new_tokens=20)
+    text0 = free[0].text
+    assert text0, "model produced no text"
+    stop = text0[len(text0) // 2: len(text0) // 2 + 2]
+    for chunk in (1, 3):
+        deltas = {0: [], 1: []}
+        got = sampler.generate(prompts, max_new_tokens=20, stop=[stop], chunk=chunk,
+                               stream_cb=lambda i, d, deltas=deltas: deltas[i].append(d))
+        for i, (f, g) in enumerate(zip(free, got, strict=True)):
+            cut = f.text.find(stop)
+            assert g.text == (f.text[:cut] if cut >= 0 else f.text)
+            assert g.finish_reason == ("stop" if cut >= 0 else "length")
+            assert "".join(deltas[i]) == g.text  # streamed text == final text
+            assert stop not in g.text
+
+
+def test_overlong_prompt_is_a_clear_error():
+    model, params = tiny()
+    sampler = Sampler(model, params, cache_len=32)
+    with pytest.raises(ValueError, match="cache_len=32"):
+        sampler.generate_ids([[BOS_ID] + [11] * 25], max_new_tokens=8)
+    sampler.generate_ids([[BOS_ID] + [11] * 23], max_new_tokens=8)  # exactly fits
+    trunc = Sampler(model, params, cache_len=32, overflow="truncate_left", stop_ids=())
+    long = [BOS_ID] + list(range(10, 40))
+    a, _ = trunc.generate_ids([long], max_new_tokens=8)
+    b, _ = trunc.generate_ids([long[-24:]], max_new_tokens=8)
+    assert a == b
+    with pytest.raises(ValueError):
+        trunc.generate_ids([[BOS_ID]], max_new_tokens=0)
+
+
+def test_learned_positions_cache_len_bounded():
+    model, params = tiny(positions="learned", norm="layernorm", mlp="gelu")
+    with pytest.raises(ValueError, match="max_len"):
+        Sampler(model, params, cache_len=128)
+
+
+def test_encoder_decoder_encodes_once_then_decodes():
+    model, params = tiny(kind="encoder_decoder")
+    sampler = Sampler(model, params, cache_len=32, stop_ids=())
+    src = [12, 13, 14, 15, 16]
+    (out,), _ = sampler.generate_ids([src], max_new_tokens=6)
+    seq = [BOS_ID]
+    for _ in range(6):  # reference: full teacher-forced forward each step
+        seq.append(int(jnp.argmax(full_logits(model, params, seq, src)[-1])))
+    assert out == seq[1:]

@@ -1,0 +1,137 @@
+"""OpenAI-compatible server against the official `openai` client on a real localhost uvicorn."""
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import openai
+import pytest
+import uvicorn
+
+from agent.chat import CHAT_STOP_IDS, ChatSession
+from agent.guards import GuardConfig, Guards
+from agent.sampler import Sampler
+from agent.server import make_app
+from data.tokenizer import Tokenizer
+from data.world import World
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+QUESTION = [{"role": "user", "content": "Where does Anya live?"}]
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    tok = Tokenizer.train([World.generate(seed=0, num_people=10).corpus_text()], str(d / "c"),
+                          kind="char", vocab_size=0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
+                      d_ff=64, max_len=96)
+    model = Transformer(cfg)
+    params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
+    return Sampler(model, params, tok, cache_len=96, stop_ids=CHAT_STOP_IDS)
+
+
+@pytest.fixture(scope="module")
+def base_url(sampler):
+    app = make_app(sampler, model_name="tiny", max_new_tokens=12,
+                   guards=Guards(GuardConfig(blocked_patterns=("forbidden",), refusal="No.")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_non_streaming_matches_chat_session(client, sampler):
+    r = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12,
+                                       temperature=0)
+    expected = ChatSession(sampler, max_new_tokens=12).reply(QUESTION[0]["content"])
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason in ("stop", "length") and r.object == "chat.completion"
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
+
+
+def test_streaming_equals_non_streaming(client):
+    kw = dict(model="tiny", messages=QUESTION, max_tokens=12, temperature=0.8, top_p=0.9,
+              seed=7)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full
+
+
+def test_input_guard_refusal(client):
+    r = client.chat.completions.create(model="tiny", messages=[
+        {"role": "user", "content": "the forbidden word"}])
+    assert r.choices[0].message.content == "No."
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{not json", "invalid_json"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}',
+     "unknown_field"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}', None),
+    (b'{"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}', None),
+])
+def test_bad_requests_are_400(base_url, body, code):
+    r = httpx.post(base_url + "/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if code:
+        assert err["code"] == code
+
+
+def test_over_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": "Anya " * 40}], max_tokens=10)
+    assert "context" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=90)
+
+
+def test_concurrent_requests_all_answered(client):
+    ask = lambda i: client.chat.completions.create(
+        model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
+        stream=bool(i % 2))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, range(6)))
+    texts = [r.choices[0].message.content if i % 2 == 0 else
+             "".join(c.choices[0].delta.content or "" for c in r)
+             for i, r in enumerate(results)]
+    assert len(set(texts)) == 1  # greedy: every request gets the same answer
+
+
+def test_client_disconnect_mid_stream_keeps_serving(base_url, client):
+    body = {"model": "tiny", "messages": QUESTION, "max_tokens": 60, "stream": True,
+            "temperature": 1.0}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # first event, then hang up
+    r = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4)
+    assert r.choices[0].message.content is not None

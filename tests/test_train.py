@@ -1,0 +1,164 @@
+"""Train step, optimizer and parallel wrappers on a tiny model with synthetic batches (1 device).
+
+Multi-device equivalence (8 fake CPU devices) lives in test_train_multidevice.py (a subprocess).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from experiments.base import get_config
+from model import ModelConfig, Transformer
+from train import optim, parallel
+from train import step as step_lib
+
+VOCAB = 64
+
+
+def tiny_config(**model):
+    c = get_config()
+    c.model.update(dict(d_model=32, num_layers=1, num_heads=2, d_ff=64, max_len=32, embed_dim=16,
+                        **model))
+    c.data.update(dict(seq_len=16, batch_size=8, eval_batch_size=8))
+    c.optim.update(dict(lr=3e-3, warmup_steps=2, decay_steps=50))
+    c.train.steps = 50
+    return c
+
+
+def lm_batch(seed=0, b=8, n=16, pad_rows=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(10, VOCAB, (b, n + 1)).astype(np.int32)
+    w = np.ones((b, n), np.float32)
+    w[:, : rng.integers(0, n // 2)] = 0.0  # uneven per-row counts: normalisation matters
+    if pad_rows:
+        w[-pad_rows:] = 0.0
+    return dict(tokens=toks[:, :-1], targets=toks[:, 1:], weights=w,
+                segment_ids=np.ones((b, n), np.int32),
+                positions=np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy())
+
+
+def setup(config, devices=None):
+    model = Transformer(ModelConfig.from_config(config.model, vocab_size=VOCAB))
+    tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
+    mesh = parallel.make_mesh(config.train.mesh, devices)
+    init_boxed, init_state = step_lib.init_state_fns(model, config, tx)
+    key = jax.random.PRNGKey(0)
+    boxed = jax.eval_shape(init_boxed, key)
+    psh = parallel.param_shardings(boxed, mesh)
+    ssh = parallel.state_shardings(tx, nn.meta.unbox(boxed), psh, mesh)
+    state = jax.jit(init_state, out_shardings=ssh)(key)
+    return model, tx, schedule, mesh, ssh, state
+
+
+def run_steps(config, batches, devices=None):
+    model, tx, schedule, mesh, ssh, state = setup(config, devices)
+    stepper = step_lib.Stepper(model, config, tx, schedule, mesh, ssh)
+    dstate = stepper.device_state(state)
+    out = []
+    for b in batches:
+        dstate, m = stepper.train(dstate, b)
+        out.append({k: float(s) / float(c) for k, (s, c) in jax.device_get(m).items()})
+    return jax.device_get(stepper.params(dstate)), out
+
+
+def test_schedule_matches_hand_values():
+    c = tiny_config()
+    c.optim.update(dict(lr=1.0, warmup_steps=4, decay_steps=14, min_lr_ratio=0.1))
+    s = optim.learning_rate_schedule(c.optim, 100)
+    np.testing.assert_allclose([float(s(i)) for i in range(4)], [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(float(s(4)), 1.0)
+    np.testing.assert_allclose(float(s(9)), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)),
+                               rtol=1e-6)
+    np.testing.assert_allclose([float(s(14)), float(s(1000))], [0.1, 0.1], rtol=1e-6)
+
+
+def test_weight_decay_mask_excludes_norms_biases_embeddings():
+    c = tiny_config(norm="layernorm", positions="learned", type_vocab_size=2, mlp="gelu")
+    c.data.task = "bert"
+    c.objectives = get_config().objectives
+    c.objectives.causal_lm.weight = 0.0
+    c.objectives.mlm = dict(weight=1.0)
+    c.objectives.nsp = dict(weight=1.0)
+    c.objectives.infonce = dict(weight=1.0, temperature=0.05)
+    for scan in (True, False):
+        c.model.scan_layers = scan
+        model = Transformer(ModelConfig.from_config(c.model, vocab_size=VOCAB))
+        tx, _ = optim.make_optimizer(c.optim, 10)
+        boxed = jax.eval_shape(step_lib.init_state_fns(model, c, tx)[0], jax.random.PRNGKey(0))
+        mask = optim.decay_mask(nn.meta.unbox(boxed))
+        flat = {"/".join(str(k.key) for k in p): v
+                for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+        for name, decayed in flat.items():
+            leaf = name.split("/")[-1]
+            excluded = (name.startswith("embedder/") or leaf in ("scale", "bias", "logit_scale"))
+            assert decayed == (not excluded), (scan, name, decayed)
+        assert any(flat.values()) and not all(flat.values())
+        assert not flat["embedder/token"] and not flat["embedder/position"]
+
+
+def test_loss_decreases_on_fixed_batch():
+    c = tiny_config()
+    batch = lm_batch()
+    _, ms = run_steps(c, [batch] * 40)
+    assert ms[-1]["causal_lm/loss"] < 0.7 * ms[0]["causal_lm/loss"], (ms[0], ms[-1])
+    assert all(np.isfinite(m["grad_norm"]) for m in ms)
+    np.testing.assert_allclose(ms[0]["lr"], 3e-3 / 2, rtol=1e-6)  # warmup step 0: lr/2
+
+
+def test_grad_accum_matches_single_batch():
+    c1 = tiny_config()
+    c2 = tiny_config()
+    c2.optim.grad_accum = 4
+    batches = [lm_batch(0, pad_rows=3), lm_batch(1)]  # uneven weights per microbatch
+    p1, m1 = run_steps(c1, batches)
+    p2, m2 = run_steps(c2, batches)
+    for a, b in zip(m1, m2, strict=True):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+
+
+def test_pmap_step_matches_jit_step():
+    c = tiny_config()
+    batches = [lm_batch(0), lm_batch(1)]
+    pj, mj = run_steps(c, batches)
+    c.train.parallel = "pmap"
+    pp, mp = run_steps(c, batches)
+    for a, b in zip(mj, mp, strict=True):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pj, pp)
+
+
+def test_eval_step_token_weighted_independent_of_batch_split():
+    c = tiny_config()
+    model, tx, schedule, mesh, ssh, state = setup(c)
+    stepper = step_lib.Stepper(model, c, tx, schedule, mesh, ssh)
+    batch = lm_batch(3)
+    whole = jax.device_get(stepper.eval(state.params, batch))
+    halves = [jax.device_get(stepper.eval(state.params, {k: v[s] for k, v in batch.items()}))
+              for s in (slice(0, 4), slice(4, 8))]
+    for k, (s, n) in whole.items():
+        np.testing.assert_allclose(s, halves[0][k][0] + halves[1][k][0], rtol=1e-5)
+        np.testing.assert_allclose(n, halves[0][k][1] + halves[1][k][1])
+    # independent reference: numpy CE from the model's logits
+    logits = np.asarray(model.apply({"params": state.params}, batch)["logits"], np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = lse - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    ref = (ce * batch["weights"]).sum() / batch["weights"].sum()
+    np.testing.assert_allclose(whole["causal_lm/loss"][0] / whole["causal_lm/loss"][1], ref,
+                               rtol=1e-5)
+
+
+def test_mesh_shape_resolution_and_errors():
+    assert parallel.mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
+    assert parallel.mesh_shape(dict(data=1, fsdp=-1, tensor=1), 1) == (1, 1, 1)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        parallel.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        parallel.mesh_shape(dict(data=-1, fsdp=3, tensor=1), 8)

@@ -1,0 +1,164 @@
+"""Synthetic world: determinism, splits that never leak held-out people, faithful text."""
+
+import re
+
+import pytest
+
+from data import world as W
+from data.world import ATTRIBUTES, BIO_TEMPLATES, QUESTION_TEMPLATES, World
+
+
+@pytest.fixture(scope="module")
+def w():
+    return World.generate(seed=0, num_people=120, heldout_frac=0.25, bios_per_person=4)
+
+
+KINDS = ("documents", "pairs", "chats", "seq2seq")
+SPLITS = ("train", "validation", "test")
+
+
+def test_deterministic_and_seed_dependent(w):
+    again = World.generate(seed=0, num_people=120, heldout_frac=0.25, bios_per_person=4)
+    assert again == w
+    for kind in KINDS:
+        for split in SPLITS:
+            assert again.records(kind, split) == w.records(kind, split)
+    assert again.corpus_text() == w.corpus_text()
+    other = World.generate(seed=1, num_people=120)
+    assert [p.name for p in other.people] != [p.name for p in w.people]
+
+
+def test_from_config_matches_generate():
+    cfg = dict(seed=3, num_people=30, heldout_frac=0.2, bios_per_person=2)
+    assert World.from_config(cfg) == World.generate(**cfg)
+
+
+def test_names_unique_and_attributes_valid(w):
+    names = [p.name for p in w.people]
+    assert len(names) == len(set(names)) == 120
+    assert len(set(W.FIRST_NAMES)) >= 50 and len(set(W.LAST_NAMES)) >= 50
+    pools = dict(
+        birth_city=W.CITIES,
+        university=W.UNIVERSITIES,
+        major=W.MAJORS,
+        employer=W.EMPLOYERS,
+        job=W.JOBS,
+    )
+    for p in w.people:
+        assert set(p.attributes) == set(ATTRIBUTES)
+        for a, pool in pools.items():
+            assert p.attributes[a] in pool
+        month, day, year = re.fullmatch(
+            r"(\w+) (\d+), (\d{4})", p.attributes["birth_date"]
+        ).groups()
+        assert month in W.MONTHS and 1 <= int(day) <= 28 and 1950 <= int(year) <= 2005
+    assert World.generate(seed=0, num_people=len(W.FIRST_NAMES) * len(W.LAST_NAMES)).people
+    with pytest.raises(ValueError, match="num_people"):
+        World.generate(num_people=len(W.FIRST_NAMES) * len(W.LAST_NAMES) + 1)
+
+
+def test_templates_count():
+    for a in ATTRIBUTES:
+        assert len(set(BIO_TEMPLATES[a])) >= 4 and len(set(QUESTION_TEMPLATES[a])) >= 2
+
+
+def test_heldout_split(w):
+    train = {p.name for p in w.split_people("train")}
+    val = {p.name for p in w.split_people("validation")}
+    test = {p.name for p in w.split_people("test")}
+    assert len(val | test) == len(w.heldout) == 30
+    assert not train & val and not train & test and not val & test
+    assert train | val | test == {p.name for p in w.people}
+
+
+@pytest.mark.parametrize("kind", ["chats", "seq2seq", "pairs"])
+def test_heldout_people_never_in_train(w, kind):
+    train = w.records(kind, "train")
+    assert train
+    assert not {r["person"] for r in train} & w.heldout
+    train_text = " ".join(str(r) for r in train)
+    for split in ("validation", "test"):
+        rows = w.records(kind, split)
+        assert rows and {r["person"] for r in rows} <= w.heldout
+        for name in {r["person"] for r in rows}:
+            assert name not in train_text  # not even mentioned in a train row
+    if kind == "chats":
+        train_qs = {r["messages"][-2]["content"] for r in train}
+        for split in ("validation", "test"):
+            assert not {r["messages"][-2]["content"] for r in w.records(kind, split)} & train_qs
+
+
+def test_chat_rows(w):
+    rows = w.records("chats", "validation", system="Be exact.")
+    for r in rows:
+        sys_msg, user, asst = r["messages"]
+        assert sys_msg == {"role": "system", "content": "Be exact."}
+        assert user["role"] == "user" and asst["role"] == "assistant"
+        person = w.person(r["person"])
+        assert asst["content"] == r["answer"] == person.attributes[r["attribute"]]
+        assert person.name in user["content"] and user["content"].endswith("?")
+    assert [m["role"] for m in w.records("chats", "train")[0]["messages"]] == ["user", "assistant"]
+    n_q = sum(len(QUESTION_TEMPLATES[a]) for a in ATTRIBUTES)
+    assert len(w.records("chats", "train")) == n_q * len(w.split_people("train"))
+
+
+def test_documents_cover_everyone_and_contain_facts(w):
+    train = w.records("documents", "train")
+    val = w.records("documents", "validation")
+    total = len(w.people) * w.bios_per_person
+    assert len(train) + len(val) == total and 0 < len(val) <= 0.1 * total
+    assert not {d["text"] for d in train} & {d["text"] for d in val}
+    firsts = {d["text"].split(".")[0] for d in train}  # first sentences name the person
+    for p in w.people:
+        assert any(p.name in f for f in firsts), p.name
+    for b in w.biographies():
+        p = w.person(b["person"])
+        text = b["text"]
+        assert p.name in text.split(".")[0]  # first sentence uses the full name
+        for v in p.attributes.values():
+            assert v in text
+        sentences = re.split(r"(?<=\.) ", text)
+        assert len(sentences) == len(ATTRIBUTES)
+        for s in sentences:
+            assert p.first in s and not re.search(r"\b(he|she|his|her|they|their)\b", s, re.I)
+    # Paraphrases of one person differ.
+    p = w.people[0]
+    assert len({w.biography(p, i) for i in range(4)}) == 4
+    # One bio per person: every bio stays in train, validation gets extra paraphrases.
+    w1 = World.generate(seed=0, num_people=40, bios_per_person=1)
+    assert len(w1.records("documents", "train")) == 40 and w1.records("documents", "validation")
+
+
+def test_pairs_are_same_fact_paraphrases(w):
+    rows = w.records("pairs", "train")
+    assert len(rows) == 2 * len(ATTRIBUTES) * len(w.split_people("train"))
+    for r in rows:
+        assert r["text_a"] != r["text_b"]
+        value = w.person(r["person"]).attributes[r["attribute"]]
+        for t in (r["text_a"], r["text_b"]):
+            assert value in t and r["person"] in t
+            filled = [
+                W.fact_sentence(w.person(r["person"]), r["attribute"], i)
+                for i in range(len(BIO_TEMPLATES[r["attribute"]]))
+            ]
+            assert t in filled
+
+
+def test_seq2seq_rows(w):
+    for r in w.records("seq2seq", "test")[:200]:
+        p = w.person(r["person"])
+        assert p.attributes[r["attribute"]] in r["source"]
+        assert r["target"] in [q.format(name=p.name) for q in QUESTION_TEMPLATES[r["attribute"]]]
+
+
+def test_corpus_text_and_errors(w):
+    text = w.corpus_text()
+    assert isinstance(text, str)
+    for p in w.people[:10]:
+        assert p.name in text
+        for v in p.attributes.values():
+            assert v in text
+    with pytest.raises(ValueError, match="kind"):
+        w.records("nsp")
+    with pytest.raises(ValueError, match="split"):
+        w.records("chats", "dev")

@@ -1,0 +1,286 @@
+"""`train_and_evaluate(config, workdir)`: validate, prepare the workdir, init or resume, train with
+periodic eval / logging / checkpointing; `evaluate(workdir)` for `solo eval`.
+
+Order of operations is chosen so that every user error (bad objective, task/objective mismatch,
+indivisible batch, wrong mesh, unusable workdir) fails before anything is written or compiled.
+Resume restores params, optimizer state, step, rng and the data iterator position, so a resumed run
+is bit-identical to an uninterrupted one (same device count).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+import experiments
+from data import pipeline
+from model import flops_per_token
+from objectives import active_objectives, get_objective, summarize
+from train import checkpoint as ckpt_lib
+from train import metrics as metrics_lib
+from train import parallel
+from train.optim import make_optimizer
+from train.step import Stepper, init_state_fns, make_eval_step
+
+# Batch keys each data.task provides (see /work/contract.md "Batches").
+_PACKED = ("tokens", "segment_ids", "positions")
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "lm": _PACKED + ("targets", "weights"),
+    "sft": _PACKED + ("targets", "weights"),
+    "mlm": _PACKED + ("mlm_targets", "mlm_weights"),
+    "bert": _PACKED + ("mlm_targets", "mlm_weights", "token_types", "nsp_labels"),
+    "pairs": _PACKED + ("tokens_b", "segment_ids_b", "positions_b"),
+    "seq2seq": _PACKED + ("targets", "weights", "src_tokens", "src_segment_ids", "src_positions"),
+}
+
+
+class TrainConfigError(experiments.ConfigError):
+    """A config that cannot train; the message names the keys and the fix."""
+
+
+def validate_config(config: Any, mesh) -> None:
+    try:
+        active = active_objectives(config.objectives)
+    except ValueError as e:
+        raise TrainConfigError(f"config.objectives: {e}") from None
+    if not active:
+        raise TrainConfigError("config.objectives: no objective has a nonzero weight")
+    task = str(config.data.task)
+    if task not in TASK_KEYS:
+        raise TrainConfigError(f"data.task={task!r} is unknown; valid: {', '.join(TASK_KEYS)}")
+    for name in active:
+        missing = [k for k in get_objective(name).batch_keys if k not in TASK_KEYS[task]]
+        if missing:
+            fits = [t for t, ks in TASK_KEYS.items()
+                    if all(k in ks for o in active for k in get_objective(o).batch_keys)]
+            raise TrainConfigError(
+                f"objective {name!r} needs batch keys {missing} that data.task={task!r} does not "
+                f"provide; use data.task in {fits or 'none (objectives incompatible)'}")
+    dp, k = parallel.data_parallel_size(mesh), int(config.optim.grad_accum)
+    if k > 1 and "infonce" in active:
+        print(f"warning: optim.grad_accum={k} with infonce: negatives come from each microbatch "
+              "only, so the update differs from one big batch", file=sys.stderr)
+    if k < 1:
+        raise TrainConfigError(f"optim.grad_accum={k} must be >= 1")
+    bs = int(config.data.batch_size)
+    ebs = int(config.data.eval_batch_size or bs)
+    if bs % (dp * k):
+        raise TrainConfigError(
+            f"data.batch_size={bs} must be divisible by data-parallel size {dp} x "
+            f"optim.grad_accum {k} = {dp * k}")
+    if ebs % dp:
+        raise TrainConfigError(
+            f"data.eval_batch_size={ebs} must be divisible by data-parallel size {dp}")
+    mode = str(config.train.parallel)
+    if mode not in ("jit", "pmap"):
+        raise TrainConfigError(f"train.parallel={mode!r}; valid: 'jit', 'pmap'")
+    if mode == "pmap" and mesh.shape["fsdp"] * mesh.shape["tensor"] != 1:
+        raise TrainConfigError("train.parallel='pmap' is data-parallel only: set "
+                               "train.mesh.fsdp=1 and train.mesh.tensor=1 (or use 'jit')")
+    if int(config.train.steps) < 1:
+        raise TrainConfigError(f"train.steps={config.train.steps} must be >= 1")
+
+
+def _add(a, b):
+    return b if a is None else jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def _summary(metrics, config: Any) -> dict[str, float]:
+    """summarize() plus the weighted total 'loss' over objectives (the eval/best-ckpt criterion)."""
+    out = summarize(metrics)
+    if "loss" not in out:
+        active = active_objectives(config.objectives)
+        out["loss"] = sum(float(o["weight"]) * out[f"{n}/loss"] for n, o in active.items())
+    return out
+
+
+def run_eval(eval_fn, params, config: Any, tokenizer) -> dict[str, float]:
+    """Token-weighted metrics over the validation split (whole split unless train.eval_batches)."""
+    batches = pipeline.eval_batches(
+        config, tokenizer, "validation", int(config.data.eval_batch_size or 0) or None,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        max_batches=int(config.train.eval_batches))
+    acc = None
+    for batch in batches:
+        acc = _add(acc, eval_fn(params, batch))
+    if acc is None:
+        raise ValueError("the validation split is empty; raise data.val_fraction")
+    return _summary(jax.device_get(acc), config)
+
+
+def _prepare_init_from(config: Any) -> None:
+    """Makes sure config.train.init_from has a checkpoint (training init_experiment if asked)."""
+    src = str(config.train.init_from)
+    if ckpt_lib.has_checkpoint(src):
+        return
+    exp = str(config.train.init_experiment)
+    if not exp:
+        raise ckpt_lib.WorkdirError(f"train.init_from={src} has no checkpoint; train it first "
+                                    "or set train.init_experiment")
+    print(f"train.init_from={src} has no checkpoint: training {exp} into it first",
+          file=sys.stderr)
+    train_and_evaluate(experiments.load_config(exp), src)
+
+
+def _init_from(config: Any, abstract_params) -> Any:
+    """Params of the latest checkpoint of config.train.init_from (same model shape)."""
+    src = str(config.train.init_from)
+    diff = [k for k in ckpt_lib.shape_diff(ckpt_lib.read_config(src), config)
+            if k.startswith("model.")]
+    if diff:
+        raise ckpt_lib.WorkdirError(f"train.init_from={src} has a different model shape "
+                                    f"({', '.join(diff)}); it cannot initialise this run")
+    c = ckpt_lib.Checkpointer(src, read_only=True)
+    try:
+        return c.restore_params(abstract_params, c.latest_step())
+    finally:
+        c.close()
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything built once per train_and_evaluate call."""
+
+    config: Any
+    workdir: str
+    mesh: Any
+    model: Any
+    tokenizer: Any
+    tx: Any
+    schedule: Any
+    init_state: Any
+    key: Any
+    state_sharding: Any
+    abstract_state: Any
+
+
+def _setup(config: ConfigDict, workdir: str) -> _Run:
+    """Validation first (nothing written on error), then workdir, tokenizer, model, shardings."""
+    mesh = parallel.make_mesh(config.train.mesh)
+    validate_config(config, mesh)
+    ckpt_lib.check_workdir(config, workdir)
+    if str(config.train.init_from):
+        _prepare_init_from(config)
+        if not os.path.exists(os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)):
+            config = copy.deepcopy(config)  # the init run's tokenizer, or its params are garbage
+            config.data.tokenizer.path = os.path.join(str(config.train.init_from),
+                                                      ckpt_lib.TOKENIZER_FILE)
+    tokenizer = pipeline.build_tokenizer(config, workdir)
+    ckpt_lib.write_config(config, workdir)
+    model = ckpt_lib.build_model(config, tokenizer.vocab_size)
+    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    init_boxed, init_state = init_state_fns(model, config, tx)
+    key = jax.random.PRNGKey(int(config.seed))
+    boxed = jax.eval_shape(init_boxed, key)
+    params_sh = parallel.param_shardings(boxed, mesh)
+    state_sh = parallel.state_shardings(tx, nn.meta.unbox(boxed), params_sh, mesh)
+    abstract_state = parallel.abstract_with_sharding(jax.eval_shape(init_state, key), state_sh)
+    return _Run(config, workdir, mesh, model, tokenizer, tx, schedule, init_state, key, state_sh,
+                abstract_state)
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train config.train.steps steps into workdir (resuming if it has a checkpoint).
+
+    Returns {'step', 'train': last logged train metrics, 'eval': last eval metrics, 'workdir',
+    'num_devices', 'flops_per_token'}.
+    """
+    run = _setup(config, workdir)
+    config = run.config
+    train_iter = pipeline.make_train_iterator(config, run.tokenizer,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.train.keep),
+                                 keep_best=bool(config.train.keep_best))
+    writer = metrics_lib.MetricWriter(workdir)
+    progress = metrics_lib.Progress(int(config.train.steps))
+    try:
+        if ckpt.latest_step() is not None:
+            state, data_state, restored = ckpt.restore(run.abstract_state)
+            train_iter.set_state(data_state)
+            progress.message(f"resumed from {ckpt.directory}/{restored}")
+        else:
+            state = jax.jit(run.init_state, out_shardings=run.state_sharding)(run.key)
+            if str(config.train.init_from):
+                state = state.replace(params=_init_from(config, run.abstract_state.params))
+                progress.message(f"params initialised from {config.train.init_from}")
+        return _loop(run, state, train_iter, ckpt, writer, progress)
+    finally:  # also on Ctrl-C: finish the in-flight async save so the latest step is complete
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        progress.end()
+
+
+def _loop(run: _Run, state, train_iter, ckpt, writer, progress) -> dict[str, Any]:
+    config, total = run.config, int(run.config.train.steps)
+    stepper = Stepper(run.model, config, run.tx, run.schedule, run.mesh, run.state_sharding)
+    dstate = stepper.device_state(state)
+    start = int(np.asarray(jax.device_get(state.step)))
+    tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
+    fpt = flops_per_token(run.model.cfg, int(config.data.seq_len))
+    ndev = run.mesh.devices.size
+    log_every, eval_every = int(config.train.log_every), int(config.train.eval_every)
+    ckpt_every = int(config.train.ckpt_every)
+    acc, train_summary, eval_summary = None, {}, {}
+    t0, timed, sec_per_step, tok_s = time.time(), 0, float("nan"), float("nan")
+    step = start
+    for step in range(start + 1, total + 1):
+        dstate, m = stepper.train(dstate, next(train_iter))
+        acc = _add(acc, m)
+        timed += 1
+        if step == start + 1:  # exclude compilation from throughput
+            jax.block_until_ready(acc)
+            t0, timed = time.time(), 0
+        last = step == total
+        if (log_every and step % log_every == 0) or last:
+            train_summary = _summary(jax.device_get(acc), config)
+            if timed:
+                sec_per_step = (time.time() - t0) / timed
+                tok_s = tokens_per_step / sec_per_step
+                t0, timed = time.time(), 0
+            train_summary.update(lr=float(run.schedule(step - 1)), tokens_per_sec=tok_s,
+                                 step_time=sec_per_step, mfu=metrics_lib.mfu(fpt, tok_s, ndev))
+            writer.write(step, "train", train_summary)
+            progress.update(step, train_summary["loss"], tok_s, sec_per_step)
+            acc = None
+        paused = time.time()  # eval and checkpoint time is not training throughput
+        do_eval = bool(eval_every and step % eval_every == 0) or last
+        if do_eval:
+            eval_summary = run_eval(stepper.eval, dstate.params, config, run.tokenizer)
+            writer.write(step, "eval", eval_summary)
+            progress.message(f"eval step {step}: loss {eval_summary['loss']:.4f}")
+        if (ckpt_every and step % ckpt_every == 0) or last:
+            ckpt.save(step, stepper.host_state(dstate), train_iter.get_state(),
+                      eval_summary["loss"] if do_eval else None)
+        t0 += time.time() - paused
+    if start >= total:  # already finished: report the eval of the restored params
+        eval_summary = run_eval(stepper.eval, dstate.params, config, run.tokenizer)
+    return {"step": max(step, start), "train": train_summary, "eval": eval_summary,
+            "workdir": run.workdir, "num_devices": ndev, "flops_per_token": fpt}
+
+
+def evaluate(workdir: str, which: str = "latest") -> dict[str, Any]:
+    """Eval-split metrics of a workdir's latest (or best) checkpoint, on the devices present."""
+    loaded = ckpt_lib.load_for_inference(workdir, which=which)
+    config = loaded.config
+    mesh = parallel.make_mesh(ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    ebs = int(config.data.eval_batch_size or config.data.batch_size)
+    if ebs % mesh.devices.size:
+        config.data.eval_batch_size = ebs + (-ebs) % mesh.devices.size  # exact for any size
+    params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
+    eval_fn = jax.jit(make_eval_step(loaded.model, config),
+                      in_shardings=(params_sh, parallel.batch_sharding(mesh)),
+                      out_shardings=parallel.replicated(mesh))
+    place = lambda params, batch: eval_fn(params, parallel.shard_batch(batch, mesh))
+    out = run_eval(place, loaded.params, config, loaded.tokenizer)
+    return {"step": loaded.step, "eval": out, "workdir": workdir}

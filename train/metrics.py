@@ -1,0 +1,135 @@
+"""Metric logging: metrics.jsonl, TensorBoard events, and a live progress line on stderr.
+
+MFU (model FLOP utilisation):
+    MFU = flops_per_token * tokens_per_second / (peak_flops_per_device * num_devices)
+with `flops_per_token` from `model.flops_per_token(cfg, seq_len)` (6N + attention, fwd+bwd) and
+tokens counted as every position of every row processed (padding included: MFU measures the
+hardware, not the data). Peak FLOP/s per device comes from `PEAK_FLOPS` by `device_kind` (dense
+bf16 for GPUs/TPUs). `SOLO_PEAK_FLOPS` (env, FLOP/s per device) overrides any entry; CPUs have
+no meaningful table value and default to 2e11 FLOP/s per jax CPU device (= one per host, sized
+for a 2-core host; forced host device counts divide one host, so set the env var for a meaningful
+CPU MFU). Unknown accelerators report MFU as NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+PEAK_FLOPS = {  # per device, dense bf16
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+CPU_DEFAULT_PEAK = 2e11  # per CPU device (jax exposes one per host unless forced)
+
+
+def peak_flops(device: Any = None) -> float:
+    """Peak FLOP/s of one device: SOLO_PEAK_FLOPS env, else the table, else NaN."""
+    env = os.environ.get("SOLO_PEAK_FLOPS")
+    if env:
+        return float(env)
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return CPU_DEFAULT_PEAK
+    kind = str(getattr(device, "device_kind", ""))
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # longest match first (v5e vs v5)
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name]
+    return math.nan
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
+        peak: float | None = None) -> float:
+    peak = peak_flops() if peak is None else peak
+    return flops_per_token * tokens_per_sec / (peak * num_devices)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else str(v)
+    return v
+
+
+class MetricWriter:
+    """Appends to <workdir>/metrics.jsonl and TensorBoard (<workdir>/events.*). Process 0 only."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+            except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+                print(f"warning: TensorBoard disabled ({e})", file=sys.stderr)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split, **{k: _clean(float(v)) for k, v in
+                                                     metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if math.isfinite(float(v)):
+                    self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """One status line: in place on a TTY ('\\r'), plain lines otherwise (logs, CI)."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = int(total), stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.time()
+        self._open = False
+
+    def update(self, step: int, loss: float, tokens_per_sec: float, sec_per_step: float,
+               extra: str = "") -> None:
+        eta = max(self.total - step, 0) * sec_per_step
+        line = (f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_sec:,.0f} tok/s  "
+                f"ETA {_hms(eta)}{('  ' + extra) if extra else ''}")
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+            self._open = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        self.end()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+def _hms(sec: float) -> str:
+    if not math.isfinite(sec):
+        return "?"
+    sec = int(sec)
+    return f"{sec // 3600:d}:{sec % 3600 // 60:02d}:{sec % 60:02d}"

@@ -1,0 +1,94 @@
+"""Device mesh, shardings and batch placement shared by the jit and pmap steps.
+
+Mesh axes are ('data', 'fsdp', 'tensor') from `config.train.mesh` (-1 = all remaining devices).
+One device is simply a 1x1x1 mesh: the same code path as a pod slice. Params follow the model's
+logical axis rules (`model.sharding.DEFAULT_RULES`); the batch is split along its first dim over
+('data', 'fsdp'); the step counter and rng are replicated. Optimizer moments reuse the sharding of
+the params they mirror (`optax.tree_map_params`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model import sharding as model_sharding
+from train.state import TrainState
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
+    """Resolves the single -1 entry; errors name the numbers that do not fit."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
+    free = [i for i, s in enumerate(sizes) if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"train.mesh {named()}: at most one axis may be -1 "
+                         "and the others must be positive")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"train.mesh {named()}: {num_devices} devices "
+                             f"are not divisible by the fixed axes' product {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"train.mesh {named()} needs {math.prod(sizes)} "
+                         f"devices but {num_devices} are available; set one axis to -1")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return model_sharding.batch_sharding(mesh)
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
+    """Shardings for the *unboxed* param tree from the boxed abstract init (logical names)."""
+    return model_sharding.param_shardings(abstract_boxed_params, mesh,
+                                          model_sharding.DEFAULT_RULES)
+
+
+def state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
+                    params_sharding: Any, mesh: Mesh) -> TrainState:
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    rep = replicated(mesh)
+    opt_sharding = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, params_sharding,
+        transform_non_params=lambda _: rep,
+    )
+    return TrainState(step=rep, params=params_sharding, opt_state=opt_sharding, rng=rep)
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Per-process numpy batch -> global jax arrays split over ('data','fsdp')."""
+    sh = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def split_for_pmap(batch: dict, num_devices: int) -> dict:
+    """[B, ...] -> [devices, B / devices, ...] (local devices, for jax.pmap)."""
+    return {k: np.asarray(v).reshape(num_devices, -1, *np.shape(v)[1:]) for k, v in batch.items()}
+
+
+def abstract_with_sharding(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

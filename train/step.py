@@ -1,0 +1,213 @@
+"""The train and eval steps: one pure function each, then jit (mesh) or pmap wrappers.
+
+`make_train_step` is the single place where the update is defined (loss formulation, gradient
+accumulation, clipping + AdamW via `tx`): both parallel modes wrap the same function.
+
+Loss normalisation: every microbatch / device loss is `sum_o w_o * sum_o(micro) / den_o(full)` with
+`den_o` the full global batch's denominator (`objectives.denominators`, psummed under pmap), so the
+summed gradients of k microbatches on n devices equal the gradient of one big batch exactly (up to
+float reassociation). Metrics are (sum, count) pairs and are summed the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from objectives import active_objectives, compute_loss, denominators, forward, get_objective
+from train import parallel
+from train.state import TrainState
+
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+
+def objective_names(config: Any) -> list[str]:
+    return list(active_objectives(config.objectives))
+
+
+def model_heads(config: Any) -> tuple[str, ...]:
+    return tuple(sorted({h for n in objective_names(config) for h in get_objective(n).heads}))
+
+
+def dummy_batch(config: Any, model_cfg: Any) -> dict[str, jax.Array]:
+    """A 1-row batch with the keys the model reads, for shape inference and init."""
+    batch = {"tokens": jnp.zeros((1, int(config.data.seq_len)), jnp.int32)}
+    if model_cfg.type_vocab_size > 0:
+        batch["token_types"] = jnp.zeros((1, int(config.data.seq_len)), jnp.int32)
+    if model_cfg.kind == "encoder_decoder":
+        batch["src_tokens"] = jnp.zeros((1, int(config.data.src_seq_len)), jnp.int32)
+    return batch
+
+
+def init_state_fns(model: nn.Module, config: Any, tx: optax.GradientTransformation
+                   ) -> tuple[Callable[[jax.Array], Any], Callable[[jax.Array], TrainState]]:
+    """(boxed params init, TrainState init) from one seed key; both pure, for eval_shape/jit."""
+    heads = model_heads(config)
+    batch = dummy_batch(config, model.cfg)
+
+    def init_params(key):
+        return model.init({"params": key, "dropout": key}, batch, heads=heads)["params"]
+
+    def init_state(key):
+        init_key, rng = jax.random.split(key)
+        params = nn.meta.unbox(init_params(init_key))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=rng)
+
+    def init_boxed(key):
+        return init_params(jax.random.split(key)[0])
+
+    return init_boxed, init_state
+
+
+def _microbatches(x: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] with microbatch j = rows j, j+k, ...: every device keeps an equal
+    share of every microbatch (the batch is sharded contiguously along B)."""
+    b = x.shape[0]
+    if b % k:
+        raise ValueError(f"batch of {b} rows is not divisible by optim.grad_accum={k}")
+    x = jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+    if mesh is not None:
+        axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, axes)))
+    return x
+
+
+def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, axis_name: str | None = None,
+                    mesh: Mesh | None = None) -> Callable[[TrainState, dict], tuple]:
+    """Pure `train_step(state, batch) -> (state, metrics)`; axis_name set = inside pmap."""
+    names = objective_names(config)
+    obj_cfg = config.objectives
+    k = int(config.optim.grad_accum)
+
+    def loss_fn(params, batch, dens, rng):
+        outputs = forward(model.apply, params, batch, names, deterministic=False,
+                          rngs={"dropout": rng})
+        return compute_loss(outputs, batch, obj_cfg, dens, axis_name=axis_name)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        rng = state.step_rng()
+        dens = denominators(batch, obj_cfg)
+        if axis_name is not None:
+            dens = jax.lax.psum(dens, axis_name)
+        if k == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch, dens, rng)
+        else:
+            micro = jax.tree.map(lambda x: _microbatches(x, k, mesh), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                (loss_i, m), g = grad_fn(state.params, mb, dens, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (loss_i, m, g)), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, state.params, first, dens, rng)
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zero = (zero[0][0], zero[0][1], zero[1])
+            (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(k), micro))
+        if axis_name is not None:
+            loss, metrics, grads = jax.lax.psum((loss, metrics, grads), axis_name)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        one = jnp.float32(1.0)
+        metrics = {**metrics, "loss": (loss, one), "grad_norm": (grad_norm, one),
+                   "lr": (jnp.asarray(schedule(state.step), jnp.float32), one)}
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, config: Any, *, axis_name: str | None = None
+                   ) -> Callable[[Any, dict], Metrics]:
+    """Pure `eval_step(params, batch) -> metrics` ((sum, count) pairs, summed over devices)."""
+    names = objective_names(config)
+
+    def eval_step(params, batch):
+        outputs = forward(model.apply, params, batch, names, deterministic=True)
+        _, metrics = compute_loss(outputs, batch, config.objectives, None, axis_name=axis_name)
+        if axis_name is not None:
+            metrics = jax.lax.psum(metrics, axis_name)
+        return metrics
+
+    return eval_step
+
+
+class Stepper:
+    """Compiled steps for one parallel mode, plus host<->device glue.
+
+    The canonical state (what is checkpointed) is always a mesh-sharded TrainState; under pmap
+    `device_state` replicates it along a leading device axis and `host_state` undoes that.
+    """
+
+    def __init__(self, model: nn.Module, config: Any, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule, mesh: Mesh, state_sharding: TrainState):
+        self.mode = str(config.train.parallel)
+        self.mesh, self.state_sharding = mesh, state_sharding
+        if self.mode == "jit":
+            batch_sh = parallel.batch_sharding(mesh)
+            rep = parallel.replicated(mesh)
+            self._train = jax.jit(
+                make_train_step(model, config, tx, schedule, mesh=mesh),
+                in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, rep),
+                donate_argnums=0)
+            self._eval = jax.jit(make_eval_step(model, config),
+                                 in_shardings=(state_sharding.params, batch_sh),
+                                 out_shardings=rep)
+        elif self.mode == "pmap":
+            self.devices = list(mesh.devices.flat)
+            self._train = jax.pmap(make_train_step(model, config, tx, schedule, axis_name="data"),
+                                   axis_name="data", donate_argnums=0, devices=self.devices)
+            self._eval = jax.pmap(make_eval_step(model, config, axis_name="data"),
+                                  axis_name="data", devices=self.devices)
+        else:
+            raise ValueError(f"train.parallel={self.mode!r}; valid: 'jit', 'pmap'")
+
+    def device_state(self, state: TrainState) -> TrainState:
+        """Under pmap: replicate along a leading device axis, with exactly the sharding pmap
+        outputs carry (Mesh(devices, ('data',))), else the 2nd step would recompile."""
+        if self.mode != "pmap":
+            return state
+        n = len(self.devices)
+        sh = NamedSharding(Mesh(np.asarray(self.devices), ("data",)), PartitionSpec("data"))
+        tile = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n, *x.shape)), t)
+        return jax.jit(tile, out_shardings=sh)(state)
+
+    def host_state(self, state: TrainState) -> TrainState:
+        if self.mode == "pmap":
+            return jax.device_put(jax.tree.map(lambda x: x[0], state), self.state_sharding)
+        return state
+
+    def params(self, state: TrainState) -> Any:
+        """Unreplicated params of a device state."""
+        return jax.tree.map(lambda x: x[0], state.params) if self.mode == "pmap" else state.params
+
+    def step_of(self, state: TrainState) -> int:
+        return int(np.asarray(state.step).reshape(-1)[0])
+
+    def _place(self, batch: dict) -> dict:
+        if self.mode == "pmap":
+            return parallel.split_for_pmap(batch, len(self.devices))
+        return parallel.shard_batch(batch, self.mesh)
+
+    def _first(self, metrics):
+        return jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
+
+    def train(self, state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        state, metrics = self._train(state, self._place(batch))
+        return state, self._first(metrics)
+
+    def eval(self, device_params: Any, batch: dict) -> Metrics:
+        """`device_params` = `device_state(state).params` (replicated under pmap)."""
+        return self._first(self._eval(device_params, self._place(batch)))
