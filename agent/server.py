@@ -64,7 +64,10 @@ class _Job:
         self.cancelled = threading.Event()
 
     def emit(self, kind: str, payload: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # event loop closed (server shutting down): nobody is listening
+            self.cancelled.set()
 
 
 class ModelWorker:

@@ -38,10 +38,11 @@ def make_ours():
     return Sampler(model, params, None, cache_len=PROMPT + NEW, stop_ids=())
 
 
-def run_ours(sampler: Sampler, prompts: np.ndarray) -> dict:
-    """Prefill (timed to the first token on the host = TTFT) then the whole decode loop."""
+def run_ours(sampler: Sampler, prompts: np.ndarray, chunk: int = 0) -> dict:
+    """Prefill (timed to the first token on the host = TTFT) then the decode loop: one jitted
+    call (chunk 0, the non-streaming path) or calls of `chunk` tokens (streaming)."""
     t0 = time.perf_counter()
-    it = sampler.iterate(prompts.tolist(), max_new_tokens=NEW, method=Greedy())
+    it = sampler.iterate(prompts.tolist(), max_new_tokens=NEW, method=Greedy(), chunk=chunk)
     first, _, _ = next(it)
     ttft = time.perf_counter() - t0
     n = first.shape[1]
@@ -85,7 +86,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--streaming", default="",
+                    help="also time streaming at batch 1 in chunks of these sizes, e.g. 1,8")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
@@ -94,7 +98,8 @@ def main(argv=None):
     if not args.skip_hf:
         import torch
 
-        torch.set_num_threads(2)
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
         hf = make_hf()
     prompts = {b: rng.integers(10, VOCAB, (b, PROMPT)).astype(np.int32) for b in batches}
     for b in batches:  # warm-up: compile every bucket / let torch allocate
@@ -120,6 +125,14 @@ def main(argv=None):
         print(f"batch {b}: " + ", ".join(
             f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
             flush=True)
+    if args.streaming:
+        p1 = prompts.get(1, rng.integers(10, VOCAB, (1, PROMPT)).astype(np.int32))
+        for c in [0] + [int(c) for c in args.streaming.split(",")]:
+            run_ours(ours, p1, chunk=c)  # warm
+            r = statistics.median(run_ours(ours, p1, chunk=c)["tok_s"] for _ in range(args.rounds))
+            results[f"stream_chunk{c}"] = r
+            print(f"batch 1 {'non-streaming' if c == 0 else f'streaming chunk={c}'}: "
+                  f"{r:.1f} tok/s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

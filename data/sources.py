@@ -244,7 +244,15 @@ def _world_records(config: Any, kind: str, split: str) -> list[dict]:
 
     wc = cfg_get(config.data, "world", {})
     opts = {
-        k: cfg_get(wc, k, None) for k in ("seed", "num_people", "heldout_frac", "bios_per_person")
+        k: cfg_get(wc, k, None)
+        for k in (
+            "seed",
+            "num_people",
+            "heldout_frac",
+            "bios_per_person",
+            "full_name_frac",
+            "mix_qa",
+        )
     }
     params = inspect.signature(World.generate).parameters
     kwargs = {k: v for k, v in opts.items() if v is not None and k in params}

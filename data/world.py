@@ -191,6 +191,13 @@ def fact_sentence(
     return t.format(name=name or person.name, value=value, a_value=_article(value))
 
 
+def qa_text(question: str, answer: str) -> str:
+    """A question and its answer as plain text (mixed-training documents): 'question answer'.
+
+    A space, not a newline, so the answer's tokens are the ones its biography sentences use."""
+    return f"{question} {answer}"
+
+
 def question(person: Person, attribute: str, template: int = 0) -> str:
     return QUESTION_TEMPLATES[attribute][template].format(name=person.name)
 
@@ -202,6 +209,10 @@ class World:
     heldout: frozenset[str]  # names of held-out people (validation + test)
     test_people: frozenset[str]  # the held-out half used for split 'test'
     bios_per_person: int = 5
+    # Chance that a bio sentence after the first names its person in full (else first name only).
+    full_name_frac: float = 0.5
+    # documents 'train' also hold the train people's question/answer texts ("mixed training").
+    mix_qa: bool = False
 
     @classmethod
     def generate(
@@ -210,6 +221,8 @@ class World:
         num_people: int = 200,
         heldout_frac: float = 0.25,
         bios_per_person: int = 5,
+        full_name_frac: float = 0.5,
+        mix_qa: bool = False,
     ) -> World:
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
         if not 0 < num_people <= max_people:
@@ -218,6 +231,8 @@ class World:
             raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
         if bios_per_person < 1:
             raise ValueError(f"bios_per_person must be >= 1, got {bios_per_person}")
+        if not 0.0 <= full_name_frac <= 1.0:
+            raise ValueError(f"full_name_frac must be in [0, 1], got {full_name_frac}")
         rng = random.Random(f"world:{seed}:people")
         people = []
         for k in rng.sample(range(max_people), num_people):
@@ -240,6 +255,8 @@ class World:
             heldout=frozenset(p.name for p in held),
             test_people=frozenset(p.name for p in held[(n_held + 1) // 2 :]),
             bios_per_person=bios_per_person,
+            full_name_frac=full_name_frac,
+            mix_qa=mix_qa,
         )
 
     @classmethod
@@ -251,6 +268,8 @@ class World:
             num_people=int(get("num_people", 200)),
             heldout_frac=float(get("heldout_frac", 0.25)),
             bios_per_person=int(get("bios_per_person", 5)),
+            full_name_frac=float(get("full_name_frac", 0.5)),
+            mix_qa=bool(get("mix_qa", False)),
         )
 
     # --- people and splits ---------------------------------------------------------------------
@@ -283,7 +302,7 @@ class World:
         rng.shuffle(order)
         sentences = []
         for j, attr in enumerate(order):
-            name = person.name if j == 0 or rng.random() < 0.5 else person.first
+            name = person.name if j == 0 or rng.random() < self.full_name_frac else person.first
             t = rng.randrange(len(BIO_TEMPLATES[attr]))
             sentences.append(fact_sentence(person, attr, t, name=name))
         return " ".join(sentences)
@@ -320,7 +339,8 @@ class World:
     def records(self, kind: str, split: str = "train", **opts) -> list[dict]:
         """Rows for one task. kinds: 'documents', 'pairs', 'chats', 'seq2seq'.
 
-        opts: documents: num_per_person; pairs: num_per_fact (default 2);
+        opts: documents: num_per_person (mix_qa=True appends one 'question answer' text per train
+        person's question to 'train'); pairs: num_per_fact (default 2);
         chats: system (str or None = no system message, default None).
         documents 'test' = the 'validation' documents (all people's facts are in train anyway).
         """
@@ -346,11 +366,19 @@ class World:
         )
         val = world._validation_docs()
         if split == "train":
-            return [
+            docs = [
                 dict(text=b["text"])
                 for b in world.biographies()
                 if (b["person"], b["index"]) not in val
             ]
+            # Mixed training (PoLM 3.1): train people's QA as text teaches extraction during
+            # pretraining; held-out people's questions stay out (their facts come from bios only).
+            if self.mix_qa:
+                docs += [
+                    dict(text=qa_text(q, ans))
+                    for _, _, q, ans in self.qa(self.split_people("train"))
+                ]
+            return docs
         return [dict(text=world.biography(world.person(name), i)) for name, i in sorted(val)]
 
     def _pairs(self, split: str, num_per_fact: int = 2) -> list[dict]:

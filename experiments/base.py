@@ -59,8 +59,21 @@ def get_config() -> ConfigDict:
             response_field="",
             data_dir="",  # TFDS data_dir ('' = TFDS default / $TFDS_DATA_DIR)
             mlm_rate=0.15,
+            nsp=True,  # bert: False makes B always the true next segment (MLM-only pairs)
+            pack="first_fit",  # first_fit: documents stay whole | fill: cut to fill rows (nanoGPT)
             tokenizer=ConfigDict(dict(kind="bpe", vocab_size=512, sample_size=1_000_000, path="")),
-            world=ConfigDict(dict(seed=0, num_people=200, heldout_frac=0.25, bios_per_person=5)),
+            # synthetic:world (data/world.py); full_name_frac: share of bio sentences naming the
+            # person in full; mix_qa: train people's QA texts join the 'documents' train split.
+            world=ConfigDict(
+                dict(
+                    seed=0,
+                    num_people=200,
+                    heldout_frac=0.25,
+                    bios_per_person=5,
+                    full_name_frac=0.5,
+                    mix_qa=False,
+                )
+            ),
         )
     )
 

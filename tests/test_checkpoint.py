@@ -196,3 +196,21 @@ def test_init_from_loads_params_and_tokenizer(runs, tmp_path):
                                                                     "tokenizer.model").read_bytes()
     ref, got = flat_params(src), flat_params(tmp_path / "sft")
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
+
+
+def test_restore_common_params_keeps_new_leaves_and_names_misfits(tmp_path):
+    import jax.numpy as jnp
+
+    ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+    saved = {"params": {"body": {"w": np.arange(4, dtype=np.float32)},
+                        "old_head": {"w": np.ones(3, np.float32)}}, "step": np.int32(5)}
+    ck.save(5, saved, {})
+    ck.wait()
+    live = {"body": {"w": jnp.zeros(4)}, "new_head": {"w": jnp.full((2,), 7.0)}}
+    params, fresh = ck.restore_common_params(live, 5)
+    np.testing.assert_array_equal(params["body"]["w"], np.arange(4))
+    np.testing.assert_array_equal(params["new_head"]["w"], [7.0, 7.0])
+    assert fresh == ["['new_head']['w']"] and "old_head" not in params
+    with pytest.raises(ckpt_lib.WorkdirError, match=r"\['body'\]\['w'\] \(4,\) vs \(5,\)"):
+        ck.restore_common_params({"body": {"w": jnp.zeros(5)}}, 5)
+    ck.close()

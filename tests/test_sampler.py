@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from agent import fast_decode
 from agent.sampler import (
     Compose,
     Greedy,
@@ -36,6 +37,13 @@ def tiny(kind="decoder", vocab=48, positions="rope", **kw):
 
 
 @pytest.fixture(scope="module")
+def dec():
+    """One tiny decoder + Sampler shared by tests (its compiled buckets are reused)."""
+    model, params = tiny()
+    return model, params, Sampler(model, params, cache_len=64, stop_ids=())
+
+
+@pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     text = World.generate(seed=0, num_people=10).corpus_text()
@@ -60,27 +68,68 @@ def _forward(params, batch, cfg):
 @pytest.mark.parametrize("positions", ["rope", "learned"])
 def test_cached_decode_matches_full_recompute(positions):
     model, params = tiny(positions=positions)
+    decode = jax.jit(lambda p, t, c, n: model.apply({"params": p}, t, c, num_valid_B=n,
+                                                    method=Transformer.decode))
     prompt = [BOS_ID, 11, 12, 13, 14]
     cache = init_cache(model.cfg, 1, 32)
     # right-padded prefill (8 slots, 5 valid) then one token at a time
     padded = jnp.asarray([prompt + [0, 0, 0]])
-    logits, cache = model.apply({"params": params}, padded, cache, num_valid_B=jnp.asarray([5]),
-                                method=Transformer.decode)
+    logits, cache = decode(params, padded, cache, jnp.asarray([5]))
     seq = list(prompt)
-    ref = full_logits(model, params, seq)
-    np.testing.assert_allclose(logits[0, :5], ref, atol=2e-5)
-    for step in range(6):
+    np.testing.assert_allclose(logits[0, :5], full_logits(model, params, seq), atol=2e-5)
+    for step in range(5):
         nxt = int(jnp.argmax(logits[0, len(seq) - 1 if step == 0 else 0]))
         seq.append(nxt)
-        logits, cache = model.apply({"params": params}, jnp.asarray([[nxt]]), cache,
-                                    method=Transformer.decode)
+        logits, cache = decode(params, jnp.asarray([[nxt]]), cache, jnp.asarray([1]))
         ref = full_logits(model, params, seq)[-1]
         np.testing.assert_allclose(logits[0, 0], ref, atol=2e-5, err_msg=f"step {step}")
 
 
-def test_greedy_equals_full_recompute_reference():
+@pytest.mark.parametrize("variant", [
+    dict(positions="rope"),
+    dict(positions="learned", norm="layernorm", mlp="gelu", tie_embeddings=False,
+         scan_layers=False),
+])
+def test_fast_path_logits_match_full_recompute_every_step(variant):
+    """The Sampler's fast decoder (left-padded batch, own cache layout) vs Transformer.__call__."""
+    model, params = tiny(**variant)
+    cfg = model.cfg
+    fp = fast_decode.prepare_params(params, cfg)
+    prompts = [[BOS_ID, 11, 12, 13, 14, 15], [BOS_ID, 30, 31]]  # lengths 6 and 3, bucket 8
+    p_len = 8
+    offsets = jnp.asarray([p_len - len(p) for p in prompts])
+    toks = jnp.asarray([[0] * (p_len - len(p)) + p for p in prompts])
+    pos = jnp.maximum(jnp.arange(p_len)[None] - offsets[:, None], 0)
+    cache = fast_decode.init_cache(cfg, 2, 16)
+    logits, cache = fast_decode.forward(fp, cfg, toks, pos, cache, 0, offsets)
+    seqs = [list(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        np.testing.assert_allclose(logits[i, p_len - len(p):], full_logits(model, params, p),
+                                   atol=2e-5)
+    for step in range(5):
+        nxt = jnp.argmax(logits[:, -1], axis=-1)
+        for i in range(2):
+            seqs[i].append(int(nxt[i]))
+        slot = p_len + step
+        logits, cache = fast_decode.forward(fp, cfg, nxt[:, None], (slot - offsets)[:, None],
+                                            cache, slot, offsets)
+        for i in range(2):
+            np.testing.assert_allclose(logits[i, 0], full_logits(model, params, seqs[i])[-1],
+                                       atol=2e-5, err_msg=f"step {step} row {i}")
+
+
+def test_fast_and_model_decode_paths_agree():
     model, params = tiny()
-    sampler = Sampler(model, params, cache_len=48, stop_ids=())
+    prompts = [[BOS_ID, 30], [BOS_ID] + list(range(10, 21))]
+    fast, _ = Sampler(model, params, cache_len=48, stop_ids=()).generate_ids(
+        prompts, max_new_tokens=8)
+    slow, _ = Sampler(model, params, cache_len=48, stop_ids=(), fast=False).generate_ids(
+        prompts, max_new_tokens=8)
+    assert fast == slow  # left-padded fast path == right-padded Transformer.decode path
+
+
+def test_greedy_equals_full_recompute_reference(dec):
+    model, params, sampler = dec
     prompt = [BOS_ID, 20, 21, 22]
     (out,), (reason,) = sampler.generate_ids([prompt], max_new_tokens=10)
     seq = list(prompt)
@@ -89,9 +138,8 @@ def test_greedy_equals_full_recompute_reference():
     assert out == seq[len(prompt):] and reason == "length"
 
 
-def test_batch_of_mixed_lengths_matches_alone():
-    model, params = tiny()
-    sampler = Sampler(model, params, cache_len=64, stop_ids=())
+def test_batch_of_mixed_lengths_matches_alone(dec):
+    model, params, sampler = dec
     prompts = [[BOS_ID, 30], [BOS_ID] + list(range(10, 27)), [BOS_ID, 5 + 10, 40, 41, 42]]
     batch, _ = sampler.generate_ids(prompts, max_new_tokens=9)
     for p, got in zip(prompts, batch, strict=True):
@@ -99,9 +147,8 @@ def test_batch_of_mixed_lengths_matches_alone():
         assert got == alone[0]
 
 
-def test_seeded_sampling_reproducible():
-    model, params = tiny()
-    sampler = Sampler(model, params, cache_len=48, stop_ids=())
+def test_seeded_sampling_reproducible(dec):
+    model, params, sampler = dec
     m = Sampling(temperature=1.0, top_k=20, top_p=0.95)
     a, _ = sampler.generate_ids([[BOS_ID, 11]] * 2, max_new_tokens=12, method=m, seed=3)
     b, _ = sampler.generate_ids([[BOS_ID, 11]] * 2, max_new_tokens=12, method=m, seed=3)
@@ -172,9 +219,8 @@ def test_sampling_factory_and_greedy():
         Sampling(temperature=-1.0).method()
 
 
-def test_stop_tokens_end_rows_independently():
-    model, params = tiny()
-    sampler = Sampler(model, params, cache_len=64, stop_ids=())
+def test_stop_tokens_end_rows_independently(dec):
+    model, params, sampler = dec
     prompts = [[BOS_ID, 11, 12], [BOS_ID, 30, 31, 32, 33], [BOS_ID, 44]]
     free, _ = sampler.generate_ids(prompts, max_new_tokens=16)
     stop = free[0][4]  # a token row 0 emits at step 4 (maybe earlier too)

@@ -162,3 +162,50 @@ def test_mesh_shape_resolution_and_errors():
         parallel.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
     with pytest.raises(ValueError, match="not divisible"):
         parallel.mesh_shape(dict(data=-1, fsdp=3, tensor=1), 8)
+
+
+def test_mfu_formula_and_peak_table(monkeypatch):
+    from train import metrics
+
+    # 1e6 FLOPs/token * 3e5 tok/s over 2 devices of 1e12 FLOP/s peak -> 15 %
+    assert metrics.mfu(1e6, 3e5, 2, peak=1e12) == pytest.approx(0.15)
+    monkeypatch.setenv("SOLO_PEAK_FLOPS", "5e11")
+    assert metrics.peak_flops() == 5e11
+    monkeypatch.delenv("SOLO_PEAK_FLOPS")
+    assert metrics.peak_flops() == metrics.CPU_DEFAULT_PEAK  # tests run on CPU
+
+    class Dev:
+        platform = "gpu"
+
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert metrics.peak_flops(Dev("NVIDIA H100 80GB HBM3")) == 989e12
+    assert metrics.peak_flops(Dev("NVIDIA H200")) == 989e12
+    assert metrics.peak_flops(Dev("TPU v5 lite")) == 197e12
+    assert math.isnan(metrics.peak_flops(Dev("mystery")))
+
+
+def test_progress_line_plain_and_tty():
+    import io
+
+    from train import metrics
+
+    plain = io.StringIO()
+    p = metrics.Progress(100, plain)
+    p.update(10, 2.5, 1000.0, 0.5)
+    p.update(20, 2.0, 1000.0, 0.5)
+    lines = plain.getvalue().splitlines()
+    assert lines == ["step 10/100  loss 2.5000  1,000 tok/s  ETA 0:00:45",
+                     "step 20/100  loss 2.0000  1,000 tok/s  ETA 0:00:40"]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    p = metrics.Progress(100, tty)
+    p.update(10, 2.5, 1000.0, 0.5)
+    p.update(20, 2.0, 1000.0, 0.5)
+    p.end()
+    assert tty.getvalue().count("\r") == 2 and tty.getvalue().count("\n") == 1

@@ -162,3 +162,26 @@ def test_corpus_text_and_errors(w):
         w.records("nsp")
     with pytest.raises(ValueError, match="split"):
         w.records("chats", "dev")
+
+
+def test_mix_qa_and_full_name_frac():
+    base = World.generate(seed=0, num_people=40, bios_per_person=2)
+    mixed = World.generate(seed=0, num_people=40, bios_per_person=2, mix_qa=True)
+    docs, plain = mixed.records("documents", "train"), base.records("documents", "train")
+    qa = [W.qa_text(r["question"], r["answer"]) for r in base.records("chats", "train")]
+    assert [d["text"] for d in docs] == [d["text"] for d in plain] + qa
+    assert mixed.records("documents", "validation") == base.records("documents", "validation")
+    qa_text = " ".join(d["text"] for d in docs[len(plain) :])
+    for name in mixed.heldout:  # held-out people appear only through their bios
+        assert name not in qa_text
+    assert mixed.records("chats", "test") == base.records("chats", "test")
+    full = World.generate(seed=0, num_people=40, bios_per_person=2, full_name_frac=1.0)
+    assert [p.name for p in full.people] == [p.name for p in base.people]
+    for p in full.people:
+        for s in re.split(r"(?<=\.) ", full.biography(p, 1)):
+            assert p.name in s
+    assert World.from_config(
+        dict(num_people=40, mix_qa=True, full_name_frac=1.0)
+    ) == World.generate(num_people=40, mix_qa=True, full_name_frac=1.0)
+    with pytest.raises(ValueError, match="full_name_frac"):
+        World.generate(full_name_frac=1.5)

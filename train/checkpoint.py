@@ -185,10 +185,45 @@ class Checkpointer:
 
     def restore_params(self, abstract_params: Any, step: int) -> Any:
         """Only the params subtree of the saved TrainState (optimizer state is not read)."""
-        restore_args = ocp.checkpoint_utils.construct_restore_args({"params": abstract_params})
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args=restore_args, partial_restore=True)))
-        return out["state"]["params"]
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)
+        with ocp.PyTreeCheckpointer() as ckptr:  # standalone: works whatever this manager saved
+            return ckptr.restore(self._state_dir(step), args=args)["params"]
+
+    def _state_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step), "state")
+
+    def saved_param_shapes(self, step: int) -> dict[str, tuple]:
+        """keystr(path) -> shape of every saved param leaf (from metadata; reads no arrays)."""
+        with ocp.PyTreeCheckpointer() as ckptr:
+            md = ckptr.metadata(self._state_dir(step))
+        tree = getattr(md, "item_metadata", md)
+        tree = getattr(tree, "tree", tree)
+        return {jax.tree_util.keystr(p): tuple(x.shape)
+                for p, x in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+
+    def restore_common_params(self, params: Any, step: int) -> tuple[Any, list[str]]:
+        """`params` (a live, sharded tree) with every leaf the checkpoint also has replaced by the
+        saved value; returns (params, paths kept from `params`, e.g. a new head). Shape
+        mismatches on shared leaves are an error naming them."""
+        saved = self.saved_param_shapes(step)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        names = [jax.tree_util.keystr(p) for p, _ in flat]
+        bad = [f"{n} {saved[n]} vs {tuple(x.shape)}" for n, (_, x) in zip(names, flat, strict=True)
+               if n in saved and saved[n] != tuple(x.shape)]
+        if bad:
+            raise WorkdirError(f"checkpoint {self.directory}/{step} params do not fit this model: "
+                               + "; ".join(bad[:5]))
+        keep = [n for n in names if n not in saved]
+        target = _subtree(params, lambda path: jax.tree_util.keystr(path) in saved)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        restored = dict(zip(_keystrs(abstract), jax.tree.leaves(
+            self.restore_params(abstract, step)), strict=True))
+        leaves = [restored.get(n, x) for n, (_, x) in zip(names, flat, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, leaves), keep
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -208,6 +243,26 @@ def _first_restorable(restore_fn, steps: list[int], directory: str) -> tuple[Any
                         s, type(e).__name__, e)
             errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
     raise RuntimeError(f"no restorable checkpoint in {directory}: " + "; ".join(errors))
+
+
+def _keystrs(tree: Any) -> list[str]:
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _subtree(tree: Any, keep, path: tuple = ()) -> Any:
+    """Nested dicts restricted to the leaves whose path satisfies `keep` (empty dicts dropped)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        p = (*path, jax.tree_util.DictKey(k))
+        if isinstance(v, dict):
+            sub = _subtree(v, keep, p)
+            if sub:
+                out[k] = sub
+        elif keep(p):
+            out[k] = v
+    return out
 
 
 def _eval_loss(metrics: Any) -> float:

@@ -131,8 +131,9 @@ def _prepare_init_from(config: Any) -> None:
     train_and_evaluate(experiments.load_config(exp), src)
 
 
-def _init_from(config: Any, abstract_params) -> Any:
-    """Params of the latest checkpoint of config.train.init_from (same model shape)."""
+def _init_from(config: Any, params: Any) -> Any:
+    """`params` with every leaf that config.train.init_from's latest checkpoint has replaced by
+    its value (same model shape required); leaves it lacks (a new head) keep their fresh init."""
     src = str(config.train.init_from)
     diff = [k for k in ckpt_lib.shape_diff(ckpt_lib.read_config(src), config)
             if k.startswith("model.")]
@@ -141,9 +142,13 @@ def _init_from(config: Any, abstract_params) -> Any:
                                     f"({', '.join(diff)}); it cannot initialise this run")
     c = ckpt_lib.Checkpointer(src, read_only=True)
     try:
-        return c.restore_params(abstract_params, c.latest_step())
+        params, fresh = c.restore_common_params(params, c.latest_step())
     finally:
         c.close()
+    if fresh:
+        print(f"init_from: {len(fresh)} params not in {src} keep their fresh init: "
+              f"{', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
+    return params
 
 
 @dataclasses.dataclass
@@ -211,7 +216,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         else:
             state = jax.jit(run.init_state, out_shardings=run.state_sharding)(run.key)
             if str(config.train.init_from):
-                state = state.replace(params=_init_from(config, run.abstract_state.params))
+                state = state.replace(params=_init_from(config, state.params))
                 progress.message(f"params initialised from {config.train.init_from}")
         return _loop(run, state, train_iter, ckpt, writer, progress)
     finally:  # also on Ctrl-C: finish the in-flight async save so the latest step is complete

@@ -1,0 +1,214 @@
+"""Train-step throughput (tokens/s, ms/step, MFU) of the project's model + train step on CPU.
+
+Times the full compiled update (forward, backward, global-norm clip, AdamW) on one synthetic
+batch (no input pipeline) after warm-up. With --compare-torch it interleaves a minimal PyTorch
+nanoGPT-equivalent step (LayerNorm, GELU MLP 4x, SDPA causal attention, tied embeddings, biases,
+AdamW fused=False, clip 1.0) in the same process, so a shared/noisy machine affects both alike;
+report the *ratio*. Each side's figure is the min over rounds; process CPU time is printed too
+(robust to other processes stealing cores, but counts spin-waiting threads).
+
+  python benchmarks/train_throughput.py --size nanogpt-char --compare-torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import base
+from model import ModelConfig, Transformer, flops_per_token
+from train.optim import make_optimizer
+from train.state import TrainState
+from train.step import make_train_step
+
+# name -> (model overrides, seq_len, batch)
+SIZES = {
+    "tiny": (dict(d_model=64, num_layers=2, num_heads=4, d_ff=256), 64, 8),
+    "small": (dict(d_model=192, num_layers=4, num_heads=6, d_ff=768), 128, 16),
+    "nanogpt-char": (dict(d_model=384, num_layers=6, num_heads=6, d_ff=1536), 256, 16),
+}
+GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu", dropout=0.0,
+                  tie_embeddings=True, vocab_size=65)
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _time(fn, n: int) -> list[tuple[float, float]]:
+    out = []
+    for _ in range(n):
+        c, t = _cpu(), time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t, _cpu() - c))
+    return out
+
+
+def measure_peak(n: int = 2048, reps: int = 5) -> float:
+    """float32 GEMM FLOP/s of this machine (XLA, all cores): min time of an n^3 matmul."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(w for w, _ in _time(lambda: f(a).block_until_ready(), reps))
+    return 2 * n**3 / best
+
+
+def make_jax_step(size: str, dtype: str, extra: dict):
+    overrides, seq_len, batch = SIZES[size]
+    config = base.get_config()
+    config.model.update(**{**overrides, **GPT2_STYLE, "max_len": seq_len, "dtype": dtype, **extra})
+    config.data.update(seq_len=seq_len, batch_size=batch)
+    config.optim.update(b2=0.99, weight_decay=0.1, clip_norm=1.0)
+    cfg = ModelConfig.from_config(config.model)
+    model = Transformer(cfg)
+    tx, schedule = make_optimizer(config.optim, 1000)
+    step = jax.jit(make_train_step(model, config, tx, schedule), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len + 1))
+    data = dict(tokens=jnp.asarray(tokens[:, :-1], jnp.int32),
+                targets=jnp.asarray(tokens[:, 1:], jnp.int32),
+                weights=jnp.ones((batch, seq_len), jnp.float32))
+    params = jax.jit(lambda k: model.init(k, {"tokens": data["tokens"][:1]}))(
+        jax.random.key(0))["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    state = [TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        rng=jax.random.key_data(jax.random.key(1)))]
+
+    def run():
+        state[0], metrics = step(state[0], data)
+        return float(metrics["loss"][0])
+
+    fpt = flops_per_token(cfg, seq_len)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return run, fpt, batch * seq_len, n_params
+
+
+def make_torch_step(size: str):
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    overrides, seq_len, batch = SIZES[size]
+    d, h, n_layers, v = overrides["d_model"], overrides["num_heads"], overrides["num_layers"], 65
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = tnn.LayerNorm(d), tnn.LayerNorm(d)
+            self.qkv, self.proj = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
+            self.fc, self.fc2 = tnn.Linear(d, overrides["d_ff"]), tnn.Linear(overrides["d_ff"], d)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, val = self.qkv(self.ln1(x)).split(d, dim=2)
+            q, k, val = (t.view(b, n, h, d // h).transpose(1, 2) for t in (q, k, val))
+            y = F.scaled_dot_product_attention(q, k, val, is_causal=True)
+            x = x + self.proj(y.transpose(1, 2).contiguous().view(b, n, d))
+            return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+
+    class GPT(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = tnn.Embedding(v, d), tnn.Embedding(seq_len, d)
+            self.blocks = tnn.ModuleList([Block() for _ in range(n_layers)])
+            self.lnf = tnn.LayerNorm(d)
+            self.head = tnn.Linear(d, v, bias=False)
+            self.head.weight = self.wte.weight
+
+        def forward(self, idx, tgt):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for blk in self.blocks:
+                x = blk(x)
+            logits = self.head(self.lnf(x))
+            return F.cross_entropy(logits.view(-1, v), tgt.view(-1))
+
+    torch.manual_seed(0)
+    m = GPT()
+    decay = [p for p in m.parameters() if p.dim() >= 2]
+    rest = [p for p in m.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99), fused=False)
+    idx, tgt = torch.randint(0, v, (batch, seq_len)), torch.randint(0, v, (batch, seq_len))
+
+    def run():
+        loss = m(idx, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="nanogpt-char")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per side (split in rounds)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaving rounds")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--compare-torch", action="store_true")
+    p.add_argument("--scan-layers", type=int, choices=(0, 1), default=None,
+                   help="override model.scan_layers (default: the project's default)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra ModelConfig override, e.g. --set norm=rmsnorm --set mlp=swiglu "
+                        "--set positions=rope (the torch reference stays GPT-2 style)")
+    p.add_argument("--peak-gflops", type=float, default=0.0,
+                   help="MFU denominator; 0 = measure a 2048^3 float32 GEMM now (a loaded "
+                        "machine under-reads it)")
+    args = p.parse_args(argv)
+
+    extra = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        default = getattr(ModelConfig(), key)
+        extra[key] = (value.lower() in ("1", "true") if isinstance(default, bool)
+                      else type(default)(value))
+    runs = {}
+    run, fpt, tokens, n_params = make_jax_step(args.size, args.dtype, extra)
+    runs["jax"] = run
+    if args.compare_torch:
+        try:
+            import torch
+        except ImportError:
+            print("torch not installed: skipping --compare-torch")
+        else:
+            del torch  # its default intra-op threads = cores, like XLA
+            runs["torch"] = make_torch_step(args.size)
+    peak = args.peak_gflops * 1e9 or measure_peak()
+    print(f"size={args.size} params={n_params / 1e6:.2f}M tokens/step={tokens} "
+          f"flops/token={fpt / 1e6:.1f}M  fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s "
+          f"({'given' if args.peak_gflops else 'measured'})")
+    for fn in runs.values():
+        for _ in range(args.warmup):
+            fn()
+    res = {k: [] for k in runs}
+    per = max(1, args.steps // args.rounds)
+    for _ in range(args.rounds):
+        for k, fn in runs.items():
+            res[k] += _time(fn, per)
+    best = {k: (min(w for w, _ in v), min(c for _, c in v), float(np.median([w for w, _ in v])))
+            for k, v in res.items()}
+    overrides, seq_len, _ = SIZES[args.size]
+    fpts = {"jax": fpt,  # the torch model is always GPT-2 style
+            "torch": flops_per_token(ModelConfig(**overrides, **GPT2_STYLE, max_len=seq_len),
+                                     seq_len)}
+    for k, (w, c, med) in best.items():
+        print(f"{k:6s} step {w * 1e3:8.1f} ms (median {med * 1e3:.1f}, cpu {c * 1e3:.0f} ms)  "
+              f"{tokens / w:8.0f} tokens/s  MFU {tokens * fpts[k] / w / peak:6.1%}")
+    if "torch" in best:
+        (jw, jc, _), (tw, tc, _) = best["jax"], best["torch"]
+        print(f"jax/torch throughput ratio: {tw / jw:.3f} (wall min), {tc / jc:.3f} (cpu time)")
+
+
+if __name__ == "__main__":
+    main()
