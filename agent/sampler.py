@@ -45,6 +45,15 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
+def _windows(length: int, slots: int, segments: int = 4) -> tuple[int, ...]:
+    """Fast-path cache sizes, grown between decode segments: the prompt bucket plus steps of at
+    least 64 slots (multiples of 32), at most `segments` of them, ending at `slots`. Attention
+    cost per step follows the allocated size, so early steps read less of the cache (measured
+    at batch 8: ~1.5 ms/step less CPU per 128 slots not read)."""
+    step = max(64, -(-(slots - length) // (32 * segments)) * 32)
+    return tuple(range(min(slots, length + step), slots, step)) + (slots,)
+
+
 @dataclasses.dataclass
 class Generation:
     """One row's result. tokens exclude the stop token; text is cut before a stop string."""
@@ -93,6 +102,8 @@ class Sampler:
             self.variables = fast_decode.prepare_params(self.variables, cfg)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("batch", "length", "slots"))
         self._loop = jax.jit(self._loop_impl, donate_argnums=(1,))
+        self._grow = jax.jit(lambda state, slots: dict(
+            state, cache=fast_decode.grow(state["cache"], slots)), static_argnums=(1,))
 
     # --- jitted pieces -------------------------------------------------------------------------
 
@@ -137,6 +148,7 @@ class Sampler:
         model = self.model
 
         def cond(s):
+            # fast path: the host keeps `until` within the allocated cache (see iterate)
             return (s["step"] < until) & ~jnp.all(s["done"])
 
         def body(s):
@@ -209,9 +221,10 @@ class Sampler:
             else:  # right-padded: Transformer.decode's num_valid_B convention
                 prompt[i, : len(r)] = r
             lengths[i] = len(r)
-        # fast path: cache slots = prompt bucket + budget rounded up to 32 (fewer slots, less
-        # attention work; the contract's cache_len check above still applies)
-        slots = length + -(-max_new // 32) * 32 if self.fast else 0
+        # fast path: the cache holds the prompt bucket + the budget rounded up to 32 slots (the
+        # contract's cache_len check above still applies) but is allocated in segments (see
+        # _windows): attention streams only the allocated slots.
+        windows = _windows(length, length + -(-max_new // 32) * 32) if self.fast else (0,)
         max_new_b = np.full((b,), max_new, np.int32)
         max_new_b[n:] = 1  # batch-padding rows finish immediately
         src_arr = np.zeros((b, 1), np.int32)
@@ -224,8 +237,9 @@ class Sampler:
         stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
         state = self._prefill(self.variables, jnp.asarray(prompt), jnp.asarray(lengths),
                               jnp.asarray(src_arr), jax.random.key(int(seed)), method, stop,
-                              jnp.asarray(max_new_b), batch=b, length=length, slots=slots)
-        return state, n, lens, method, stop
+                              jnp.asarray(max_new_b), batch=b, length=length,
+                              slots=windows[0])
+        return state, n, lens, method, stop, (length, windows)
 
     def iterate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                 method=None, seed: int = 0, chunk: int = 0, src=None,
@@ -236,8 +250,8 @@ class Sampler:
         Setting stop_rows[i] = True (a bool array of n the caller owns) between chunks finishes
         row i early (host-side stop strings). stop_ids overrides the sampler's stop tokens (a
         traced array: no recompile unless their number changes)."""
-        state, n, lens, method, stop = self._start(prompts, max_new_tokens, method, seed, src,
-                                                   stop_ids)
+        state, n, lens, method, stop, (length, windows) = self._start(
+            prompts, max_new_tokens, method, seed, src, stop_ids)
         early = np.zeros((state["done"].shape[0],), bool)
         stop_set = set(np.asarray(stop).tolist())
         first = np.asarray(state["tok"])[:n, None]
@@ -251,6 +265,12 @@ class Sampler:
             if bool(np.all(np.asarray(state["done"]))):
                 return
             until = limit if chunk <= 0 else min(limit, pos + chunk)
+            if self.fast:  # step `pos` writes slot length+pos-1: grow the cache when full
+                slots = state["cache"][0][0].shape[1]
+                if length + pos - 1 >= slots:
+                    slots = next(w for w in windows if w > length + pos - 1)
+                    state = self._grow(state, slots)
+                until = min(until, slots - length + 1)
             state = self._loop(self.variables, state, jnp.int32(until), method, stop)
             step = int(state["step"])
             new = np.asarray(state["out"][:n, pos:step])

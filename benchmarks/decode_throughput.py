@@ -2,11 +2,13 @@
 
 Same GPT-2-shaped model on both sides: 6 layers, d_model 384, 6 heads, d_ff 1536, GELU, LayerNorm,
 learned positions, tied embeddings, vocabulary 65, float32, random weights, greedy decoding of
-224 new tokens after a 32-token prompt (no stop token can fire). Measurements of the two systems
-are interleaved round by round (the machine is shared), and we report the median per system plus
-the per-round ratio (ours / HF) whose median is the headline.
+224 new tokens after a 32-token prompt (no stop token can fire). Measurements of the systems are
+interleaved round by round (the machine is shared): ours, then HF at each `--torch-threads`
+setting (default: torch's own thread count, then 1 thread). Per system we report the median and
+the best (max) tok/s, the process CPU time per decode step (all threads; robust to other load)
+and the per-round ratio ours / HF; the load average is printed with every batch.
 
-  python benchmarks/decode_throughput.py [--rounds 3] [--batches 1,8] [--skip-hf]
+  python benchmarks/decode_throughput.py [--rounds 3] [--batches 1,8] [--torch-threads 0,1]
 
 Needs the `bench` extra (torch==2.13.0 CPU, transformers) for the HF side.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -46,11 +49,14 @@ def run_ours(sampler: Sampler, prompts: np.ndarray, chunk: int = 0) -> dict:
     first, _, _ = next(it)
     ttft = time.perf_counter() - t0
     n = first.shape[1]
+    c0 = time.process_time()
     for new, _, _ in it:
         n += new.shape[1]
+    cpu = time.process_time() - c0
     total = time.perf_counter() - t0
     assert n == NEW, n
-    return dict(tok_s=prompts.shape[0] * NEW / total, ttft_ms=1e3 * ttft, total_s=total)
+    return dict(tok_s=prompts.shape[0] * NEW / total, ttft_ms=1e3 * ttft, total_s=total,
+                cpu_ms_step=1e3 * cpu / (NEW - 1))
 
 
 def make_hf():
@@ -73,12 +79,13 @@ def run_hf(model, prompts: np.ndarray) -> dict:
         model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, min_new_tokens=1,
                        do_sample=False, use_cache=True)
         ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
                              min_new_tokens=NEW, do_sample=False, use_cache=True)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape[1] == PROMPT + NEW, out.shape
-    return dict(tok_s=prompts.shape[0] * NEW / total, ttft_ms=1e3 * ttft, total_s=total)
+    return dict(tok_s=prompts.shape[0] * NEW / total, ttft_ms=1e3 * ttft, total_s=total,
+                cpu_ms_step=1e3 * cpu / NEW)
 
 
 def main(argv=None):
@@ -86,7 +93,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    ap.add_argument("--torch-threads", default="0,1",
+                    help="HF runs, one per entry, interleaved with ours; 0 = torch's default")
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--streaming", default="",
                     help="also time streaming at batch 1 in chunks of these sizes, e.g. 1,8")
@@ -94,33 +102,43 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
     ours = make_ours()
-    hf = None
+    hf, hf_names = None, []
     if not args.skip_hf:
         import torch
 
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
+        default_threads = torch.get_num_threads()
+        threads = {f"hf{n or default_threads}t": n or default_threads
+                   for n in map(int, args.torch_threads.split(","))}
+        hf_names = list(threads)
         hf = make_hf()
+
+    def hf_round(name, p):
+        torch.set_num_threads(threads[name])
+        return run_hf(hf, p)
+
     prompts = {b: rng.integers(10, VOCAB, (b, PROMPT)).astype(np.int32) for b in batches}
     for b in batches:  # warm-up: compile every bucket / let torch allocate
         run_ours(ours, prompts[b])
-        if hf is not None:
-            run_hf(hf, prompts[b])
+        for name in hf_names:
+            hf_round(name, prompts[b])
     results = {}
     for b in batches:
         rows = []
         for _ in range(args.rounds):
             r = dict(ours=run_ours(ours, prompts[b]))
-            if hf is not None:
-                r["hf"] = run_hf(hf, prompts[b])
-                r["ratio"] = r["ours"]["tok_s"] / r["hf"]["tok_s"]
+            for name in hf_names:
+                r[name] = hf_round(name, prompts[b])
             rows.append(r)
-        med = lambda k, f, rows=rows: statistics.median(r[k][f] for r in rows)
-        res = dict(ours_tok_s=med("ours", "tok_s"), ours_ttft_ms=med("ours", "ttft_ms"))
-        if hf is not None:
-            res.update(hf_tok_s=med("hf", "tok_s"), hf_ttft_ms=med("hf", "ttft_ms"),
-                       ratio=statistics.median(r["ratio"] for r in rows),
-                       ratios=[round(r["ratio"], 2) for r in rows])
+        res = {"load": round(os.getloadavg()[0], 1)}
+        for k in ["ours"] + hf_names:
+            tok = [r[k]["tok_s"] for r in rows]
+            res.update({f"{k}_tok_s": statistics.median(tok), f"{k}_best": max(tok),
+                        f"{k}_ttft_ms": statistics.median(r[k]["ttft_ms"] for r in rows),
+                        f"{k}_cpu_ms_step": min(r[k]["cpu_ms_step"] for r in rows)})
+        for name in hf_names:
+            ratios = [r["ours"]["tok_s"] / r[name]["tok_s"] for r in rows]
+            res[f"ratio_{name}"] = statistics.median(ratios)
+            res[f"ratios_{name}"] = [round(x, 2) for x in ratios]
         results[f"batch{b}"] = res
         print(f"batch {b}: " + ", ".join(
             f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),

@@ -61,7 +61,7 @@ def get_config() -> ConfigDict:
             mlm_rate=0.15,
             nsp=True,  # bert: False makes B always the true next segment (MLM-only pairs)
             pack="first_fit",  # first_fit: documents stay whole | fill: cut to fill rows (nanoGPT)
-            tokenizer=ConfigDict(dict(kind="bpe", vocab_size=512, sample_size=1_000_000, path="")),
+            tokenizer=ConfigDict(dict(kind="bpe", vocab_size=1024, sample_size=1_000_000, path="")),
             # synthetic:world (data/world.py); full_name_frac: share of bio sentences naming the
             # person in full; mix_qa: train people's QA texts join the 'documents' train split.
             world=ConfigDict(
@@ -119,6 +119,8 @@ def get_config() -> ConfigDict:
             top_k=0,
             top_p=1.0,
             max_input_chars=2000,
+            max_output_chars=0,  # 0: no cap beyond max_new_tokens
+            max_context=0,  # chat history budget in tokens (0: the model's max_len)
             blocked_patterns=(),
             refusal="I can't help with that.",
             eval_questions=0,  # 0: every held-out question

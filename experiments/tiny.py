@@ -14,7 +14,6 @@ def get_config():
     c.model.update(d_model=64, num_layers=2, num_heads=4, d_ff=256, max_len=128)
     c.data.update(task="lm", seq_len=64, batch_size=16)
     c.data.world.num_people = 50
-    c.data.tokenizer.vocab_size = 512
     c.optim.update(lr=3e-3, warmup_steps=20)
     c.train.update(steps=150, log_every=25, eval_every=75, ckpt_every=75)
     return c

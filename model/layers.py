@@ -65,7 +65,7 @@ class Dense(nn.Module):
 
     cfg: ModelConfig
     features: int
-    axes: tuple[str | None, str | None] = ("embed", "embed")
+    axes: tuple[str | None, str | None] = ("embed", "mlp")  # distinct names: shardable
     use_bias: bool = True
     out_dtype: str | None = None
 

@@ -356,3 +356,20 @@ def test_logical_axes_and_param_shardings():
     data_only = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     assert param_shardings(abstract, data_only)["params"]["embedder"]["token"].spec in (
         PartitionSpec(), PartitionSpec(None, None))
+
+
+@pytest.mark.parametrize("kind,heads", [("encoder", ("mlm", "nsp", "embed")),
+                                        ("decoder", ("lm",)),
+                                        ("encoder_decoder", ("lm",))])
+def test_every_head_has_shardable_logical_axes(kind, heads):
+    """A param whose logical names repeat (e.g. a D x D dense as ('embed', 'embed')) cannot be
+    mapped onto a mesh; every head of every model kind must map."""
+    cfg = make_cfg(kind=kind, type_vocab_size=2 if kind == "encoder" else 0)
+    batch = dict(tokens=rand_tokens((1, 4)))
+    if kind == "encoder_decoder":
+        batch["src_tokens"] = rand_tokens((1, 4))
+    abstract = jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.PRNGKey(0), batch, heads=heads))
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    leaves = jax.tree.leaves(param_shardings(abstract, mesh, DEFAULT_RULES))
+    assert leaves and all(isinstance(s, NamedSharding) for s in leaves)
