@@ -1,10 +1,10 @@
 """`solo`: the one command. The agent stage is the last in the flow, so it may see every other.
 
-  solo train CONFIG [--workdir DIR] [--config.key=value ...]
-  solo eval WORKDIR
-  solo sample WORKDIR --prompt TEXT
-  solo chat WORKDIR
-  solo serve WORKDIR [--port N]
+solo train CONFIG [--workdir DIR] [--config.key=value ...]
+solo eval WORKDIR
+solo sample WORKDIR --prompt TEXT
+solo chat WORKDIR
+solo serve WORKDIR [--port N]
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ def _chat_report(workdir: str, config) -> None:
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from train.loop import evaluate
-
     from train.checkpoint import read_config
+    from train.loop import evaluate
 
     metrics = evaluate(args.workdir)
     print(_format_summary(metrics))
@@ -80,21 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train an experiment config into a workdir (resumes if present)",
-                       description="Train CONFIG (a name in experiments/ or a path). Override any key "
-                       "with --config.a.b=value. Re-running on the same workdir resumes exactly.")
+    p = sub.add_parser(
+        "train",
+        help="train an experiment config into a workdir (resumes if present)",
+        description="Train CONFIG (a name in experiments/ or a path). Override any key "
+        "with --config.a.b=value. Re-running on the same workdir resumes exactly.",
+    )
     p.add_argument("config", help="experiment name (e.g. gpt_world) or path to a config .py")
     p.add_argument("--workdir", default="", help="output directory (default: runs/<config name>)")
     p.set_defaults(fn=_train)
 
-    p = sub.add_parser("eval", help="evaluate a workdir's checkpoint on its validation split",
-                       description="Eval loss/accuracy on the validation split; for chat experiments "
-                       "also exact-match accuracy on held-out questions through the chat path.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a workdir's checkpoint on its validation split",
+        description="Eval loss/accuracy on the validation split; for chat experiments "
+        "also exact-match accuracy on held-out questions through the chat path.",
+    )
     p.add_argument("workdir")
     p.set_defaults(fn=_eval)
 
-    p = sub.add_parser("sample", help="complete prompts with a trained model",
-                       description="Sample continuations of --prompt from WORKDIR's checkpoint.")
+    p = sub.add_parser(
+        "sample",
+        help="complete prompts with a trained model",
+        description="Sample continuations of --prompt from WORKDIR's checkpoint.",
+    )
     p.add_argument("workdir")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -104,16 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_sample)
 
-    p = sub.add_parser("chat", help="chat with a trained model in a REPL (reads pipes too)",
-                       description="Multi-turn chat. Commands: /reset, /system TEXT, /stats, /quit.")
+    p = sub.add_parser(
+        "chat",
+        help="chat with a trained model in a REPL (reads pipes too)",
+        description="Multi-turn chat. Commands: /reset, /system TEXT, /stats, /quit.",
+    )
     p.add_argument("workdir")
     p.add_argument("--system", default=None, help="system prompt (default: the experiment's)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.set_defaults(fn=_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)",
-                       description="Serve WORKDIR's model at http://HOST:PORT/v1/chat/completions.")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/chat/completions)",
+        description="Serve WORKDIR's model at http://HOST:PORT/v1/chat/completions.",
+    )
     p.add_argument("workdir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -128,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     if overrides and args.command != "train":
-        print(f"solo {args.command}: --config.* overrides only apply to `solo train`", file=sys.stderr)
+        print(
+            f"solo {args.command}: --config.* overrides only apply to `solo train`", file=sys.stderr
+        )
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from absl import logging as absl_logging

@@ -14,7 +14,10 @@ non-streaming speed, per-token round trips (chunk 1) cost ~20-40% of throughput.
 Decoder-only models run through `agent.fast_decode` (same function as `Transformer.decode`, with
 left-padded prompts and a cache layout XLA:CPU updates in place: ~4x faster decode at batch 8
 than going through the model's scanned, [layers,B,S,G,K] cache); encoder_decoder models (and
-`fast=False`) use `Transformer.encode` once and `Transformer.decode` per step.
+`fast=False`) use `Transformer.encode` once and `Transformer.decode` per step. The fast path's
+cache is allocated in up to 4 segments (`_windows`) and grown between loop calls, so a step's
+attention reads only the allocated slots (batch 8, 6x384 model, 32+224 tokens: ~8.6 -> ~7.6 ms
+CPU per step); the non-streaming path is then one loop call per segment.
 """
 
 from __future__ import annotations

@@ -252,6 +252,7 @@ def _world_records(config: Any, kind: str, split: str) -> list[dict]:
             "bios_per_person",
             "full_name_frac",
             "mix_qa",
+            "answer_prefix",
         )
     }
     params = inspect.signature(World.generate).parameters

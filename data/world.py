@@ -213,6 +213,9 @@ class World:
     full_name_frac: float = 0.5
     # documents 'train' also hold the train people's question/answer texts ("mixed training").
     mix_qa: bool = False
+    # Prepended to chat answers (the 'answer' field stays bare): " " makes a BPE without dummy
+    # prefix give the answer the same word-initial pieces as in bios and mixed QA texts.
+    answer_prefix: str = ""
 
     @classmethod
     def generate(
@@ -223,6 +226,7 @@ class World:
         bios_per_person: int = 5,
         full_name_frac: float = 0.5,
         mix_qa: bool = False,
+        answer_prefix: str = "",
     ) -> World:
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
         if not 0 < num_people <= max_people:
@@ -257,6 +261,7 @@ class World:
             bios_per_person=bios_per_person,
             full_name_frac=full_name_frac,
             mix_qa=mix_qa,
+            answer_prefix=answer_prefix,
         )
 
     @classmethod
@@ -270,6 +275,7 @@ class World:
             bios_per_person=int(get("bios_per_person", 5)),
             full_name_frac=float(get("full_name_frac", 0.5)),
             mix_qa=bool(get("mix_qa", False)),
+            answer_prefix=str(get("answer_prefix", "")),
         )
 
     # --- people and splits ---------------------------------------------------------------------
@@ -405,7 +411,7 @@ class World:
         for p, a, q, ans in self.qa(self.split_people(split)):
             msgs = ([dict(role="system", content=system)] if system else []) + [
                 dict(role="user", content=q),
-                dict(role="assistant", content=ans),
+                dict(role="assistant", content=self.answer_prefix + ans),
             ]
             rows.append(dict(messages=msgs, person=p.name, attribute=a, question=q, answer=ans))
         return rows

@@ -23,9 +23,8 @@ class ConfigError(ValueError):
 
 
 def available() -> list[str]:
-    return sorted(
-        p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "base"
-    )
+    names = (p.stem for p in EXPERIMENTS_DIR.glob("*.py"))
+    return sorted(n for n in names if not n.startswith("_") and n != "base")
 
 
 def _resolve(name_or_path: str) -> Path:
@@ -93,7 +92,8 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
         value = tuple(value)
     if current is not None and not isinstance(value, type(current)):
         raise ConfigError(
-            f"--config.{key}: expected {type(current).__name__}, got {type(value).__name__} ({text!r})"
+            f"--config.{key}: expected {type(current).__name__}, "
+            f"got {type(value).__name__} ({text!r})"
         )
     return value
 

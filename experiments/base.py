@@ -35,14 +35,16 @@ def get_config() -> ConfigDict:
             pooling="mean",  # mean | first
             dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
             param_dtype="float32",
-            scan_layers=True,
+            # True: nn.scan (fast compiles for deep models); False: ~12% faster steps on XLA:CPU
+            scan_layers=False,
             remat="none",  # none | full | dots
         )
     )
 
     c.data = ConfigDict(
         dict(
-            source="synthetic:world",  # synthetic:world | path/glob (.txt/.jsonl) | tfds:NAME[/CONFIG]
+            # synthetic:world | path/glob (.txt/.jsonl) | tfds:NAME[/CONFIG] | a:0.7,b:0.3 mixture
+            source="synthetic:world",
             task="lm",  # lm | mlm | bert | pairs | sft | seq2seq
             seq_len=128,
             src_seq_len=64,
@@ -63,7 +65,8 @@ def get_config() -> ConfigDict:
             pack="first_fit",  # first_fit: documents stay whole | fill: cut to fill rows (nanoGPT)
             tokenizer=ConfigDict(dict(kind="bpe", vocab_size=1024, sample_size=1_000_000, path="")),
             # synthetic:world (data/world.py); full_name_frac: share of bio sentences naming the
-            # person in full; mix_qa: train people's QA texts join the 'documents' train split.
+            # person in full; mix_qa: train people's QA texts join the 'documents' train split;
+            # answer_prefix: prepended to chat answers (" ": same pieces as mid-sentence words).
             world=ConfigDict(
                 dict(
                     seed=0,
@@ -72,6 +75,7 @@ def get_config() -> ConfigDict:
                     bios_per_person=5,
                     full_name_frac=0.5,
                     mix_qa=False,
+                    answer_prefix="",
                 )
             ),
         )

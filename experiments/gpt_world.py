@@ -7,8 +7,11 @@ already learns to answer from facts stored by the bios; held-out people appear o
 A small world (100 people) and a small batch give each fact ~100 updates within the CPU budget.
 
 Command:  solo train gpt_world --workdir runs/gpt_world
-Runtime:  RUNTIME_GPT on a 2-core CPU.
-Expect:   EXPECT_GPT
+Runtime:  ~11 min wall on a shared 2-core CPU at load 6-10 (5-8.5k tok/s, 2.5-4 steps/s of 2,048
+          tokens); ~7.5 min of CPU time, so about 6-7 min on a quiet machine.
+Expect:   train loss 0.24; eval loss (unseen paraphrases) 0.62 at step 1000, 0.68 at 2000
+          (paraphrase wording over-fits; facts keep improving). Greedy 'question' -> ' answer'
+          completion: ~77% for train people, ~45% for held-out people (n=60 each).
 """
 
 from experiments import base
@@ -22,5 +25,5 @@ def get_config():
     c.data.tokenizer.vocab_size = 1024
     c.data.world.update(num_people=100, bios_per_person=5, full_name_frac=1.0, mix_qa=True)
     c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
-    c.train.update(steps=1600, log_every=100, eval_every=800, ckpt_every=800)
+    c.train.update(steps=2000, log_every=100, eval_every=1000, ckpt_every=1000)
     return c

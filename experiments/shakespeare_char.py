@@ -26,5 +26,5 @@ def get_config():
                   val_fraction=0.1, txt_split="file", pack="fill")
     c.data.tokenizer.update(kind="char", vocab_size=0)
     c.optim.update(lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, b2=0.99, weight_decay=0.1)
-    c.train.update(steps=1500, log_every=50, eval_every=500, eval_batches=50, ckpt_every=500)
+    c.train.update(steps=600, log_every=50, eval_every=300, eval_batches=50, ckpt_every=300)
     return c

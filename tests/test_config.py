@@ -2,8 +2,15 @@
 
 import pytest
 
-from experiments import ConfigError, apply_overrides, available, from_json, load_config, to_json
-from experiments import base
+from experiments import (
+    ConfigError,
+    apply_overrides,
+    available,
+    base,
+    from_json,
+    load_config,
+    to_json,
+)
 
 
 @pytest.mark.parametrize("name", available())
@@ -17,7 +24,9 @@ def test_every_experiment_builds_with_a_documented_docstring(name):
     assert f"solo train {name}" in doc
     # Every key of the experiment exists in base: experiments only override, never invent.
     base_keys = set(_flat(base.get_config()))
-    extra = set(_flat(config)) - base_keys - {k for k in _flat(config) if k.startswith("objectives.")}
+    extra = (
+        set(_flat(config)) - base_keys - {k for k in _flat(config) if k.startswith("objectives.")}
+    )
     assert not extra, extra
 
 
@@ -29,8 +38,15 @@ def _flat(c, prefix=""):
 
 def test_overrides_cast_to_the_existing_type():
     c = base.get_config()
-    apply_overrides(c, ["--config.model.d_model=96", "--config.optim.lr=1", "config.train.parallel=pmap",
-                        "--config.model.scan_layers=false"])
+    apply_overrides(
+        c,
+        [
+            "--config.model.d_model=96",
+            "--config.optim.lr=1",
+            "config.train.parallel=pmap",
+            "--config.model.scan_layers=false",
+        ],
+    )
     assert c.model.d_model == 96 and isinstance(c.model.d_model, int)
     assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
     assert c.train.parallel == "pmap"

@@ -128,6 +128,23 @@ def test_fast_and_model_decode_paths_agree():
     assert fast == slow  # left-padded fast path == right-padded Transformer.decode path
 
 
+def test_grown_cache_segments_match_model_path():
+    """Long decodes grow the fast path's cache between loop calls (sampler._windows); tokens
+    must equal the Transformer.decode path, non-streaming and in chunks crossing a growth."""
+    from agent.sampler import _windows
+
+    assert _windows(16, 112) == (80, 112)  # the case below: two segments
+    model, params = tiny()
+    prompts = [[BOS_ID, 30], [BOS_ID] + list(range(10, 21))]
+    fast_sampler = Sampler(model, params, cache_len=128, stop_ids=())
+    fast, _ = fast_sampler.generate_ids(prompts, max_new_tokens=90)
+    slow, _ = Sampler(model, params, cache_len=128, stop_ids=(), fast=False).generate_ids(
+        prompts, max_new_tokens=90)
+    assert fast == slow
+    parts = [new for new, _, _ in fast_sampler.iterate(prompts, max_new_tokens=90, chunk=7)]
+    assert np.concatenate(parts, axis=1).tolist() == fast
+
+
 def test_greedy_equals_full_recompute_reference(dec):
     model, params, sampler = dec
     prompt = [BOS_ID, 20, 21, 22]

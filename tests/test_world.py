@@ -185,3 +185,7 @@ def test_mix_qa_and_full_name_frac():
     ) == World.generate(num_people=40, mix_qa=True, full_name_frac=1.0)
     with pytest.raises(ValueError, match="full_name_frac"):
         World.generate(full_name_frac=1.5)
+    spaced = World.generate(seed=0, num_people=40, bios_per_person=2, answer_prefix=" ")
+    for r, r0 in zip(spaced.records("chats", "test"), base.records("chats", "test"), strict=True):
+        assert r["answer"] == r0["answer"] and r["messages"][-1]["content"] == " " + r["answer"]
+    assert spaced.records("documents", "train") == plain
