@@ -1,0 +1,28 @@
+"""The README's Quick start stays true: two commands, and CI runs the test one verbatim."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
+    install_and_run, install_and_test = _quick_start_commands()
+    assert install_and_run.startswith("pip install -e .") and "solo train" in install_and_run
+    assert "pytest" in install_and_test
+    assert install_and_test in (ROOT / ".ci" / "run").read_text()
+
+
+def test_main_job_config_exists():
+    from experiments import available
+
+    install_and_run = _quick_start_commands()[0]
+    name = install_and_run.split("solo train", 1)[1].split()[0]
+    assert name in available()
