@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ml_collections import ConfigDict  # noqa: E402
 
 from data import pipeline as P  # noqa: E402
+from experiments import base  # noqa: E402
 
 SHAKESPEARE = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt"
@@ -27,30 +28,11 @@ SHAKESPEARE = os.path.join(
 
 
 def config(task: str, source: str = "synthetic:world", **data) -> ConfigDict:
-    d = dict(
-        source=source,
-        task=task,
-        seq_len=128,
-        src_seq_len=64,
-        batch_size=32,
-        eval_batch_size=32,
-        shuffle_seed=-1,
-        num_workers=0,
-        prefetch=2,
-        val_fraction=0.1,
-        split_mode="random",
-        txt_split="file",
-        text_field="text",
-        prompt_field="",
-        response_field="",
-        data_dir="",
-        mlm_rate=0.15,
-        nsp=True,
-        tokenizer=dict(kind="bpe", vocab_size=1024, sample_size=1_000_000, path=""),
-        world=dict(seed=0, num_people=200, heldout_frac=0.25, bios_per_person=5),
-    )
-    d.update(data)
-    return ConfigDict(dict(seed=0, data=d))
+    """experiments/base.py's config for `task` on `source`; `data` overrides data.*."""
+    c = base.get_config()
+    c.data.update(dict(source=source, task=task, seq_len=128, src_seq_len=64, batch_size=32))
+    c.data.update(data)
+    return c
 
 
 def measure(c: ConfigDict, tok, seconds: float) -> dict[str, float]:

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from data import pipeline as P
 from data import transforms as T
@@ -22,6 +21,7 @@ from data.tokenizer import (
     SYSTEM_ID,
     USER_ID,
 )
+from experiments import base
 
 SHAKESPEARE = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"
@@ -29,30 +29,13 @@ SHAKESPEARE = os.path.join(
 
 
 def make_config(task="lm", **data):
-    d = dict(
-        source="synthetic:world",
-        task=task,
-        seq_len=64,
-        src_seq_len=48,
-        batch_size=8,
-        eval_batch_size=8,
-        shuffle_seed=-1,
-        num_workers=0,
-        prefetch=2,
-        val_fraction=0.1,
-        split_mode="random",
-        txt_split="file",
-        text_field="text",
-        prompt_field="",
-        response_field="",
-        data_dir="",
-        mlm_rate=0.15,
-        nsp=True,
-        tokenizer=dict(kind="bpe", vocab_size=400, sample_size=100_000, path=""),
-        world=dict(seed=0, num_people=16, heldout_frac=0.25, bios_per_person=2),
-    )
-    d.update(data)
-    return ConfigDict(dict(seed=0, data=d))
+    """experiments/base.py's config with a tiny world and tokenizer; `data` overrides data.*."""
+    c = base.get_config()
+    c.data.update(dict(task=task, seq_len=64, src_seq_len=48, batch_size=8, eval_batch_size=8,
+                       tokenizer=dict(vocab_size=400, sample_size=100_000),
+                       world=dict(num_people=16, bios_per_person=2)))
+    c.data.update(data)
+    return c
 
 
 @pytest.fixture(scope="module")

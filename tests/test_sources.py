@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 from data import sources
 from data.sources import SourceError, load_records, parse_source
 from data.tfds_io import write_tfds_dataset
+from experiments import base
 
 SHAKESPEARE = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"
@@ -18,20 +19,11 @@ SHAKESPEARE = os.path.join(
 
 
 def cfg(source, **data):
-    d = dict(
-        source=source,
-        task="lm",
-        seq_len=32,
-        val_fraction=0.25,
-        split_mode="random",
-        txt_split="file",
-        text_field="text",
-        prompt_field="",
-        response_field="",
-        data_dir="",
-    )
-    d.update(data)
-    return ConfigDict(dict(seed=0, data=d))
+    """experiments/base.py's config reading `source`; `data` overrides data.*."""
+    c = base.get_config()
+    c.data.update(dict(source=source, task="lm", seq_len=32, val_fraction=0.25))
+    c.data.update(data)
+    return c
 
 
 def write(path, text, mode="w"):
