@@ -85,7 +85,10 @@ def _prepare(tok, records: list[dict], task: str, config: Any) -> Prepared:
     L = int(d.seq_len)
     fill = _pack_fill(config)
     if task in ("lm", "mlm"):
-        docs = T.encode_docs(tok, [r["text"] for r in records])
+        # Chat records mixed into a corpus keep their template (role ids), so pretraining already
+        # sees the format SFT and the agent use.
+        docs = T.encode_docs(tok, [r["text"] for r in records if "messages" not in r])
+        docs += T.encode_chat_docs(tok, [r for r in records if "messages" in r])
         ex = T.lm_examples(docs, L) if task == "lm" else T.mlm_examples(docs, L)
         return Prepared(task, T.pack_examples(ex, L, fill=fill))
     if task == "sft":

@@ -25,6 +25,14 @@ def encode_docs(tok, texts: Sequence[str]) -> list[np.ndarray]:
     return [np.asarray([BOS_ID, *tok.encode(t), EOS_ID], np.int32) for t in texts]
 
 
+def encode_chat_docs(tok, records: Sequence[dict]) -> list[np.ndarray]:
+    """Chat records as LM documents: the SFT template's ids (BOS ... <|end|>), int32."""
+    from data.chat import encode_chat
+
+    return [np.asarray(encode_chat(tok, r["messages"], add_generation_prompt=False)[0], np.int32)
+            for r in records]
+
+
 def lm_examples(docs: Sequence[np.ndarray], seq_len: int) -> list[Example]:
     """Causal-LM examples: inputs ids[:-1], targets ids[1:] (so the last token predicts EOS),
     chunked into pieces of at most seq_len predictions."""

@@ -191,6 +191,9 @@ def fact_sentence(
     return t.format(name=name or person.name, value=value, a_value=_article(value))
 
 
+MIX_QA = ("", "text", "chat")
+
+
 def qa_text(question: str, answer: str) -> str:
     """A question and its answer as plain text (mixed-training documents): 'question answer'.
 
@@ -211,8 +214,9 @@ class World:
     bios_per_person: int = 5
     # Chance that a bio sentence after the first names its person in full (else first name only).
     full_name_frac: float = 0.5
-    # documents 'train' also hold the train people's question/answer texts ("mixed training").
-    mix_qa: bool = False
+    # documents 'train' also hold the train people's questions and answers ("mixed training"):
+    # '' no, 'text' as 'question answer' texts, 'chat' as chat records in the SFT template.
+    mix_qa: str = ""
     # Prepended to chat answers (the 'answer' field stays bare): " " makes a BPE without dummy
     # prefix give the answer the same word-initial pieces as in bios and mixed QA texts.
     answer_prefix: str = ""
@@ -225,7 +229,7 @@ class World:
         heldout_frac: float = 0.25,
         bios_per_person: int = 5,
         full_name_frac: float = 0.5,
-        mix_qa: bool = False,
+        mix_qa: str = "",
         answer_prefix: str = "",
     ) -> World:
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
@@ -237,6 +241,9 @@ class World:
             raise ValueError(f"bios_per_person must be >= 1, got {bios_per_person}")
         if not 0.0 <= full_name_frac <= 1.0:
             raise ValueError(f"full_name_frac must be in [0, 1], got {full_name_frac}")
+        mix_qa = {True: "text", False: ""}.get(mix_qa, mix_qa)
+        if mix_qa not in MIX_QA:
+            raise ValueError(f"mix_qa must be one of {MIX_QA}, got {mix_qa!r}")
         rng = random.Random(f"world:{seed}:people")
         people = []
         for k in rng.sample(range(max_people), num_people):
@@ -274,7 +281,7 @@ class World:
             heldout_frac=float(get("heldout_frac", 0.25)),
             bios_per_person=int(get("bios_per_person", 5)),
             full_name_frac=float(get("full_name_frac", 0.5)),
-            mix_qa=bool(get("mix_qa", False)),
+            mix_qa=get("mix_qa", ""),
             answer_prefix=str(get("answer_prefix", "")),
         )
 
@@ -345,8 +352,9 @@ class World:
     def records(self, kind: str, split: str = "train", **opts) -> list[dict]:
         """Rows for one task. kinds: 'documents', 'pairs', 'chats', 'seq2seq'.
 
-        opts: documents: num_per_person (mix_qa=True appends one 'question answer' text per train
-        person's question to 'train'); pairs: num_per_fact (default 2);
+        opts: documents: num_per_person (mix_qa='text'|'chat' appends each train person's
+        question and answer to 'train', as a 'question answer' text or a chat record);
+        pairs: num_per_fact (default 2);
         chats: system (str or None = no system message, default None).
         documents 'test' = the 'validation' documents (all people's facts are in train anyway).
         """
@@ -379,11 +387,13 @@ class World:
             ]
             # Mixed training (PoLM 3.1): train people's QA as text teaches extraction during
             # pretraining; held-out people's questions stay out (their facts come from bios only).
-            if self.mix_qa:
+            if self.mix_qa == "text":
                 docs += [
                     dict(text=qa_text(q, ans))
                     for _, _, q, ans in self.qa(self.split_people("train"))
                 ]
+            elif self.mix_qa == "chat":  # the SFT chats themselves, as LM documents
+                docs += [dict(messages=r["messages"]) for r in self._chats("train")]
             return docs
         return [dict(text=world.biography(world.person(name), i)) for name, i in sorted(val)]
 

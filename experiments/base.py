@@ -65,7 +65,8 @@ def get_config() -> ConfigDict:
             pack="first_fit",  # first_fit: documents stay whole | fill: cut to fill rows (nanoGPT)
             tokenizer=ConfigDict(dict(kind="bpe", vocab_size=1024, sample_size=1_000_000, path="")),
             # synthetic:world (data/world.py); full_name_frac: share of bio sentences naming the
-            # person in full; mix_qa: train people's QA texts join the 'documents' train split;
+            # person in full; mix_qa: train people's QAs join the 'documents' train split
+            # ('' no | 'text' as 'question answer' | 'chat' as chat-template records);
             # answer_prefix: prepended to chat answers (" ": same pieces as mid-sentence words).
             world=ConfigDict(
                 dict(
@@ -74,7 +75,7 @@ def get_config() -> ConfigDict:
                     heldout_frac=0.25,
                     bios_per_person=5,
                     full_name_frac=0.5,
-                    mix_qa=False,
+                    mix_qa="",
                     answer_prefix="",
                 )
             ),

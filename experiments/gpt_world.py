@@ -23,7 +23,7 @@ def get_config():
     c.model.update(d_model=128, num_layers=2, num_heads=4, d_ff=512, max_len=128)
     c.data.update(task="lm", seq_len=128, batch_size=16)
     c.data.tokenizer.vocab_size = 1024
-    c.data.world.update(num_people=100, bios_per_person=5, full_name_frac=1.0, mix_qa=True)
+    c.data.world.update(num_people=100, bios_per_person=5, full_name_frac=1.0, mix_qa="text")
     c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
     c.train.update(steps=2000, log_every=100, eval_every=1000, ckpt_every=1000)
     return c

@@ -334,3 +334,20 @@ def test_shakespeare_char_rows(tmp_path):
     tok = P.build_tokenizer(c, str(tmp_path))
     b = next(P.make_train_iterator(c, tok))
     assert b["tokens"].shape == (16, 256) and (b["weights"] > 0).mean() > 0.99
+
+
+def test_lm_task_keeps_the_chat_template_of_mixed_chat_records(tmp_path):
+    """mix_qa='chat': the train chats join the LM corpus in the SFT template (role ids present);
+    test_world checks that held-out people's questions are not among them."""
+    from data.tokenizer import ASSISTANT_ID, EOT_ID, USER_ID
+    from data.world import World
+
+    c = make_config("lm", pack="first_fit")
+    c.data.world.update(dict(mix_qa="chat"))
+    tok = P.build_tokenizer(c, str(tmp_path))
+    rows = P.prepare_split(c, tok, "train")[0].rows
+    tokens = rows["tokens"][rows["segment_ids"] > 0]
+    world = World.from_config(c.data.world)
+    n_chats = len(world.records("chats", "train"))
+    assert (tokens == USER_ID).sum() == n_chats and (tokens == ASSISTANT_ID).sum() == n_chats
+    assert (rows["targets"] == EOT_ID).sum() == 2 * n_chats  # user and assistant turns end

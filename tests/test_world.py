@@ -166,7 +166,7 @@ def test_corpus_text_and_errors(w):
 
 def test_mix_qa_and_full_name_frac():
     base = World.generate(seed=0, num_people=40, bios_per_person=2)
-    mixed = World.generate(seed=0, num_people=40, bios_per_person=2, mix_qa=True)
+    mixed = World.generate(seed=0, num_people=40, bios_per_person=2, mix_qa="text")
     docs, plain = mixed.records("documents", "train"), base.records("documents", "train")
     qa = [W.qa_text(r["question"], r["answer"]) for r in base.records("chats", "train")]
     assert [d["text"] for d in docs] == [d["text"] for d in plain] + qa
@@ -181,8 +181,15 @@ def test_mix_qa_and_full_name_frac():
         for s in re.split(r"(?<=\.) ", full.biography(p, 1)):
             assert p.name in s
     assert World.from_config(
-        dict(num_people=40, mix_qa=True, full_name_frac=1.0)
-    ) == World.generate(num_people=40, mix_qa=True, full_name_frac=1.0)
+        dict(num_people=40, mix_qa="text", full_name_frac=1.0)
+    ) == World.generate(num_people=40, mix_qa="text", full_name_frac=1.0)
+    chat = World.generate(seed=0, num_people=40, bios_per_person=2, mix_qa="chat")
+    chat_docs = chat.records("documents", "train")
+    assert chat_docs[: len(plain)] == plain
+    assert [d["messages"] for d in chat_docs[len(plain) :]] == [
+        r["messages"] for r in base.records("chats", "train")]
+    with pytest.raises(ValueError, match="mix_qa"):
+        World.generate(mix_qa="both")
     with pytest.raises(ValueError, match="full_name_frac"):
         World.generate(full_name_frac=1.5)
     spaced = World.generate(seed=0, num_people=40, bios_per_person=2, answer_prefix=" ")
