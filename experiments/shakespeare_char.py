@@ -4,8 +4,9 @@ Get the file: it ships in ../shared/data/tinyshakespeare.txt here; elsewhere dow
 karpathy/char-rnn's data/tinyshakespeare/input.txt and pass --config.data.source=PATH.
 
 Command:  solo train shakespeare_char --workdir runs/shakespeare_char
-Runtime:  RUNTIME_SHAKES on a 2-core CPU.
-Expect:   EXPECT_SHAKES
+Runtime:  9 min measured on a 2-core CPU shared with other jobs (load 5-7, ~7.4k tokens/s).
+Expect:   validation loss 2.30 at step 300 and 2.06 at step 600 (5.8 at init; the tokenizer
+          has 333 pieces: 65 characters + 10 specials + 256 bytes + a few), accuracy 0.40.
 """
 
 from pathlib import Path

@@ -3,8 +3,10 @@
 In-batch negatives (gathered over every data-parallel device), temperature 0.05.
 
 Command:  solo train simcse_world --workdir runs/simcse_world
-Runtime:  RUNTIME_SIMCSE on a 2-core CPU.
-Expect:   EXPECT_SIMCSE
+Runtime:  ~9 min measured on a 2-core CPU shared with other jobs (load ~8); a few
+          minutes on a quiet one.
+Expect:   eval InfoNCE loss 0.80 at step 250 (2.97 after 4 steps). Top-1 retrieval accuracy
+          ~0.40: each fact yields two pairs, so a batch can hold a near-duplicate positive.
 """
 
 from ml_collections import ConfigDict
@@ -22,5 +24,5 @@ def get_config():
         dict(infonce=ConfigDict(dict(weight=1.0, temperature=0.05, learn_temperature=False)))
     )
     c.optim.update(lr=1e-3, warmup_steps=50)
-    c.train.update(steps=500, eval_every=250, ckpt_every=250)
+    c.train.update(steps=250, eval_every=125, ckpt_every=125)
     return c
