@@ -18,8 +18,11 @@ def get_config():
     c.model.update(kind="encoder", d_model=128, num_layers=2, num_heads=4, d_ff=512, max_len=128,
                    positions="rope", norm="rmsnorm", mlp="gelu", type_vocab_size=2)
     c.data.update(task="bert", seq_len=128, batch_size=32)
+    # NSP at weight 1 stalls MLM at its unigram plateau here (MLM loss 5.4 after 250 steps vs 3.2
+    # without NSP): random B sentences name another person, so NSP is solved by a shortcut whose
+    # gradients dominate. At 0.1 both learn.
     c.objectives = ConfigDict(dict(mlm=ConfigDict(dict(weight=1.0)),
-                                   nsp=ConfigDict(dict(weight=1.0))))
+                                   nsp=ConfigDict(dict(weight=0.1))))
     c.optim.update(lr=3e-3, warmup_steps=100)
     c.train.update(steps=800, eval_every=200, ckpt_every=400)
     return c

@@ -8,8 +8,8 @@ SFT is short: gpt_world's mixed training already taught the template; longer SFT
 train people's answers.
 
 Command:  solo train chat_world --workdir runs/chat_world
-Runtime:  16 min measured on a 2-core CPU shared with other jobs (load 8-10): gpt_world 14.8
-          min, SFT + held-out eval 1.2 min; about 7-8 min on a quiet one (its CPU time).
+Runtime:  8.2 min measured for both stages on a 2-core CPU still shared with other jobs (load
+          4-6, ~10k tokens/s; 16 min at load 8-10); SFT + held-out eval take ~1 min of it.
 Expect:   SFT eval loss (held-out validation people) 0.44; held-out exact-match 0.52 on the test
           split (113/216 questions, greedy, through the chat path).
 """

@@ -8,8 +8,8 @@ Held-out people appear only in their biographies. A small world (100 people) and
 give each fact ~100 updates within the CPU budget.
 
 Command:  solo train gpt_world --workdir runs/gpt_world
-Runtime:  14.8 min measured on a 2-core CPU shared with other jobs (load 8-10, ~4.9k tokens/s);
-          about 6-7 min on a quiet one (its CPU time).
+Runtime:  ~7 min measured on a 2-core CPU shared with other jobs (load 4-6, ~10k tokens/s);
+          14.8 min at load 8-10 (~4.9k tokens/s).
 Expect:   train loss 0.23; eval loss on unseen biography paraphrases 0.65 at step 1000 and 0.72
           at step 2000 (their wording over-fits while the facts keep improving).
 """
