@@ -1,30 +1,17 @@
-"""Teacher-forced decoder cross-entropy for encoder-decoder models."""
+"""Teacher-forced decoder cross-entropy for encoder-decoder models.
+
+The loss is causal_lm's (decoder `logits` vs `targets`, weighted by `weights`; option `z_loss`);
+only the name and the batch it needs differ.
+"""
 
 from __future__ import annotations
 
-from objectives.base import (
-    Batch,
-    Metrics,
-    Objective,
-    Options,
-    perplexity,
-    token_ce,
-    weight_sum,
-)
+import dataclasses
 
+from objectives import causal_lm
 
-def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
-    """CE of decoder `logits` [B,L,V] vs `targets`, weighted by `weights`; option `z_loss`."""
-    return token_ce(
-        outputs["logits"], batch["targets"], batch["weights"], float(options.get("z_loss", 0.0))
-    )
-
-
-OBJECTIVE = Objective(
+OBJECTIVE = dataclasses.replace(
+    causal_lm.OBJECTIVE,
     name="seq2seq",
-    heads=("lm",),
     batch_keys=("src_tokens", "tokens", "targets", "weights"),
-    loss=loss,
-    count=weight_sum("weights"),
-    derived=perplexity,
 )

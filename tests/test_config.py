@@ -81,5 +81,6 @@ def test_missing_and_malformed_config_files(tmp_path):
 def test_json_round_trip_preserves_values():
     c = load_config("bert_world")
     back = from_json(to_json(c))
-    assert back.model.kind == "encoder" and back.objectives.nsp.weight == 1.0
+    assert back.model.kind == "encoder" and back.objectives.nsp.weight == c.objectives.nsp.weight
+    assert to_json(back) == to_json(c)
     assert back.to_dict().keys() == c.to_dict().keys()
