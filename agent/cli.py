@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -155,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, overrides)
     except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
-        # Errors raised at the edges carry a complete message: one line, no traceback.
-        print(f"solo {args.command}: error: {e}", file=sys.stderr)
+        # Errors raised at the edges carry a complete message: one line, no traceback. ValueError
+        # can also come from deep inside a library: SOLO_DEBUG=1 shows the traceback.
+        if os.environ.get("SOLO_DEBUG"):
+            raise
+        print(f"solo {args.command}: error: {e} (SOLO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -22,6 +22,16 @@ from data import sources
 from data import transforms as T
 from data.sources import cfg_get
 
+_PACKED = ("tokens", "segment_ids", "positions")
+# Keys each task's batches carry (contract in README); train/ checks objectives against it.
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "lm": _PACKED + ("targets", "weights"),
+    "sft": _PACKED + ("targets", "weights"),
+    "mlm": _PACKED + ("mlm_targets", "mlm_weights"),
+    "bert": _PACKED + ("mlm_targets", "mlm_weights", "token_types", "nsp_labels"),
+    "pairs": _PACKED + ("tokens_b", "segment_ids_b", "positions_b"),
+    "seq2seq": _PACKED + ("targets", "weights", "src_tokens", "src_segment_ids", "src_positions"),
+}
 EVAL_SEED = 20240601  # fixed: eval masks/NSP draws must not change with the training seed
 TOKENIZER_FILE = "tokenizer.model"
 _CACHE: dict = {}

@@ -241,7 +241,6 @@ class World:
             raise ValueError(f"bios_per_person must be >= 1, got {bios_per_person}")
         if not 0.0 <= full_name_frac <= 1.0:
             raise ValueError(f"full_name_frac must be in [0, 1], got {full_name_frac}")
-        mix_qa = {True: "text", False: ""}.get(mix_qa, mix_qa)
         if mix_qa not in MIX_QA:
             raise ValueError(f"mix_qa must be one of {MIX_QA}, got {mix_qa!r}")
         rng = random.Random(f"world:{seed}:people")

@@ -32,15 +32,6 @@ from train.optim import make_optimizer
 from train.step import Stepper, init_state_fns, make_eval_step
 
 # Batch keys each data.task provides (see /work/contract.md "Batches").
-_PACKED = ("tokens", "segment_ids", "positions")
-TASK_KEYS: dict[str, tuple[str, ...]] = {
-    "lm": _PACKED + ("targets", "weights"),
-    "sft": _PACKED + ("targets", "weights"),
-    "mlm": _PACKED + ("mlm_targets", "mlm_weights"),
-    "bert": _PACKED + ("mlm_targets", "mlm_weights", "token_types", "nsp_labels"),
-    "pairs": _PACKED + ("tokens_b", "segment_ids_b", "positions_b"),
-    "seq2seq": _PACKED + ("targets", "weights", "src_tokens", "src_segment_ids", "src_positions"),
-}
 
 
 class TrainConfigError(experiments.ConfigError):
@@ -55,12 +46,13 @@ def validate_config(config: Any, mesh) -> None:
     if not active:
         raise TrainConfigError("config.objectives: no objective has a nonzero weight")
     task = str(config.data.task)
-    if task not in TASK_KEYS:
-        raise TrainConfigError(f"data.task={task!r} is unknown; valid: {', '.join(TASK_KEYS)}")
+    task_keys = pipeline.TASK_KEYS
+    if task not in task_keys:
+        raise TrainConfigError(f"data.task={task!r} is unknown; valid: {', '.join(task_keys)}")
     for name in active:
-        missing = [k for k in get_objective(name).batch_keys if k not in TASK_KEYS[task]]
+        missing = [k for k in get_objective(name).batch_keys if k not in task_keys[task]]
         if missing:
-            fits = [t for t, ks in TASK_KEYS.items()
+            fits = [t for t, ks in task_keys.items()
                     if all(k in ks for o in active for k in get_objective(o).batch_keys)]
             raise TrainConfigError(
                 f"objective {name!r} needs batch keys {missing} that data.task={task!r} does not "
