@@ -42,6 +42,7 @@ from agent.sampling import (  # noqa: F401  (re-exported: the sampler's public A
 )
 from data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
 from model.transformer import Transformer, init_cache
+from train.compile_options import compiler_options
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -103,8 +104,10 @@ class Sampler:
         self.fast = bool(fast) and fast_decode.supports(cfg)
         if self.fast:  # the fast path's own param layout replaces the model variables
             self.variables = fast_decode.prepare_params(self.variables, cfg)
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("batch", "length", "slots"))
-        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,))
+        opts = compiler_options("decode")
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("batch", "length", "slots"),
+                                compiler_options=opts)
+        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,), compiler_options=opts)
         self._grow = jax.jit(lambda state, slots: dict(
             state, cache=fast_decode.grow(state["cache"], slots)), static_argnums=(1,))
 

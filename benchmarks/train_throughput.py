@@ -22,6 +22,7 @@ import numpy as np
 
 from experiments import base
 from model import ModelConfig, Transformer, flops_per_token
+from train.compile_options import compiler_options
 from train.optim import make_optimizer
 from train.state import TrainState
 from train.step import make_train_step
@@ -59,7 +60,7 @@ def measure_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def make_jax_step(size: str, dtype: str, extra: dict):
+def make_jax_step(size: str, dtype: str, extra: dict, xla_defaults: bool = False):
     overrides, seq_len, batch = SIZES[size]
     config = base.get_config()
     config.model.update(**{**overrides, **GPT2_STYLE, "max_len": seq_len, "dtype": dtype, **extra})
@@ -68,7 +69,8 @@ def make_jax_step(size: str, dtype: str, extra: dict):
     cfg = ModelConfig.from_config(config.model)
     model = Transformer(cfg)
     tx, schedule = make_optimizer(config.optim, 1000)
-    step = jax.jit(make_train_step(model, config, tx, schedule), donate_argnums=0)
+    step = jax.jit(make_train_step(model, config, tx, schedule), donate_argnums=0,
+                   compiler_options=compiler_options("train", xla_defaults))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len + 1))
     data = dict(tokens=jnp.asarray(tokens[:, :-1], jnp.int32),
@@ -157,6 +159,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="interleaving rounds")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--compare-torch", action="store_true")
+    p.add_argument("--xla-defaults", action="store_true",
+                   help="XLA:CPU library fusions as jaxlib ships them, not the project's choice "
+                        "(train/compile_options.py)")
     p.add_argument("--scan-layers", type=int, choices=(0, 1), default=None,
                    help="override model.scan_layers (default: the project's default)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -174,7 +179,7 @@ def main(argv=None):
         extra[key] = (value.lower() in ("1", "true") if isinstance(default, bool)
                       else type(default)(value))
     runs = {}
-    run, fpt, tokens, n_params = make_jax_step(args.size, args.dtype, extra)
+    run, fpt, tokens, n_params = make_jax_step(args.size, args.dtype, extra, args.xla_defaults)
     runs["jax"] = run
     if args.compare_torch:
         try:

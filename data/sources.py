@@ -243,20 +243,9 @@ def _world_records(config: Any, kind: str, split: str) -> list[dict]:
     from data.world import World
 
     wc = cfg_get(config.data, "world", {})
-    opts = {
-        k: cfg_get(wc, k, None)
-        for k in (
-            "seed",
-            "num_people",
-            "heldout_frac",
-            "bios_per_person",
-            "full_name_frac",
-            "mix_qa",
-            "answer_prefix",
-        )
-    }
+    # every World.generate option that the config sets (one list: the signature)
     params = inspect.signature(World.generate).parameters
-    kwargs = {k: v for k, v in opts.items() if v is not None and k in params}
+    kwargs = {k: v for k in params if (v := cfg_get(wc, k, None)) is not None}
     key = tuple(sorted(kwargs.items()))
     if key not in _WORLD_CACHE:
         _WORLD_CACHE.clear()

@@ -220,6 +220,10 @@ class World:
     # Prepended to chat answers (the 'answer' field stays bare): " " makes a BPE without dummy
     # prefix give the answer the same word-initial pieces as in bios and mixed QA texts.
     answer_prefix: str = ""
+    # > 1: the train split's chats also hold conversations of this many turns about one person
+    # (the single-turn chats stay): a reply then ends at its own end-of-turn in a multi-turn
+    # context instead of running on.
+    chat_turns: int = 1
 
     @classmethod
     def generate(
@@ -231,6 +235,7 @@ class World:
         full_name_frac: float = 0.5,
         mix_qa: str = "",
         answer_prefix: str = "",
+        chat_turns: int = 1,
     ) -> World:
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
         if not 0 < num_people <= max_people:
@@ -243,6 +248,8 @@ class World:
             raise ValueError(f"full_name_frac must be in [0, 1], got {full_name_frac}")
         if mix_qa not in MIX_QA:
             raise ValueError(f"mix_qa must be one of {MIX_QA}, got {mix_qa!r}")
+        if chat_turns < 1:
+            raise ValueError(f"chat_turns must be >= 1, got {chat_turns}")
         rng = random.Random(f"world:{seed}:people")
         people = []
         for k in rng.sample(range(max_people), num_people):
@@ -268,6 +275,7 @@ class World:
             full_name_frac=full_name_frac,
             mix_qa=mix_qa,
             answer_prefix=answer_prefix,
+            chat_turns=chat_turns,
         )
 
     @classmethod
@@ -282,6 +290,7 @@ class World:
             full_name_frac=float(get("full_name_frac", 0.5)),
             mix_qa=get("mix_qa", ""),
             answer_prefix=str(get("answer_prefix", "")),
+            chat_turns=int(get("chat_turns", 1)),
         )
 
     # --- people and splits ---------------------------------------------------------------------
@@ -354,7 +363,8 @@ class World:
         opts: documents: num_per_person (mix_qa='text'|'chat' appends each train person's
         question and answer to 'train', as a 'question answer' text or a chat record);
         pairs: num_per_fact (default 2);
-        chats: system (str or None = no system message, default None).
+        chats: system (str or None = no system message, default None); with chat_turns > 1
+        the train split also holds multi-turn conversations (one person each).
         documents 'test' = the 'validation' documents (all people's facts are in train anyway).
         """
         if split not in ("train", "validation", "test"):
@@ -416,13 +426,24 @@ class World:
         return rows
 
     def _chats(self, split: str, system: str | None = None) -> list[dict]:
-        rows = []
-        for p, a, q, ans in self.qa(self.split_people(split)):
-            msgs = ([dict(role="system", content=system)] if system else []) + [
-                dict(role="user", content=q),
-                dict(role="assistant", content=self.answer_prefix + ans),
-            ]
-            rows.append(dict(messages=msgs, person=p.name, attribute=a, question=q, answer=ans))
+        head = [dict(role="system", content=system)] if system else []
+        turn = lambda q, ans: [dict(role="user", content=q),
+                               dict(role="assistant", content=self.answer_prefix + ans)]
+        qa = self.qa(self.split_people(split))
+        rows = [dict(messages=head + turn(q, ans), person=p.name, attribute=a, question=q,
+                     answer=ans) for p, a, q, ans in qa]
+        if split == "train" and self.chat_turns > 1:  # + conversations: shuffled QAs, in groups
+            by_person: dict[str, list] = {}
+            for row in qa:
+                by_person.setdefault(row[0].name, []).append(row)
+            for name, rows_p in by_person.items():
+                random.Random(f"world:{self.seed}:turns:{name}").shuffle(rows_p)
+                for i in range(0, len(rows_p) - 1, self.chat_turns):
+                    group = rows_p[i : i + self.chat_turns]
+                    msgs = head + [m for _, _, q, ans in group for m in turn(q, ans)]
+                    rows.append(dict(messages=msgs, person=name,
+                                     attribute=",".join(a for _, a, _, _ in group),
+                                     question=group[0][2], answer=group[0][3]))
         return rows
 
     def _seq2seq(self, split: str) -> list[dict]:

@@ -77,6 +77,7 @@ def get_config() -> ConfigDict:
                     full_name_frac=0.5,
                     mix_qa="",
                     answer_prefix="",
+                    chat_turns=1,  # > 1: train chats also hold conversations of that many turns
                 )
             ),
         )
@@ -110,6 +111,7 @@ def get_config() -> ConfigDict:
             keep=3,
             keep_best=True,
             parallel="jit",  # jit | pmap
+            xla_defaults=False,  # True: XLA:CPU fusions as jaxlib ships them (compile_options.py)
             mesh=ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # -1: all remaining devices
             init_from="",  # workdir whose params initialise this run (e.g. SFT from a causal run)
             init_experiment="",  # experiment that trains init_from first when it has no checkpoint

@@ -5,13 +5,14 @@ person with full names in every sentence, and "mixed training": the *train* peop
 question/answer chats, in the same chat template SFT and the agent use (data.world.mix_qa='chat'),
 join the biographies, so pretraining already learns to answer from facts stored by the bios.
 Held-out people appear only in their biographies. A small world (100 people) and a small batch
-give each fact ~100 updates within the CPU budget.
+give each fact ~200 updates within the CPU budget.
 
 Command:  solo train gpt_world --workdir runs/gpt_world
-Runtime:  ~7 min measured on a 2-core CPU shared with other jobs (load 4-6, ~10k tokens/s);
-          14.8 min at load 8-10 (~4.9k tokens/s).
-Expect:   train loss 0.23; eval loss on unseen biography paraphrases 0.65 at step 1000 and 0.72
-          at step 2000 (their wording over-fits while the facts keep improving).
+Runtime:  ~6.5 min on a quiet 2-core CPU (~19k tokens/s); about twice that on a machine shared
+          with other jobs (load 4-6).
+Expect:   train loss 0.20; eval loss on unseen biography paraphrases 0.67 at step 2000 and 0.78
+          at step 4000 (their wording over-fits while the facts keep improving); held-out
+          question exact match straight from this checkpoint 0.71 (chat path, test split).
 """
 
 from experiments import base
@@ -25,8 +26,10 @@ def get_config():
     c.data.tokenizer.vocab_size = 1024
     # Answers start with a space: the tokenizer has no dummy prefix, so " Vienna" gets the pieces
     # the biographies taught ("Vienna" would be spelled with other, unseen pieces).
+    # chat_turns=3: the mixed chats include 3-turn conversations, so replies end at their own
+    # end-of-turn deep in a multi-turn chat too.
     c.data.world.update(num_people=100, bios_per_person=5, full_name_frac=1.0, mix_qa="chat",
-                        answer_prefix=" ")
+                        answer_prefix=" ", chat_turns=3)
     c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
-    c.train.update(steps=2000, log_every=100, eval_every=1000, ckpt_every=1000)
+    c.train.update(steps=4000, log_every=100, eval_every=2000, ckpt_every=2000)
     return c

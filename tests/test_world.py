@@ -102,6 +102,34 @@ def test_chat_rows(w):
     assert len(w.records("chats", "train")) == n_q * len(w.split_people("train"))
 
 
+def test_multi_turn_chats():
+    base = World.generate(seed=0, num_people=40)
+    multi = World.generate(seed=0, num_people=40, chat_turns=3, mix_qa="chat")
+    single = base.records("chats", "train")
+    rows = multi.records("chats", "train")
+    assert rows[: len(single)] == single  # the single-turn chats stay, first
+    convs = rows[len(single):]
+    assert convs and all(4 <= len(r["messages"]) <= 6 for r in convs)
+    facts = {(r["messages"][0]["content"], r["messages"][1]["content"]) for r in single}
+    per_person = {}
+    for r in convs:
+        msgs = r["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+        pairs = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, len(msgs), 2)]
+        assert set(pairs) <= facts  # every turn is a real QA of ...
+        assert all(r["person"] in q for q, _ in pairs)  # ... this conversation's one person
+        per_person.setdefault(r["person"], []).extend(pairs)
+    assert not set(per_person) & multi.heldout  # held-out people never, in any turn
+    for pairs in per_person.values():  # each QA at most once per person
+        assert len(pairs) == len(set(pairs))
+    for split in ("validation", "test"):  # eval chats stay single-turn, unchanged
+        assert multi.records("chats", split) == base.records("chats", split)
+    docs = multi.records("documents", "train")
+    assert sum("messages" in d for d in docs) == len(rows)  # mixed training sees them too
+    with pytest.raises(ValueError, match="chat_turns"):
+        World.generate(seed=0, num_people=40, chat_turns=0)
+
+
 def test_documents_cover_everyone_and_contain_facts(w):
     train = w.records("documents", "train")
     val = w.records("documents", "validation")

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from objectives import active_objectives, compute_loss, denominators, forward, get_objective
 from train import parallel
+from train.compile_options import compiler_options
 from train.state import TrainState
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -158,13 +159,14 @@ class Stepper:
         if self.mode == "jit":
             batch_sh = parallel.batch_sharding(mesh)
             rep = parallel.replicated(mesh)
+            opts = compiler_options("train", bool(config.train.get("xla_defaults", False)))
             self._train = jax.jit(
                 make_train_step(model, config, tx, schedule, mesh=mesh),
                 in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, rep),
-                donate_argnums=0)
+                donate_argnums=0, compiler_options=opts)
             self._eval = jax.jit(make_eval_step(model, config),
                                  in_shardings=(state_sharding.params, batch_sh),
-                                 out_shardings=rep)
+                                 out_shardings=rep, compiler_options=opts)
         elif self.mode == "pmap":
             self.devices = list(mesh.devices.flat)
             self._train = jax.pmap(make_train_step(model, config, tx, schedule, axis_name="data"),

@@ -1,0 +1,53 @@
+"""train.compile_options: per-jit XLA:CPU library-fusion choices, with a safe fallback."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import compile_options as co
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+
+
+def _mlp(x, w):
+    return jnp.tanh(x @ w).sum(-1)
+
+
+def _compiled_text(opts):
+    x, w = jnp.ones((64, 32)), jnp.ones((32, 48))
+    return jax.jit(_mlp, compiler_options=opts).lower(x, w).compile().as_text()
+
+
+def test_train_turns_library_fusions_off_and_decode_keeps_dots_only():
+    train, decode = co.compiler_options("train"), co.compiler_options("decode")
+    assert train == {co._KEY: ""}
+    assert "ynn_fusion" in _compiled_text(None)  # jaxlib's default: YNNPACK fusions
+    assert "ynn_fusion" not in _compiled_text(train)
+    assert " dot(" in _compiled_text(train).split("ENTRY")[1]  # XLA's own dot instead
+    assert "ynn_fusion" in _compiled_text(decode)  # the dot stays a YNNPACK call
+
+
+def test_same_numbers_with_and_without_options():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+    ref = np.tanh(np.asarray(x, np.float64) @ np.asarray(w, np.float64)).sum(-1)
+    for opts in (None, co.compiler_options("train"), co.compiler_options("decode")):
+        np.testing.assert_allclose(jax.jit(_mlp, compiler_options=opts)(x, w), ref, rtol=1e-4)
+
+
+def test_defaults_off_cpu_or_on_request():
+    assert co.compiler_options("train", xla_defaults=True) is None
+    assert co.compiler_options("train", backend="gpu") is None
+    with pytest.raises(KeyError):
+        co.compiler_options("nonsense")
+
+
+def test_unknown_option_value_falls_back_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setitem(co.YNN_FUSIONS, "train", "NOT_A_FUSION_TYPE")
+    with caplog.at_level(logging.WARNING, logger="solo.compile"):
+        assert co.compiler_options("train") is None
+    assert "unsupported by this jaxlib" in caplog.text
