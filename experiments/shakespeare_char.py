@@ -4,7 +4,7 @@ Get the file: it ships in ../shared/data/tinyshakespeare.txt here; elsewhere dow
 karpathy/char-rnn's data/tinyshakespeare/input.txt and pass --config.data.source=PATH.
 
 Command:  solo train shakespeare_char --workdir runs/shakespeare_char
-Runtime:  9 min measured on a 2-core CPU shared with other jobs (load 5-7, ~7.4k tokens/s).
+Runtime:  174 s on a quiet 2-core CPU (~14.8k tokens/s; 9 min at load 5-7).
 Expect:   validation loss 2.30 at step 300 and 2.06 at step 600 (5.8 at init; the tokenizer
           has 333 pieces: 65 characters + 10 specials + 256 bytes + a few), accuracy 0.40.
 """
