@@ -238,14 +238,9 @@ def _tail_split(records: list[dict], split: str, val_fraction: float) -> list[di
 
 
 def _world_records(config: Any, kind: str, split: str) -> list[dict]:
-    import inspect
-
     from data.world import World
 
-    wc = cfg_get(config.data, "world", {})
-    # every World.generate option that the config sets (one list: the signature)
-    params = inspect.signature(World.generate).parameters
-    kwargs = {k: v for k in params if (v := cfg_get(wc, k, None)) is not None}
+    kwargs = World.config_options(cfg_get(config.data, "world", {}))
     key = tuple(sorted(kwargs.items()))
     if key not in _WORLD_CACHE:
         _WORLD_CACHE.clear()

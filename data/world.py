@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import random
 from collections.abc import Mapping
 
@@ -281,17 +282,18 @@ class World:
     @classmethod
     def from_config(cls, cfg) -> World:
         """From a `data.world` ConfigDict / dict (missing keys take the defaults)."""
-        get = cfg.get if hasattr(cfg, "get") else lambda k, d: getattr(cfg, k, d)
-        return cls.generate(
-            seed=int(get("seed", 0)),
-            num_people=int(get("num_people", 200)),
-            heldout_frac=float(get("heldout_frac", 0.25)),
-            bios_per_person=int(get("bios_per_person", 5)),
-            full_name_frac=float(get("full_name_frac", 0.5)),
-            mix_qa=get("mix_qa", ""),
-            answer_prefix=str(get("answer_prefix", "")),
-            chat_turns=int(get("chat_turns", 1)),
-        )
+        return cls.generate(**cls.config_options(cfg))
+
+    @classmethod
+    def config_options(cls, cfg) -> dict:
+        """`generate`'s keyword arguments from a config: its signature is the one list of options
+        (missing or None keys take its defaults; values are cast to the default's type)."""
+        def get(key, default):
+            value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+            return default if value is None else value
+
+        params = inspect.signature(cls.generate).parameters
+        return {k: type(p.default)(get(k, p.default)) for k, p in params.items()}
 
     # --- people and splits ---------------------------------------------------------------------
 
