@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
-from model.layers import F32, Block, Dense, Embedder, Norm, param
+from model.layers import F32, Block, Dense, Embedder, Norm, gelu, param
 
 HEADS = ("lm", "mlm", "nsp", "embed")
 
@@ -80,7 +80,7 @@ class MlmHead(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, table_VD=None):
         cfg = self.cfg
-        h = nn.gelu(Dense(cfg, cfg.d_model, name="transform")(x_BLD))
+        h = gelu(Dense(cfg, cfg.d_model, name="transform")(x_BLD))
         h = Norm(cfg, name="norm")(h)
         if table_VD is None:
             logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
