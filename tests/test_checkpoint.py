@@ -65,6 +65,29 @@ def test_resume_is_bit_identical(runs):
     assert a["train"]["causal_lm/loss"] == b["train"]["causal_lm/loss"]
 
 
+def test_config_json_is_the_latest_and_earlier_configs_are_kept(runs):
+    tmp, *_ = runs
+    read = lambda p: json.loads(p.read_text())
+    # b: launched with steps=4, resumed with steps=8 -> the 4-step config is kept, named by the
+    # last checkpoint it produced; config.json is the resumed launch's
+    assert read(tmp / "b" / "config.json")["train"]["steps"] == 8
+    kept = sorted(p.name for p in (tmp / "b").glob("config.*.json"))
+    assert kept == ["config.until-step-4.json"]
+    assert read(tmp / "b" / kept[0])["train"]["steps"] == 4
+    # a: one launch -> nothing archived; relaunching an identical config writes nothing
+    before = snapshot(tmp / "a")
+    ckpt_lib.write_config(small_config(8), str(tmp / "a"))
+    assert not list((tmp / "a").glob("config.*.json")) and snapshot(tmp / "a") == before
+    # two changed relaunches without a new checkpoint: both earlier configs survive
+    wd = tmp / "cfg_only"
+    wd.mkdir()
+    for steps in (1, 2, 3):
+        ckpt_lib.write_config(small_config(steps), str(wd))
+    assert read(wd / "config.json")["train"]["steps"] == 3
+    assert [read(wd / n)["train"]["steps"] for n in ("config.until-step-0.json",
+                                                      "config.until-step-0.1.json")] == [1, 2]
+
+
 def test_workdir_layout_and_metrics(runs):
     tmp, a, _, _ = runs
     wd = tmp / "a"

@@ -1,7 +1,8 @@
 """Checkpoints (Orbax) and the workdir: validation, resume, and loading params for inference.
 
 Workdir layout:
-    config.json          the run's config (experiments.to_json), written once, never overwritten
+    config.json          the run's latest resolved config (experiments.to_json)
+    config.until-step-<N>.json  an earlier launch's config, kept when a resume changed it
     tokenizer.model      sentencepiece model (data.pipeline.build_tokenizer)
     checkpoints/<step>/  Orbax composite: state/ (TrainState, StandardSave), data/ (JSON iterator
                          state); metrics (eval_loss) tracked by Orbax for best-checkpoint retention
@@ -98,15 +99,39 @@ def check_workdir(config: Any, workdir: str) -> None:
                 f"({', '.join(diff)}); pass a new --workdir to start a fresh run")
 
 
-def write_config(config: Any, workdir: str) -> None:
-    """Writes config.json unless one exists (same shape: checked by check_workdir)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(path):
-        return
+def _latest_step_on_disk(workdir: str) -> int:
+    d = os.path.join(workdir, CKPT_DIR)
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    return max(steps, default=0)
+
+
+def _write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(experiments.to_json(config))
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_config(config: Any, workdir: str) -> None:
+    """Writes the resolved config to config.json, so it always describes the latest launch.
+
+    A resume whose config differs (more steps, another learning rate; the model shape is checked
+    by check_workdir) first keeps the previous file as config.until-step-<N>.json, N = the newest
+    checkpoint it produced: the workdir records every config that trained it, and config.json
+    exists at every instant (archive written before the atomic replace)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    text = experiments.to_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old == text:
+            return
+        stem = os.path.join(workdir, f"config.until-step-{_latest_step_on_disk(workdir)}")
+        archive, n = stem + ".json", 1
+        while os.path.exists(archive):  # relaunched with new configs and no new checkpoint
+            archive, n = f"{stem}.{n}.json", n + 1
+        _write_atomic(archive, old)
+    _write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------- manager
