@@ -51,3 +51,24 @@ def test_unknown_option_value_falls_back_with_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="solo.compile"):
         assert co.compiler_options("train") is None
     assert "unsupported by this jaxlib" in caplog.text
+
+
+def test_pmap_steps_compile_with_the_options_once_per_signature():
+    """jax.pmap takes no compiler_options: PmapWithOptions lowers + compiles with them."""
+    from train.step import PmapWithOptions
+
+    f = jax.pmap(_mlp)
+    wrapped = PmapWithOptions(f, co.compiler_options("train"))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 64, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, 32, 48)), jnp.float32)
+    assert "ynn_fusion" in f.lower(x, w).compile().as_text()  # what plain pmap would run
+    ref = np.tanh(np.asarray(x[0], np.float64) @ np.asarray(w[0], np.float64)).sum(-1)
+    np.testing.assert_allclose(wrapped(x, w)[0], ref, rtol=1e-4, atol=1e-5)
+    wrapped(x + 1, w)  # same signature: reuses the executable
+    assert len(wrapped._compiled) == 1
+    (exe,) = wrapped._compiled.values()
+    assert "ynn_fusion" not in exe.as_text() and " dot(" in exe.as_text()
+    wrapped(x[:, :8], w)  # a new shape compiles once more
+    assert len(wrapped._compiled) == 2
+    assert PmapWithOptions(f, None)(x, w).shape == (1, 64)  # no options: plain pmap

@@ -145,6 +145,23 @@ def make_eval_step(model: nn.Module, config: Any, *, axis_name: str | None = Non
     return eval_step
 
 
+class PmapWithOptions:
+    """A pmapped function compiled with XLA `compiler_options`, which `jax.pmap` does not take:
+    lowered and compiled once per argument signature (shapes, dtypes), on first use."""
+
+    def __init__(self, fn: Callable, options: dict | None):
+        self.fn, self.options, self._compiled = fn, options, {}
+
+    def __call__(self, *args):
+        if self.options is None:
+            return self.fn(*args)
+        leaves, tree = jax.tree.flatten(args)
+        key = (tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        if key not in self._compiled:
+            self._compiled[key] = self.fn.lower(*args).compile(compiler_options=self.options)
+        return self._compiled[key](*args)
+
+
 class Stepper:
     """Compiled steps for one parallel mode, plus host<->device glue.
 
@@ -156,10 +173,10 @@ class Stepper:
                  schedule: optax.Schedule, mesh: Mesh, state_sharding: TrainState):
         self.mode = str(config.train.parallel)
         self.mesh, self.state_sharding = mesh, state_sharding
+        opts = compiler_options("train", bool(config.train.get("xla_defaults", False)))
         if self.mode == "jit":
             batch_sh = parallel.batch_sharding(mesh)
             rep = parallel.replicated(mesh)
-            opts = compiler_options("train", bool(config.train.get("xla_defaults", False)))
             self._train = jax.jit(
                 make_train_step(model, config, tx, schedule, mesh=mesh),
                 in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, rep),
@@ -169,10 +186,12 @@ class Stepper:
                                  out_shardings=rep, compiler_options=opts)
         elif self.mode == "pmap":
             self.devices = list(mesh.devices.flat)
-            self._train = jax.pmap(make_train_step(model, config, tx, schedule, axis_name="data"),
-                                   axis_name="data", donate_argnums=0, devices=self.devices)
-            self._eval = jax.pmap(make_eval_step(model, config, axis_name="data"),
-                                  axis_name="data", devices=self.devices)
+            self._train = PmapWithOptions(jax.pmap(
+                make_train_step(model, config, tx, schedule, axis_name="data"),
+                axis_name="data", donate_argnums=0, devices=self.devices), opts)
+            self._eval = PmapWithOptions(jax.pmap(
+                make_eval_step(model, config, axis_name="data"), axis_name="data",
+                devices=self.devices), opts)
         else:
             raise ValueError(f"train.parallel={self.mode!r}; valid: 'jit', 'pmap'")
 
