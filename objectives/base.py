@@ -32,7 +32,8 @@ class Objective:
     `loss(outputs, batch, options)` returns unprefixed metrics including "loss" (and optionally
     "z_loss", an auxiliary term added to the total with the same denominator). `count(batch)` is
     the param-free denominator of "loss". `derived` maps this objective's summarised float metrics
-    to extra ones (e.g. perplexity).
+    to extra ones (e.g. perplexity). `batch_coupled` objectives (InfoNCE) get gradient caching
+    under gradient accumulation (train.step), so their loss always sees the whole batch.
     """
 
     name: str
@@ -42,6 +43,8 @@ class Objective:
     count: Callable[[Mapping[str, Array]], Array]
     views: tuple[str, ...] = ("",)
     derived: Callable[[Mapping[str, float]], dict[str, float]] | None = None
+    # the loss couples rows (in-batch negatives): gradient accumulation must see the whole batch
+    batch_coupled: bool = False
 
 
 def pair(total: Array, count: Array) -> Metric:

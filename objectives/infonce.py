@@ -93,4 +93,5 @@ OBJECTIVE = Objective(
     batch_keys=("tokens", "tokens_b"),
     loss=loss,
     count=lambda batch: jnp.sum(row_weights(batch, "pair_weights", batch["tokens"].shape[0])),
+    batch_coupled=True,
 )

@@ -5,6 +5,7 @@ Multi-device equivalence (8 fake CPU devices) lives in test_train_multidevice.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import pytest
 
 from experiments.base import get_config
 from model import ModelConfig, Transformer
+from objectives.core import OBJECTIVES
 from train import optim, parallel
 from train import step as step_lib
 
@@ -40,6 +42,20 @@ def lm_batch(seed=0, b=8, n=16, pad_rows=0):
     return dict(tokens=toks[:, :-1], targets=toks[:, 1:], weights=w,
                 segment_ids=np.ones((b, n), np.int32),
                 positions=np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy())
+
+
+def infonce_config(learn_temperature=False):
+    c = tiny_config(kind="encoder")
+    c.data.task = "pairs"
+    c.objectives = dict(infonce=dict(weight=1.0, temperature=0.1,
+                                     learn_temperature=learn_temperature))
+    return c
+
+
+def pair_batch(seed=0, b=8):
+    x, y = lm_batch(seed, b), lm_batch(seed + 100, b)
+    return dict(tokens=x["tokens"], segment_ids=x["segment_ids"], positions=x["positions"],
+                tokens_b=y["tokens"], segment_ids_b=y["segment_ids"], positions_b=y["positions"])
 
 
 def setup(config, devices=None):
@@ -121,6 +137,26 @@ def test_grad_accum_matches_single_batch():
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+
+
+def test_infonce_grad_accum_sees_the_whole_batch(monkeypatch):
+    """Gradient caching: with k microbatches InfoNCE still takes negatives from the whole batch,
+    so loss, accuracy and the update equal one big batch's. Plain accumulation (negatives from
+    each microbatch only) does not, which the last check confirms."""
+    batches = [pair_batch(0), pair_batch(1)]
+    c1 = infonce_config(learn_temperature=True)  # also a row-free output: the logit scale
+    p1, m1 = run_steps(c1, batches)
+    c4 = infonce_config(learn_temperature=True)
+    c4.optim.grad_accum = 4
+    p4, m4 = run_steps(c4, batches)
+    for a, b in zip(m1, m4, strict=True):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), p1, p4)
+    plain = dataclasses.replace(OBJECTIVES["infonce"], batch_coupled=False)
+    monkeypatch.setitem(OBJECTIVES, "infonce", plain)
+    _, naive = run_steps(c4, batches)
+    assert abs(naive[0]["infonce/loss"] - m1[0]["infonce/loss"]) > 0.1 * m1[0]["infonce/loss"]
 
 
 def test_pmap_step_matches_jit_step():

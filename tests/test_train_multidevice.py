@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
-    from test_train import tiny_config, lm_batch, run_steps, VOCAB
+    from test_train import tiny_config, lm_batch, run_steps, infonce_config, pair_batch
     from test_checkpoint import small_config
     from train.loop import train_and_evaluate
     assert jax.device_count() == 8, jax.devices()
@@ -55,20 +55,18 @@ SCRIPT = textwrap.dedent("""
     c.train.parallel = "pmap"
     compare("lm_pmap8", one, run_steps(c, batches))
 
-    # InfoNCE (in-batch negatives): 1-device jit vs pmap over 8 (gathered negatives)
-    c = tiny_config(kind="encoder")
-    c.data.task = "pairs"
-    c.objectives = dict(infonce=dict(weight=1.0, temperature=0.1, learn_temperature=False))
-    def pairs(seed):
-        b = lm_batch(seed)
-        b2 = lm_batch(seed + 100)
-        return dict(tokens=b["tokens"], segment_ids=b["segment_ids"], positions=b["positions"],
-                    tokens_b=b2["tokens"], segment_ids_b=b2["segment_ids"],
-                    positions_b=b2["positions"])
-    pb = [pairs(0), pairs(1)]
+    # InfoNCE (in-batch negatives): 1-device jit vs pmap over 8 (gathered negatives), and with
+    # gradient caching (grad_accum=2) on the 8-device mesh and under pmap
+    c = infonce_config()
+    pb = [pair_batch(0, b=16), pair_batch(1, b=16)]
     one = run_steps(c, pb, devices=jax.devices()[:1])
     c.train.parallel = "pmap"
     compare("infonce_pmap8", one, run_steps(c, pb))
+    c.optim.grad_accum = 2
+    compare("infonce_pmap8_accum2", one, run_steps(c, pb))
+    c.train.parallel = "jit"
+    c.train.mesh.update(dict(data=4, fsdp=2, tensor=1))
+    compare("infonce_jit8_accum2", one, run_steps(c, pb))
 
     # a real run on 8 devices with fsdp-sharded params, for the restore-on-1-device check
     c = small_config(steps=3)
@@ -96,7 +94,8 @@ def eight_device_run(tmp_path_factory):
     return json.loads(lines[-1][len("RESULT"):]), tmp
 
 
-@pytest.mark.parametrize("name", ["lm_jit8", "lm_jit8_accum2", "lm_pmap8", "infonce_pmap8"])
+@pytest.mark.parametrize("name", ["lm_jit8", "lm_jit8_accum2", "lm_pmap8", "infonce_pmap8",
+                                  "infonce_pmap8_accum2", "infonce_jit8_accum2"])
 def test_eight_devices_match_one(eight_device_run, name):
     result = eight_device_run[0][name]
     print(name, result)  # visible with -s: the measured agreement

@@ -59,9 +59,6 @@ def validate_config(config: Any, mesh) -> None:
                 f"objective {name!r} needs batch keys {missing} that data.task={task!r} does not "
                 f"provide; use data.task in {fits or 'none (objectives incompatible)'}")
     dp, k = parallel.data_parallel_size(mesh), int(config.optim.grad_accum)
-    if k > 1 and "infonce" in active:
-        print(f"warning: optim.grad_accum={k} with infonce: negatives come from each microbatch "
-              "only, so the update differs from one big batch", file=sys.stderr)
     if k < 1:
         raise TrainConfigError(f"optim.grad_accum={k} must be >= 1")
     bs = int(config.data.batch_size)

@@ -6,7 +6,9 @@ accumulation, clipping + AdamW via `tx`): both parallel modes wrap the same func
 Loss normalisation: every microbatch / device loss is `sum_o w_o * sum_o(micro) / den_o(full)` with
 `den_o` the full global batch's denominator (`objectives.denominators`, psummed under pmap), so the
 summed gradients of k microbatches on n devices equal the gradient of one big batch exactly (up to
-float reassociation). Metrics are (sum, count) pairs and are summed the same way.
+float reassociation). Metrics are (sum, count) pairs and are summed the same way. Losses that
+couple rows (InfoNCE's in-batch negatives) cannot be split so; they get gradient caching
+(`cached_grads`): the loss sees the whole batch, the backward runs per microbatch.
 """
 
 from __future__ import annotations
@@ -89,12 +91,45 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
     obj_cfg = config.objectives
     k = int(config.optim.grad_accum)
 
+    coupled = any(get_objective(n).batch_coupled for n in names)
+
+    def outputs_fn(params, batch, rng):
+        return forward(model.apply, params, batch, names, deterministic=False,
+                       rngs={"dropout": rng})
+
     def loss_fn(params, batch, dens, rng):
-        outputs = forward(model.apply, params, batch, names, deterministic=False,
-                          rngs={"dropout": rng})
+        outputs = outputs_fn(params, batch, rng)
         return compute_loss(outputs, batch, obj_cfg, dens, axis_name=axis_name)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def cached_grads(params, micro, dens, rng):
+        """Gradient caching (Gao et al. 2021) for batch-coupled losses (InfoNCE): pass 1 runs
+        every microbatch forward without keeping activations and collects the outputs; the loss
+        and its gradient w.r.t. those outputs are taken on the whole batch (all negatives); pass
+        2 re-runs each microbatch forward (same dropout key) and pulls that cotangent back to
+        the params. Exact: the update equals one big batch's, for ~1 extra forward pass.
+        Outputs with a row axis are [k, rows, ...] when stacked; row-free ones (a learned logit
+        scale) are the same for every microbatch, so their cotangent goes to microbatch 0 only."""
+        idx = jnp.arange(k)
+        outs = jax.lax.map(lambda xs: outputs_fn(params, xs[1], jax.random.fold_in(rng, xs[0])),
+                           (idx, micro))
+        rows = {n: x.ndim >= 2 for n, x in outs.items()}
+        merge = lambda x: x.reshape(-1, *x.shape[2:])  # microbatch-major row order, as `micro`
+        whole = {n: merge(x) if rows[n] else x[0] for n, x in outs.items()}
+        (loss, metrics), d_whole = jax.value_and_grad(
+            lambda o: compute_loss(o, jax.tree.map(merge, micro), obj_cfg, dens,
+                                   axis_name=axis_name), has_aux=True)(whole)
+        cts = {n: d.reshape(outs[n].shape) if rows[n] else jnp.zeros_like(outs[n]).at[0].set(d)
+               for n, d in d_whole.items()}
+
+        def body(acc, xs):
+            i, mb, ct = xs
+            _, pull = jax.vjp(lambda p: outputs_fn(p, mb, jax.random.fold_in(rng, i)), params)
+            return jax.tree.map(jnp.add, acc, pull(ct)[0]), None
+
+        grads, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (idx, micro, cts))
+        return loss, metrics, grads
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
         rng = state.step_rng()
@@ -103,6 +138,9 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
             dens = jax.lax.psum(dens, axis_name)
         if k == 1:
             (loss, metrics), grads = grad_fn(state.params, batch, dens, rng)
+        elif coupled:
+            micro = jax.tree.map(lambda x: _microbatches(x, k, mesh), batch)
+            loss, metrics, grads = cached_grads(state.params, micro, dens, rng)
         else:
             micro = jax.tree.map(lambda x: _microbatches(x, k, mesh), batch)
 
