@@ -178,10 +178,11 @@ def read_jsonl(
                         ]
                     }
                 )
-            else:
-                records.append(
-                    {"source": p, "target": r} if kind == "seq2seq" else {"text_a": p, "text_b": r}
-                )
+            elif kind == "seq2seq":
+                records.append({"source": p, "target": r})
+            else:  # an optional 'group': pairs sharing it are not each other's negatives
+                group = {"group": obj["group"]} if obj.get("group") is not None else {}
+                records.append({"text_a": p, "text_b": r, **group})
         elif kind in ("documents", "pairs"):
             t = field(text_field)
             records.append({"text": t} if kind == "documents" else {"text_a": t, "text_b": t})

@@ -9,8 +9,10 @@ restart), so no attention or target ever crosses a row or a document boundary.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -205,13 +207,25 @@ def view_row(ids: Sequence[int], seq_len: int, suffix: str = "") -> Example:
     return row
 
 
+def group_id(group: Any) -> np.int32:
+    """A record's `group` (any printable value) -> a stable id in [0, 2^31); None -> -1."""
+    if group is None:
+        return np.int32(-1)
+    digest = hashlib.blake2b(str(group).encode(), digest_size=4).digest()
+    return np.int32(int.from_bytes(digest, "little") & 0x7FFFFFFF)
+
+
 def pairs_rows(tok, records: Sequence[dict], seq_len: int) -> Rows:
-    """Two views per record (a paraphrase pair, or the same text twice for dropout views)."""
+    """Two views per record (a paraphrase pair, or the same text twice for dropout views).
+
+    `pair_groups`: records with the same optional `group` (e.g. pairs of one fact) are positives
+    of each other, and InfoNCE does not use them as each other's negatives; -1 = no group."""
     rows = [
         {
             **view_row(tok.encode(r["text_a"]), seq_len),
             **view_row(tok.encode(r["text_b"]), seq_len, "_b"),
             "pair_weights": np.float32(1.0),
+            "pair_groups": group_id(r.get("group")),
         }
         for r in records
     ]

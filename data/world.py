@@ -423,6 +423,7 @@ class World:
                             text_b=fact_sentence(p, a, j),
                             person=p.name,
                             attribute=a,
+                            group=f"{p.name}/{a}",  # this fact's other pairs are positives too
                         )
                     )
         return rows

@@ -56,25 +56,34 @@ def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
     """Per row: mean of the a->b and b->a CE over sim = a @ b.T * scale. Option `axis_name`.
 
     Rows with `pair_weights` 0 (eval padding) are neither counted nor used as negatives.
+    Rows with the same `pair_groups` id >= 0 (paraphrase pairs of one fact) are positives of each
+    other, not negatives: another row of the query's group is masked out of its candidates, so a
+    near-duplicate neither pushes the embeddings apart nor counts as a retrieval miss.
     """
     a_BE = _normalize(outputs["embedding"])
     b_BE = _normalize(outputs["embedding_b"])
     s = scale(outputs, options)
     local = a_BE.shape[0]
     w_B = row_weights(batch, "pair_weights", local)
+    g_B = jnp.asarray(batch["pair_groups"], jnp.int32) if "pair_groups" in batch else \
+        jnp.full((local,), -1, jnp.int32)
     axis_name = options.get("axis_name")
     if axis_name is None:
-        a_all_NE, b_all_NE, w_all_N, offset = _replicated(a_BE), _replicated(b_BE), w_B, 0
+        a_all_NE, b_all_NE, w_all_N, g_all_N = _replicated(a_BE), _replicated(b_BE), w_B, g_B
+        offset = 0
     else:
         a_all_NE = jax.lax.all_gather(a_BE, axis_name, tiled=True)
         b_all_NE = jax.lax.all_gather(b_BE, axis_name, tiled=True)
         w_all_N = jax.lax.all_gather(w_B, axis_name, tiled=True)
+        g_all_N = jax.lax.all_gather(g_B, axis_name, tiled=True)
         offset = jax.lax.axis_index(axis_name) * local
     labels_B = offset + jnp.arange(local, dtype=jnp.int32)
-    key_ok_1N = (w_all_N > 0)[None, :]
+    own_BN = labels_B[:, None] == jnp.arange(g_all_N.shape[0])[None, :]
+    same_group_BN = (g_B[:, None] == g_all_N[None, :]) & (g_B[:, None] >= 0) & ~own_BN
+    key_ok_BN = (w_all_N > 0)[None, :] & ~same_group_BN
     # Padding keys get a very negative logit: exactly zero probability, no NaN.
-    logits_ab_BN = jnp.where(key_ok_1N, s * (a_BE @ b_all_NE.T), NEG)  # query a, keys = every b
-    logits_ba_BN = jnp.where(key_ok_1N, s * (b_BE @ a_all_NE.T), NEG)  # query b, keys = every a
+    logits_ab_BN = jnp.where(key_ok_BN, s * (a_BE @ b_all_NE.T), NEG)  # query a, keys = every b
+    logits_ba_BN = jnp.where(key_ok_BN, s * (b_BE @ a_all_NE.T), NEG)  # query b, keys = every a
     ce_ab, _ = cross_entropy(logits_ab_BN, labels_B)
     ce_ba, _ = cross_entropy(logits_ba_BN, labels_B)
     hit_ab = (jnp.argmax(logits_ab_BN, axis=-1) == labels_B).astype(jnp.float32)

@@ -239,6 +239,12 @@ def test_seq2seq_and_pairs_rows(tok):
     p = next(P.make_train_iterator(make_config("pairs"), tok))
     assert p["tokens_b"].shape == (8, 64) and (p["segment_ids_b"][:, 0] == 1).all()
     assert not (p["tokens"] == p["tokens_b"]).all()  # world pairs are paraphrases
+    assert (p["pair_groups"] >= 0).all()  # each world pair names its fact (person/attribute)
+    recs = [dict(text_a="a", text_b="b", group="Ann/city"), dict(text_a="c", text_b="d",
+            group="Ann/city"), dict(text_a="e", text_b="f", group="Bo/city"),
+            dict(text_a="g", text_b="h")]
+    g = T.pairs_rows(tok, recs, 16)["pair_groups"]
+    assert g.dtype == np.int32 and g[0] == g[1] != g[2] and g[3] == -1 and g[2] >= 0
 
 
 def test_pairs_from_documents_are_dropout_views(tmp_path, tok):
@@ -247,6 +253,7 @@ def test_pairs_from_documents_are_dropout_views(tmp_path, tok):
     c = make_config("pairs", source=str(f), txt_split="blank_lines", batch_size=2)
     b = next(P.make_train_iterator(c, tok))
     assert (b["tokens"] == b["tokens_b"]).all()
+    assert (b["pair_groups"] == -1).all()  # no groups: every other row is a negative
 
 
 def test_shards_disjoint_and_covering(tok):

@@ -49,17 +49,21 @@ def np_token_ce(logits, targets, weights):
     return total, acc, count, z
 
 
-def np_infonce(a, b, scale):
-    """Mean over rows of 0.5 * (CE a->b + CE b->a), and mean top-1 retrieval accuracy."""
+def np_infonce(a, b, scale, groups=None):
+    """Mean over rows of 0.5 * (CE a->b + CE b->a), and mean top-1 retrieval accuracy; with
+    groups, row i's candidates are itself and every row of another group (or group -1)."""
     a = a / np.linalg.norm(a, axis=-1, keepdims=True)
     b = b / np.linalg.norm(b, axis=-1, keepdims=True)
     n = a.shape[0]
+    groups = [-1] * n if groups is None else list(groups)
     losses, hits = [], []
     for i in range(n):
-        row_ab = np.array([scale * np.dot(a[i], b[j]) for j in range(n)])
-        row_ba = np.array([scale * np.dot(b[i], a[j]) for j in range(n)])
-        losses.append(0.5 * (-np_log_softmax(row_ab)[i] - np_log_softmax(row_ba)[i]))
-        hits.append(0.5 * (float(np.argmax(row_ab) == i) + float(np.argmax(row_ba) == i)))
+        cand = [j for j in range(n) if j == i or groups[i] < 0 or groups[j] != groups[i]]
+        row_ab = np.array([scale * np.dot(a[i], b[j]) for j in cand])
+        row_ba = np.array([scale * np.dot(b[i], a[j]) for j in cand])
+        t = cand.index(i)
+        losses.append(0.5 * (-np_log_softmax(row_ab)[t] - np_log_softmax(row_ba)[t]))
+        hits.append(0.5 * (float(np.argmax(row_ab) == t) + float(np.argmax(row_ba) == t)))
     return float(np.mean(losses)), float(np.mean(hits))
 
 
@@ -157,6 +161,31 @@ def test_infonce_matches_loop(learn, log_scale):
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["infonce/loss"][1], n)
     np.testing.assert_allclose(summarize(metrics)["infonce/accuracy"], ref_acc, rtol=1e-6)
+
+
+def test_infonce_same_group_rows_are_not_negatives():
+    """Rows 0, 1, 2 are pairs of one fact (group 5), rows 3, 4 of another (group 9), row 5 has
+    none: each row's candidates exclude the other rows of its group (explicit loop reference);
+    without groups the loss is higher, because near-duplicates count as negatives."""
+    rng = np.random.default_rng(4)
+    n = 6
+    base = rng.normal(size=(n, E)).astype(np.float32)
+    base[1:3] = base[0] + 0.1 * rng.normal(size=(2, E))  # near-duplicates within the group
+    a = base
+    b = (base + 0.3 * rng.normal(size=(n, E))).astype(np.float32)
+    groups = np.array([5, 5, 5, 9, 9, -1], np.int32)
+    outputs = {"embedding": a, "embedding_b": b, "logit_scale": np.float32(0.0)}
+    batch = {"tokens": np.zeros((n, 4), np.int32), "tokens_b": np.zeros((n, 4), np.int32),
+             "pair_groups": groups}
+    c = cfg(infonce=dict(weight=1.0, temperature=0.1))
+    loss, metrics = compute_loss(outputs, batch, c)
+    ref_loss, ref_acc = np_infonce(a, b, 10.0, groups)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(summarize(metrics)["infonce/accuracy"], ref_acc, rtol=1e-6)
+    plain = {k: v for k, v in batch.items() if k != "pair_groups"}
+    loss_plain, _ = compute_loss(outputs, plain, c)
+    np.testing.assert_allclose(float(loss_plain), np_infonce(a, b, 10.0)[0], rtol=1e-5)
+    assert float(loss_plain) > float(loss) + 0.1
 
 
 def test_zero_weight_padding_does_not_change_loss():

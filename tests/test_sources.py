@@ -90,6 +90,13 @@ def test_jsonl_text_and_chat_fields(tmp_path):
         cfg(p, task="seq2seq", prompt_field="q", response_field="a", val_fraction=0.0), "train"
     )[0]
     assert s2s[2] == {"source": "question 2?", "target": "answer 2"}
+    g = write(tmp_path / "g.jsonl", "\n".join(json.dumps({"q": "a", "a": "b", "group": i // 2})
+                                             for i in range(3)) + "\n" + json.dumps(
+        {"q": "c", "a": "d"}))
+    pairs = load_records(
+        cfg(g, task="pairs", prompt_field="q", response_field="a", val_fraction=0.0), "train"
+    )[0]
+    assert [r.get("group") for r in pairs] == [0, 0, 1, None]  # kept for InfoNCE's pair_groups
 
 
 def test_glob_and_mixture(tmp_path):

@@ -55,7 +55,8 @@ def infonce_config(learn_temperature=False):
 def pair_batch(seed=0, b=8):
     x, y = lm_batch(seed, b), lm_batch(seed + 100, b)
     return dict(tokens=x["tokens"], segment_ids=x["segment_ids"], positions=x["positions"],
-                tokens_b=y["tokens"], segment_ids_b=y["segment_ids"], positions_b=y["positions"])
+                tokens_b=y["tokens"], segment_ids_b=y["segment_ids"], positions_b=y["positions"],
+                pair_groups=np.arange(b, dtype=np.int32) % (b // 2))  # rows i, i + b/2: one fact
 
 
 def setup(config, devices=None):
