@@ -9,8 +9,9 @@ default. Measured on a 2-core AMD EPYC, float32 (benchmarks/):
 - decode loop (matvecs, batch 1-8), A/B in one process: YNNPACK for dots only is a little
   better than the default (batch 1: 518 vs 499 tok/s, batch 8: 1398 vs 1386); all off loses
   8% at batch 8.
-The option goes per `jax.jit` (`compiler_options`), so it never leaks into other computations,
-and it is dropped (one warning) on a jaxlib that does not know it, rather than failing.
+The option goes per `jax.jit` (`compiler_options`; pmap steps get it through
+`train.step.PmapWithOptions`), so it never leaks into other computations, and it is dropped (one
+warning) on a jaxlib that does not know it, rather than failing.
 """
 
 from __future__ import annotations
