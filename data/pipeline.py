@@ -164,9 +164,15 @@ def _example(
         budget = int(d.seq_len) - 3
         # A: sentences from si up to half the row (leaving >= 1 sentence for a true B).
         a, j = T.take_sentences(doc[:-1], si, budget // 2)
+        # same_doc negatives start anywhere in A's document but at A or its true continuation
+        starts = ([k for k in range(len(doc)) if not si <= k <= j]
+                  if cfg_get(d, "nsp_negatives", "other_doc") == "same_doc" else [])
         if is_next:
             b, _ = T.take_sentences(doc, j, budget - len(a))
-        else:
+        elif starts:
+            k = starts[int(rng.integers(len(starts)))]  # B before A stops where A starts
+            b, _ = T.take_sentences(doc[:si] if k < si else doc, k, budget - len(a))
+        else:  # other_doc, or a document too short for a same-document negative
             other = int(rng.integers(len(prep.sentences) - 1))
             other += other >= di  # any document but this one
             odoc = prep.sentences[other]

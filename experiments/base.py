@@ -62,6 +62,9 @@ def get_config() -> ConfigDict:
             data_dir="",  # TFDS data_dir ('' = TFDS default / $TFDS_DATA_DIR)
             mlm_rate=0.15,
             nsp=True,  # bert: False makes B always the true next segment (MLM-only pairs)
+            # bert: where a not-next B comes from: 'other_doc' (BERT's random document) or
+            # 'same_doc' (another place in A's document: topic cues no longer give it away)
+            nsp_negatives="other_doc",
             pack="first_fit",  # first_fit: documents stay whole | fill: cut to fill rows (nanoGPT)
             tokenizer=ConfigDict(dict(kind="bpe", vocab_size=1024, sample_size=1_000_000, path="")),
             # synthetic:world (data/world.py); full_name_frac: share of bio sentences naming the

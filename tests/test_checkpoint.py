@@ -191,6 +191,10 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path):
     c.optim.grad_accum = 4
     with pytest.raises(TrainConfigError, match="divisible"):
         train_and_evaluate(c, str(wd))
+    c = small_config()
+    c.data.nsp_negatives = "same_document"
+    with pytest.raises(TrainConfigError, match="nsp_negatives='same_document'.*'same_doc'"):
+        train_and_evaluate(c, str(wd))
     assert not wd.exists()
 
 

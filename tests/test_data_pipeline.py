@@ -197,6 +197,32 @@ def test_nsp_pairs(tok):
     assert abs(np.mean(labels) - 0.5) < 0.1
 
 
+def test_nsp_same_doc_negatives(tok):
+    """nsp_negatives='same_doc': a not-next B is another run of A's own document, never its true
+    continuation (so the person's name no longer gives the label away)."""
+    c = make_config("bert", seq_len=96, nsp_negatives="same_doc")
+    docs = [r["text"] for r in load_records(c, "train")[0]]
+    sents = [[tuple(tok.encode(s)) for s in T.split_sentences(d)] for d in docs]
+    run = lambda d, i, j: tuple(t for s in d[i:j] for t in s)
+    doc_runs = [{run(d, i, j) for i in range(len(d)) for j in range(i + 1, len(d) + 1)}
+                for d in sents]
+    consecutive = {(run(d, i, j), run(d, j, k)) for d in sents for i in range(len(d))
+                   for j in range(i + 1, len(d)) for k in range(j + 1, len(d) + 1)}
+    negatives = 0
+    for b in P.eval_batches(c, tok, "train", batch_size=64):
+        x = unmasked(b)
+        for r in range(len(x)):
+            if b["nsp_weights"][r] == 0 or b["nsp_labels"][r] == 1:
+                continue
+            ids = x[r][b["segment_ids"][r] > 0].tolist()
+            s1 = ids.index(SEP_ID)
+            a, bb = tuple(ids[1:s1]), tuple(ids[s1 + 1: -1])
+            assert any(a in runs and bb in runs for runs in doc_runs)
+            assert (a, bb) not in consecutive
+            negatives += 1
+    assert negatives > 50
+
+
 def test_sft_weights_cover_exactly_assistant_tokens(tok):
     c = make_config("sft", seq_len=128)
     records = load_records(c, "train")[0]

@@ -50,6 +50,9 @@ def validate_config(config: Any, mesh) -> None:
     task_keys = pipeline.TASK_KEYS
     if task not in task_keys:
         raise TrainConfigError(f"data.task={task!r} is unknown; valid: {', '.join(task_keys)}")
+    negatives = str(config.data.get("nsp_negatives", "other_doc"))
+    if negatives not in ("other_doc", "same_doc"):
+        raise TrainConfigError(f"data.nsp_negatives={negatives!r}; valid: 'other_doc', 'same_doc'")
     for name in active:
         missing = [k for k in get_objective(name).batch_keys if k not in task_keys[task]]
         if missing:
