@@ -165,8 +165,8 @@ def _example(
         # A: sentences from si up to half the row (leaving >= 1 sentence for a true B).
         a, j = T.take_sentences(doc[:-1], si, budget // 2)
         # same_doc negatives start anywhere in A's document but at A or its true continuation
-        starts = ([k for k in range(len(doc)) if not si <= k <= j]
-                  if cfg_get(d, "nsp_negatives", "other_doc") == "same_doc" else [])
+        same_doc = not is_next and cfg_get(d, "nsp_negatives", "other_doc") == "same_doc"
+        starts = [k for k in range(len(doc)) if not si <= k <= j] if same_doc else []
         if is_next:
             b, _ = T.take_sentences(doc, j, budget - len(a))
         elif starts:

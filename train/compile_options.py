@@ -45,3 +45,8 @@ def compiler_options(workload: str, xla_defaults: bool = False,
     if xla_defaults or (backend or jax.default_backend()) != "cpu" or not _supported(value):
         return None
     return {_KEY: value}
+
+
+def train_options(config) -> dict | None:
+    """The train/eval steps' options for a run config (`train.xla_defaults` honoured)."""
+    return compiler_options("train", bool(config.train.get("xla_defaults", False)))

@@ -28,7 +28,7 @@ from objectives import active_objectives, get_objective, summarize
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
 from train import parallel
-from train.compile_options import compiler_options
+from train.compile_options import train_options
 from train.optim import make_optimizer
 from train.step import Stepper, init_state_fns, make_eval_step
 
@@ -276,7 +276,7 @@ def evaluate(workdir: str, which: str = "latest") -> dict[str, Any]:
     if ebs % mesh.devices.size:
         config.data.eval_batch_size = ebs + (-ebs) % mesh.devices.size  # exact for any size
     params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
-    opts = compiler_options("train", bool(config.train.get("xla_defaults", False)))
+    opts = train_options(config)
     eval_fn = jax.jit(make_eval_step(loaded.model, config),
                       in_shardings=(params_sh, parallel.batch_sharding(mesh)),
                       out_shardings=parallel.replicated(mesh),

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from objectives import active_objectives, compute_loss, denominators, forward, get_objective
 from train import parallel
-from train.compile_options import compiler_options
+from train.compile_options import train_options
 from train.state import TrainState
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -103,6 +103,21 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def summed_grads(params, micro, dens, rng):
+        """Row-separable losses: each microbatch's (loss, metrics, grads), summed (exact, since
+        every microbatch is normalised by the whole batch's denominators)."""
+        def body(carry, xs):
+            i, mb = xs
+            (loss_i, m), g = grad_fn(params, mb, dens, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss_i, m, g)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_fn, params, first, dens, rng)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zero = (zero[0][0], zero[0][1], zero[1])
+        (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(k), micro))
+        return loss, metrics, grads
+
     def cached_grads(params, micro, dens, rng):
         """Gradient caching (Gao et al. 2021) for batch-coupled losses (InfoNCE): pass 1 runs
         every microbatch forward without keeping activations and collects the outputs; the loss
@@ -138,22 +153,10 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
             dens = jax.lax.psum(dens, axis_name)
         if k == 1:
             (loss, metrics), grads = grad_fn(state.params, batch, dens, rng)
-        elif coupled:
-            micro = jax.tree.map(lambda x: _microbatches(x, k, mesh), batch)
-            loss, metrics, grads = cached_grads(state.params, micro, dens, rng)
         else:
             micro = jax.tree.map(lambda x: _microbatches(x, k, mesh), batch)
-
-            def body(carry, xs):
-                i, mb = xs
-                (loss_i, m), g = grad_fn(state.params, mb, dens, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (loss_i, m, g)), None
-
-            first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state.params, first, dens, rng)
-            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            zero = (zero[0][0], zero[0][1], zero[1])
-            (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(k), micro))
+            accumulate = cached_grads if coupled else summed_grads
+            loss, metrics, grads = accumulate(state.params, micro, dens, rng)
         if axis_name is not None:
             loss, metrics, grads = jax.lax.psum((loss, metrics, grads), axis_name)
         grad_norm = optax.tree.norm(grads)
@@ -211,7 +214,7 @@ class Stepper:
                  schedule: optax.Schedule, mesh: Mesh, state_sharding: TrainState):
         self.mode = str(config.train.parallel)
         self.mesh, self.state_sharding = mesh, state_sharding
-        opts = compiler_options("train", bool(config.train.get("xla_defaults", False)))
+        opts = train_options(config)
         if self.mode == "jit":
             batch_sh = parallel.batch_sharding(mesh)
             rep = parallel.replicated(mesh)
