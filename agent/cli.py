@@ -72,7 +72,7 @@ def _chat(args: argparse.Namespace, overrides: list[str]) -> int:
 def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
     from agent.server import serve
 
-    serve(args.workdir, host=args.host, port=args.port)
+    serve(args.workdir, host=args.host, port=args.port, max_batch=args.max_batch)
     return 0
 
 
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most concurrent requests decoded together (1 = one at a time)")
     p.set_defaults(fn=_serve)
     return parser
 

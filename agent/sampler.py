@@ -22,7 +22,6 @@ CPU per step); the non-streaming path is then one loop call per segment.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -40,6 +39,7 @@ from agent.sampling import (  # noqa: F401  (re-exported: the sampler's public A
     TopP,
     as_method,
 )
+from agent.streaming import Generation, RowText  # noqa: F401  (Generation: re-exported)
 from data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
 from model.transformer import Transformer, init_cache
 from train.compile_options import compiler_options
@@ -56,16 +56,6 @@ def _windows(length: int, slots: int, segments: int = 4) -> tuple[int, ...]:
     at batch 8: ~1.5 ms/step less CPU per 128 slots not read)."""
     step = max(64, -(-(slots - length) // (32 * segments)) * 32)
     return tuple(range(min(slots, length + step), slots, step)) + (slots,)
-
-
-@dataclasses.dataclass
-class Generation:
-    """One row's result. tokens exclude the stop token; text is cut before a stop string."""
-
-    tokens: list[int]
-    text: str
-    finish_reason: str  # 'stop' (stop token or string) | 'length'
-    prompt_tokens: int
 
 
 class Sampler:
@@ -181,14 +171,14 @@ class Sampler:
 
     # --- host side -----------------------------------------------------------------------------
 
-    def _prepare(self, prompts: Sequence[Sequence[int]], max_new: int):
+    def _prepare(self, prompts: Sequence[Sequence[int]], max_new_rows: Sequence[int]):
         s = self.cache_len
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
-        if max_new >= s:
-            raise ValueError(f"max_new_tokens={max_new} does not fit the cache ({s} slots)")
         rows = []
-        for i, p in enumerate(prompts):
+        for i, (p, max_new) in enumerate(zip(prompts, max_new_rows, strict=True)):
+            if max_new < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+            if max_new >= s:
+                raise ValueError(f"max_new_tokens={max_new} does not fit the cache ({s} slots)")
             p = [int(t) for t in p]
             if not p:
                 raise ValueError(f"prompt {i} is empty (start it with BOS)")
@@ -205,7 +195,8 @@ class Sampler:
     def _start(self, prompts, max_new_tokens, method, seed, src=None, stop_ids=None):
         """Pads, buckets and prefills. Returns (state, n_rows, prompt lengths, method, stop)."""
         method = as_method(method)
-        max_new = int(max_new_tokens)
+        max_new_rows = _per_row(max_new_tokens, len(prompts))
+        max_new = max(max_new_rows, default=1)
         if self.cfg.kind == "encoder_decoder":
             if src is None:  # the prompts are the sources; the decoder starts from BOS
                 src, prompts = prompts, [[BOS_ID]] * len(prompts)
@@ -214,7 +205,7 @@ class Sampler:
                 if self.overflow == "error":
                     raise ValueError(f"source longer than max_len={self.cfg.max_len}")
                 src = [x[: self.cfg.max_len] for x in src]
-        rows = self._prepare(prompts, max_new)
+        rows = self._prepare(prompts, max_new_rows)
         n = len(rows)
         b = _bucket(n, 1)
         lens = [len(r) for r in rows]
@@ -231,8 +222,8 @@ class Sampler:
         # contract's cache_len check above still applies) but is allocated in segments (see
         # _windows): attention streams only the allocated slots.
         windows = _windows(length, length + -(-max_new // 32) * 32) if self.fast else (0,)
-        max_new_b = np.full((b,), max_new, np.int32)
-        max_new_b[n:] = 1  # batch-padding rows finish immediately
+        max_new_b = np.ones((b,), np.int32)  # batch-padding rows finish immediately
+        max_new_b[:n] = max_new_rows
         src_arr = np.zeros((b, 1), np.int32)
         if self.cfg.kind == "encoder_decoder":
             ls = min(_bucket(max(map(len, src)), self.min_bucket), self.cfg.max_len)
@@ -247,7 +238,8 @@ class Sampler:
                               slots=windows[0])
         return state, n, lens, method, stop, (length, windows)
 
-    def iterate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+    def iterate(self, prompts: Sequence[Sequence[int]], *,
+                max_new_tokens: int | Sequence[int] = 64,
                 method=None, seed: int = 0, chunk: int = 0, src=None,
                 stop_rows: np.ndarray | None = None, stop_ids: Sequence[int] | None = None,
                 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
@@ -263,7 +255,7 @@ class Sampler:
         first = np.asarray(state["tok"])[:n, None]
         yield first, np.asarray(state["done"])[:n], dict(lens=lens, stop=stop_set)
         pos = 1
-        limit = int(max_new_tokens)
+        limit = max(_per_row(max_new_tokens, n))
         while pos < limit:
             if stop_rows is not None and stop_rows.any():
                 early[:n] = stop_rows
@@ -283,97 +275,72 @@ class Sampler:
             pos = step
             yield new, np.asarray(state["done"])[:n], dict(lens=lens, stop=stop_set)
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                     method=None, seed: int = 0, src=None, stop_ids: Sequence[int] | None = None,
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *,
+                     max_new_tokens: int | Sequence[int] = 64, method=None, seed: int = 0,
+                     src=None, stop_ids: Sequence[int] | None = None,
                      ) -> tuple[list[list[int]], list[str]]:
         """Fast path (no streaming, no stop strings): token ids per row (stop token excluded)
         and finish reasons."""
-        parts, stops = [], set()
+        rows = [RowText(None, m, incremental=False)
+                for m in _per_row(max_new_tokens, len(prompts))]
         for new, _, info in self.iterate(prompts, max_new_tokens=max_new_tokens, method=method,
                                          seed=seed, src=src, stop_ids=stop_ids):
-            parts.append(new)
-            stops = info["stop"]
-        all_NT = np.concatenate(parts, axis=1)
-        out, reasons = [], []
-        for row in all_NT:
-            toks, reason = [], "length"
-            for t in row.tolist():
-                if t in stops:
-                    reason = "stop"
-                    break
-                toks.append(t)
-            out.append(toks[: int(max_new_tokens)])
-            reasons.append(reason)
-        return out, reasons
+            for row, ids in zip(rows, new, strict=True):
+                row.feed(ids, info["stop"])
+        gens = [row.close()[0] for row in rows]
+        return [g.tokens for g in gens], [g.finish_reason for g in gens]
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
+    def generate(self, prompts: Sequence[str | Sequence[int]], *,
+                 max_new_tokens: int | Sequence[int] = 64,
                  method=None, seed: int = 0, stop: Sequence[str] = (),
                  stream_cb: Callable[[int, str], None] | None = None, chunk: int = 8,
                  src=None, stop_ids: Sequence[int] | None = None) -> list[Generation]:
         """Generates for a batch of prompts (str -> BOS + tokenizer.encode, or token lists).
 
-        Rows end independently at a stop token, a stop string (text cut before it) or
-        max_new_tokens. stream_cb(row, text_delta) is called as text becomes final (held back
-        while it could still be the start of a stop string). Without stream_cb and stop strings
-        the whole decode is one jitted call.
+        Rows end independently at a stop token, a stop string (text cut before it) or their
+        max_new_tokens (one budget, or one per row). stream_cb(row, text_delta) is called as
+        text becomes final (held back while it could still be the start of a stop string).
+        Without stream_cb and stop strings the whole decode is one jitted call.
         """
         tok = self.tokenizer
         ids = [([BOS_ID] + tok.encode(p)) if isinstance(p, str) else list(p) for p in prompts]
         if src is not None:
             src = [tok.encode(x) if isinstance(x, str) else list(x) for x in src]
-        stop = [s for s in stop if s]
-        if (stop or stream_cb) and tok is None:
-            raise ValueError("stop strings and streaming need a tokenizer")
-        n = len(ids)
-        toks: list[list[int]] = [[] for _ in range(n)]
-        finished = [None] * n  # finish reason once decided
-        texts = [""] * n
-        emitted = [0] * n
-        hold = max((len(s) for s in stop), default=1) - 1
-        streaming = bool(stream_cb or stop)
-        stop_rows = np.zeros((n,), bool)
+        streaming = bool(stream_cb or [s for s in stop if s])
+        rows = [RowText(tok, m, stop, incremental=streaming)
+                for m in _per_row(max_new_tokens, len(ids))]
+        stop_rows = np.zeros((len(ids),), bool)
         it = self.iterate(ids, max_new_tokens=max_new_tokens, method=method, seed=seed,
                           chunk=chunk if streaming else 0, src=src, stop_rows=stop_rows,
                           stop_ids=stop_ids)
-        lens = None
+        lens: list[int] = []
         for new, _, info in it:
             lens = info["lens"]
-            for i in range(n):
-                if finished[i]:
-                    continue
-                for t in new[i].tolist():
-                    if t in info["stop"]:
-                        finished[i] = "stop"
-                        break
-                    toks[i].append(t)
-                    if len(toks[i]) >= max_new_tokens:
-                        finished[i] = "length"
-                        break
-                if not streaming:
-                    continue
-                text = tok.decode(toks[i])
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                if cut >= 0:
-                    text, finished[i] = text[:cut], "stop"
-                    stop_rows[i] = True
-                texts[i] = text
-                safe = len(text) if finished[i] else len(text) - hold
-                while safe > emitted[i] and text[safe - 1] == "\ufffd":  # partial UTF-8
-                    safe -= 1
-                if stream_cb and safe > emitted[i]:
-                    stream_cb(i, text[emitted[i]:safe])
-                    emitted[i] = safe
-            if all(finished):
+            for i, row in enumerate(rows):
+                delta = row.feed(new[i], info["stop"])
+                stop_rows[i] = row.finish is not None  # a stop string ends the row on device
+                if stream_cb and delta:
+                    stream_cb(i, delta)
+            if all(row.finish for row in rows):
                 it.close()
                 break
         results = []
-        for i in range(n):
-            text = texts[i] if streaming else (tok.decode(toks[i]) if tok else "")
-            if stream_cb and len(text) > emitted[i]:
-                stream_cb(i, text[emitted[i]:])
-            results.append(Generation(toks[i], text, finished[i] or "length", lens[i]))
+        for i, row in enumerate(rows):
+            row.prompt_tokens = lens[i]
+            gen, rest = row.close()
+            if stream_cb and rest:
+                stream_cb(i, rest)
+            results.append(gen)
         return results
 
+
+def _per_row(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(max_new_tokens, (int, np.integer)):
+        return [int(max_new_tokens)] * n
+    rows = [int(m) for m in max_new_tokens]
+    if len(rows) != n:
+        raise ValueError(f"max_new_tokens has {len(rows)} budgets for {n} prompts")
+    return rows
 
 
 def sample_main(args) -> int:

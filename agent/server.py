@@ -1,10 +1,10 @@
 """OpenAI-compatible HTTP server (Starlette + uvicorn): /v1/chat/completions and /v1/models.
 
-One model worker thread owns the Sampler and serves a FIFO queue, so concurrent requests are
-answered one generation at a time (correct, simple; no micro-batching). Streaming requests get
-server-sent events in OpenAI's `chat.completion.chunk` format ending with `data: [DONE]`. A
-client that disconnects mid-stream cancels its generation at the next chunk boundary; the worker
-moves on to the next request.
+One model worker thread owns the Sampler and decodes queued requests in batches (see
+ModelWorker): concurrent requests share decode steps, each with its own budget, stop strings and
+stream, and each answered as soon as its own row ends. Streaming requests get server-sent events
+in OpenAI's `chat.completion.chunk` format ending with `data: [DONE]`. A client that disconnects
+mid-stream cancels its row at the next chunk boundary; the rest of its batch goes on.
 
 Errors are OpenAI-shaped: {"error": {"message", "type": "invalid_request_error", "param",
 "code"}} with status 400 (malformed JSON, unknown fields, bad values, n != 1, prompt + max_tokens
@@ -14,15 +14,16 @@ over the context) or 404.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -30,7 +31,8 @@ from starlette.routing import Route
 
 from agent.chat import CHAT_STOP_IDS
 from agent.guards import Guards
-from agent.sampler import Sampler, Sampling
+from agent.sampler import Greedy, Sampler, Sampling
+from agent.streaming import RowText
 from data.chat import encode_chat
 
 log = logging.getLogger("solo.server")
@@ -52,14 +54,13 @@ def error_response(e: RequestError) -> JSONResponse:
                                    "param": e.param, "code": e.code}}, status_code=e.status)
 
 
-class _Cancelled(Exception):
-    pass
-
-
 class _Job:
-    def __init__(self, ids, max_new, sampling, seed, stop, stream, loop):
+    def __init__(self, ids, max_new, sampling, seed, stop, stream, loop, seeded=False):
         self.ids, self.max_new, self.sampling, self.seed = ids, max_new, sampling, seed
         self.stop, self.stream, self.loop = stop, stream, loop
+        self.method = sampling.method()
+        # a seeded sampled request runs alone: its seed alone decides its answer
+        self.batchable = not seeded or self.method == Greedy()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
 
@@ -71,43 +72,103 @@ class _Job:
 
 
 class ModelWorker:
-    """A daemon thread running generations from a queue, one at a time."""
+    """A daemon thread decoding queued requests in batches (static batching per decode call).
 
-    def __init__(self, sampler: Sampler, guards: Guards, chunk: int = 4):
+    When it is free, the worker takes the oldest request and every queued one that can share its
+    decode call, up to `max_batch`: the same sampling method, and batchable (greedy, or no
+    explicit seed). Requests that arrive while a batch runs wait for the next one; a lone request
+    waits `window_s` for company first. Rows keep their own budget, stop strings and stream, are
+    answered as soon as they end, and a cancelled row (client gone) stops at the next chunk of
+    `chunk` steps while the others go on. `batch_sizes` counts the batches run by size.
+    """
+
+    def __init__(self, sampler: Sampler, guards: Guards, chunk: int = 4, max_batch: int = 8,
+                 window_s: float = 0.002):
         self.sampler, self.guards, self.chunk = sampler, guards, chunk
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.max_batch, self.window_s = max(1, max_batch), window_s
+        self.pending: collections.deque[_Job] = collections.deque()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.cv = threading.Condition()
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="solo-model-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: _Job) -> None:
-        self.jobs.put(job)
+        with self.cv:
+            self.pending.append(job)
+            self.cv.notify()
 
     def close(self) -> None:
-        self.jobs.put(None)
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self.cv:
+            while not self.pending and not self.closed:
+                self.cv.wait()
+            if not self.pending:
+                return None
+            alone = len(self.pending) == 1 and self.pending[0].batchable
+        if alone and self.window_s > 0:
+            time.sleep(self.window_s)
+        with self.cv:
+            batch = []
+            for job in list(self.pending):
+                if job.cancelled.is_set():
+                    self.pending.remove(job)
+                elif len(batch) < self.max_batch and (not batch or (
+                        batch[0].batchable and job.batchable and job.method == batch[0].method)):
+                    batch.append(job)
+                    self.pending.remove(job)
+            return batch
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
+        while (batch := self._next_batch()) is not None:
+            if not batch:
                 continue
+            self.batch_sizes[len(batch)] += 1
             try:
-                self._generate(job)
-            except _Cancelled:
-                log.info("generation cancelled (client went away)")
+                self._generate(batch)
             except Exception as e:  # keep serving others
                 log.exception("generation failed")
-                job.emit("error", str(e))
+                for job in batch:
+                    job.emit("error", str(e))
 
-    def _generate(self, job: _Job) -> None:
-        def on_delta(_row: int, delta: str) -> None:
-            if job.cancelled.is_set():
-                raise _Cancelled()
-            if job.stream:
-                job.emit("delta", delta)
+    def _generate(self, batch: list[_Job]) -> None:
+        tok = self.sampler.tokenizer
+        rows = [RowText(tok, j.max_new, j.stop, len(j.ids)) for j in batch]
+        stop_rows = np.zeros((len(batch),), bool)
+        it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
+                                  method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,
+                                  stop_rows=stop_rows, stop_ids=CHAT_STOP_IDS)
+        try:
+            for new, _, info in it:
+                for i, (job, row) in enumerate(zip(batch, rows, strict=True)):
+                    if row.finish:
+                        continue
+                    if job.cancelled.is_set():
+                        log.info("generation cancelled (client went away)")
+                        row.close("cancelled")
+                    else:
+                        delta = row.feed(new[i], info["stop"])
+                        if job.stream and delta:
+                            job.emit("delta", delta)
+                        if row.finish:
+                            self._answer(job, row)
+                    stop_rows[i] = row.finish is not None
+                if stop_rows.all():
+                    break
+        finally:
+            it.close()
+        for job, row in zip(batch, rows, strict=True):
+            if not row.finish:  # the loop ran out of steps: every budget is spent
+                self._answer(job, row)
 
-        gen = self.sampler.generate([job.ids], max_new_tokens=job.max_new, method=job.sampling,
-                                    seed=job.seed, stop=job.stop, stop_ids=CHAT_STOP_IDS,
-                                    stream_cb=on_delta if job.stream else None,
-                                    chunk=self.chunk)[0]
+    def _answer(self, job: _Job, row: RowText) -> None:
+        gen, rest = row.close()
+        if job.stream and rest:
+            job.emit("delta", rest)
         d = self.guards.check_output(gen.text)
         job.emit("done", dict(text=d.text, finish_reason=gen.finish_reason,
                               prompt_tokens=gen.prompt_tokens,
@@ -177,11 +238,14 @@ def _parse(body: bytes, sampler: Sampler, defaults: dict) -> dict:
 
 def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, chunk: int = 4) -> Starlette:
+             top_p: float = 1.0, chunk: int = 4, max_batch: int = 8,
+             batch_window_s: float = 0.002) -> Starlette:
     """The ASGI app. Defaults (max_new_tokens, temperature, ...) apply when a request omits them
-    (normally config.agent's). The worker thread starts here and stops on app shutdown."""
+    (normally config.agent's). The worker thread starts here and stops on app shutdown; see
+    ModelWorker for max_batch and batch_window_s."""
     guards = guards or Guards()
-    worker = ModelWorker(sampler, guards, chunk=chunk)
+    worker = ModelWorker(sampler, guards, chunk=chunk, max_batch=max_batch,
+                         window_s=batch_window_s)
     defaults = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     counter = iter(range(1 << 62))
 
@@ -212,7 +276,7 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
             job = None
         else:
             job = _Job(ids, max_new, req["sampling"], seed % (1 << 32), req["stop"],
-                       req["stream"], asyncio.get_running_loop())
+                       req["stream"], asyncio.get_running_loop(), seeded=req["seed"] is not None)
             worker.submit(job)
         chunk_of = lambda delta, finish=None: "data: " + json.dumps({
             "id": rid, "object": "chat.completion.chunk", "created": created,

@@ -10,6 +10,14 @@ and the per-round ratio ours / HF; the load average is printed with every batch.
 
   python benchmarks/decode_throughput.py [--rounds 3] [--batches 1,8] [--torch-threads 0,1]
 
+Every run also prints this machine's float32 ceilings per batch size, to read the ratios against:
+  roofline   batch * memory read bandwidth / bytes a step must read: every matmul weight once
+             (42.6 MB here, more than a 32 MiB L3) plus the filled part of the KV cache (averaged
+             over the 224 steps); no float32 sampler can beat it, whatever its kernels;
+  gemm-chain batch / time of the step's 24 weight GEMMs alone (qkv, o, wi, wo per layer, the
+             real weights, nothing else) under XLA:CPU: what solo's kernels could reach if
+             attention, norms, head, sampling and the loop were free.
+
 Needs the `bench` extra (torch==2.13.0 CPU, transformers) for the HF side.
 """
 
@@ -57,6 +65,47 @@ def run_ours(sampler: Sampler, prompts: np.ndarray, chunk: int = 0) -> dict:
     assert n == NEW, n
     return dict(tok_s=prompts.shape[0] * NEW / total, ttft_ms=1e3 * ttft, total_s=total,
                 cpu_ms_step=1e3 * cpu / (NEW - 1))
+
+
+def read_bandwidth(mbytes: int = 256, reps: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: a jitted sum over a buffer far larger than the caches."""
+    x = jnp.ones((mbytes << 18,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(reps))
+    return x.nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def ceilings(sampler: Sampler, batch: int, bandwidth: float, reps: int = 50) -> dict:
+    """tok/s ceilings at this batch size (see the module docstring): roofline and gemm-chain."""
+    layers = sampler.variables["layers"]  # the fast path's per-layer weights, qkv fused
+    ws = [w.reshape(-1, w.shape[-1]) if w.ndim == 3 else w
+          for p in layers for w in (p["attn"]["qkv"], p["attn"]["o"].reshape(-1, CFG.d_model),
+                                    p["mlp"]["wi"], p["mlp"]["wo"])]
+    nbytes = sum(w.nbytes for w in ws) + sampler.variables["head"].nbytes
+    d = CFG.d_model
+    slot_bytes = 2 * CFG.num_layers * CFG.num_kv_heads * CFG.head_dim * 4 * batch  # k and v
+    cache_bytes = slot_bytes * (PROMPT + (NEW - 1) / 2)  # mean filled slots over the steps
+
+    @jax.jit
+    def chain(x, ws):
+        for qkv, o, wi, wo in zip(*[iter(ws)] * 4, strict=True):
+            x = x + (x @ qkv)[:, :d] @ o  # data dependence keeps the order of a real step
+            x = x + (x @ wi) @ wo
+        return x
+
+    x = jnp.ones((batch, d), jnp.float32)
+    chain(x, ws).block_until_ready()
+    best = min(_timed(lambda: chain(x, ws).block_until_ready()) for _ in range(reps))
+    return dict(weights_mb=round(nbytes / 1e6, 1), cache_mb=round(cache_bytes / 1e6, 1),
+                roofline_tok_s=batch * bandwidth / (nbytes + cache_bytes),
+                gemm_chain_ms=1e3 * best, gemm_chain_tok_s=batch / best)
 
 
 def make_hf():
@@ -117,6 +166,8 @@ def main(argv=None):
         return run_hf(hf, p)
 
     prompts = {b: rng.integers(10, VOCAB, (b, PROMPT)).astype(np.int32) for b in batches}
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     for b in batches:  # warm-up: compile every bucket / let torch allocate
         run_ours(ours, prompts[b])
         for name in hf_names:
@@ -129,7 +180,7 @@ def main(argv=None):
             for name in hf_names:
                 r[name] = hf_round(name, prompts[b])
             rows.append(r)
-        res = {"load": round(os.getloadavg()[0], 1)}
+        res = {"load": round(os.getloadavg()[0], 1), **ceilings(ours, b, bandwidth)}
         for k in ["ours"] + hf_names:
             tok = [r[k]["tok_s"] for r in rows]
             res.update({f"{k}_tok_s": statistics.median(tok), f"{k}_best": max(tok),

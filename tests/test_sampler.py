@@ -18,6 +18,7 @@ from agent.sampler import (
     TopK,
     TopP,
 )
+from agent.streaming import RowText
 from data.tokenizer import BOS_ID, Tokenizer
 from data.world import World
 from model.config import ModelConfig
@@ -162,6 +163,40 @@ def test_batch_of_mixed_lengths_matches_alone(dec):
     for p, got in zip(prompts, batch, strict=True):
         alone, _ = sampler.generate_ids([p], max_new_tokens=9)
         assert got == alone[0]
+
+
+def test_per_row_budgets_match_each_row_alone(dec):
+    model, params, sampler = dec
+    prompts = [[BOS_ID, 30], [BOS_ID] + list(range(10, 27)), [BOS_ID, 15, 40]]
+    budgets = [3, 11, 6]
+    batch, reasons = sampler.generate_ids(prompts, max_new_tokens=budgets)
+    for p, m, got in zip(prompts, budgets, batch, strict=True):
+        alone, _ = sampler.generate_ids([p], max_new_tokens=m)
+        assert got == alone[0] and len(got) == m
+    assert reasons == ["length"] * 3
+    with pytest.raises(ValueError, match="2 budgets for 3 prompts"):
+        sampler.generate_ids(prompts, max_new_tokens=[3, 4])
+
+
+def test_row_text_holds_back_what_a_stop_string_or_utf8_could_still_change():
+    class Bytes:  # id -> one byte; decode like sentencepiece's byte fallback
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    row = RowText(Bytes(), max_new=20, stop=["END"])
+    assert row.feed(b"abE", {0}) == "ab"  # "E" could still begin "END"
+    assert row.feed(b"Nx", {0}) == "ENx"  # no end of "abENx" begins "END": all final
+    assert row.feed("é".encode()[:1], {0}) == ""  # half a UTF-8 character: held
+    assert row.feed("é".encode()[1:] + b"zEND!", {0}) == "éz"  # cut before the stop
+    assert row.finish == "stop" and row.text == "abENxéz"
+    gen, rest = row.close()
+    assert rest == "" and gen.text == "abENxéz" and gen.finish_reason == "stop"
+    row = RowText(Bytes(), max_new=3, incremental=False)
+    row.feed(b"hi", {0})
+    assert row.finish is None
+    row.feed([0, 33], {0})  # stop id 0 ends the row; the id after it is ignored
+    gen, rest = row.close()
+    assert (gen.tokens, gen.text, gen.finish_reason, rest) == ([104, 105], "hi", "stop", "hi")
 
 
 def test_seeded_sampling_reproducible(dec):

@@ -1,6 +1,8 @@
 """OpenAI-compatible server against the official `openai` client on a real localhost uvicorn."""
 
+import collections
 import concurrent.futures
+import contextlib
 import socket
 import threading
 import time
@@ -36,10 +38,9 @@ def sampler(tmp_path_factory):
     return Sampler(model, params, tok, cache_len=96, stop_ids=CHAT_STOP_IDS)
 
 
-@pytest.fixture(scope="module")
-def base_url(sampler):
-    app = make_app(sampler, model_name="tiny", max_new_tokens=12,
-                   guards=Guards(GuardConfig(blocked_patterns=("forbidden",), refusal="No.")))
+@contextlib.contextmanager
+def serving(app):
+    """A real uvicorn server on a free localhost port, in a thread; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -53,6 +54,14 @@ def base_url(sampler):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(sampler):
+    app = make_app(sampler, model_name="tiny", max_new_tokens=12,
+                   guards=Guards(GuardConfig(blocked_patterns=("forbidden",), refusal="No.")))
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +144,45 @@ def test_client_disconnect_mid_stream_keeps_serving(base_url, client):
         next(r.iter_lines())  # first event, then hang up
     r = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4)
     assert r.choices[0].message.content is not None
+
+
+def test_concurrent_requests_are_batched_and_each_answer_is_its_own(sampler):
+    """Requests decoded in one batch, each with its own messages, budget, stop strings and
+    stream, get exactly the answer they get alone; a seeded sampled request is never batched
+    (its seed alone decides it); a client hanging up mid-stream leaves its batch going."""
+    app = make_app(sampler, model_name="tiny", max_new_tokens=12, batch_window_s=0.5)
+    greedy = [dict(messages=[{"role": "user", "content": q}], max_tokens=m, stop=stop,
+                   stream=stream, temperature=0)
+              for q, m, stop, stream in [("Where does Anya live?", 12, None, False),
+                                         ("What is Bruno's job?", 5, None, True),
+                                         ("Who was born in 1950?", 20, ["e"], True),
+                                         ("Hi", 9, ["zz"], False)]]
+    seeded = [dict(messages=QUESTION, max_tokens=15, temperature=1.0, seed=seed)
+              for seed in (11, 12)]
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+
+        def ask(kw):
+            r = client.chat.completions.create(model="tiny", **kw)
+            if kw.get("stream"):
+                chunks = list(r)
+                return ("".join(c.choices[0].delta.content or "" for c in chunks),
+                        chunks[-1].choices[0].finish_reason)
+            return r.choices[0].message.content, r.choices[0].finish_reason
+
+        def hang_up():
+            body = {"model": "tiny", "messages": QUESTION, "max_tokens": 60, "stream": True}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                next(r.iter_lines())
+
+        alone = [ask(kw) for kw in greedy + seeded]
+        sizes_alone = dict(app.state.worker.batch_sizes)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            hung = pool.submit(hang_up)
+            together = list(pool.map(ask, greedy + seeded))
+            hung.result()
+    assert together == alone
+    assert sizes_alone == {1: 6} and alone[4] != alone[5]
+    sizes = app.state.worker.batch_sizes - collections.Counter(sizes_alone)
+    assert max(sizes) >= 4 and sizes[1] >= 2  # the greedy ones shared a batch; seeded: alone
+    assert alone[2][0] and "e" not in alone[2][0] and alone[1][1] in ("stop", "length")
