@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings drown the progress line
     from experiments import ConfigError
+    from train.preemption import Stopped
 
     try:
         return args.fn(args, overrides)
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"solo {args.command}: error: {e} (SOLO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGTERM / Ctrl-C during `solo train`: checkpointed, resumable
+        print(f"solo {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

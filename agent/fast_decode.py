@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from model import layers
 from model.config import ModelConfig
 
 F32 = jnp.float32
@@ -74,22 +75,8 @@ def grow(cache: tuple, slots: int) -> tuple:
 
 
 def _norm(cfg, p, x):
-    x = x.astype(F32)
-    if cfg.norm == "layernorm":
-        x = x - x.mean(-1, keepdims=True)
-    x = x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * p["scale"]
-    if cfg.norm == "layernorm":
-        x = x + p["bias"]
-    return x.astype(cfg.dtype)
-
-
-def _rope(x_BTHK, pos_BT, theta):
-    half = x_BTHK.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=F32) / half)
-    ang = pos_BT.astype(F32)[..., None] * freq
-    sin, cos = jnp.sin(ang)[:, :, None], jnp.cos(ang)[:, :, None]
-    x1, x2 = jnp.split(x_BTHK.astype(F32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTHK.dtype)
+    return layers.norm(x, p["scale"], p.get("bias") if cfg.norm == "layernorm" else None,
+                       cfg.dtype)
 
 
 def forward(fp: dict, cfg: ModelConfig, tokens_BT, positions_BT, cache: tuple, slot,
@@ -121,8 +108,8 @@ def forward(fp: dict, cfg: ModelConfig, tokens_BT, positions_BT, cache: tuple, s
         kk = qkv[..., h * k: (h + g) * k].reshape(b, t, g, k)
         vv = qkv[..., (h + g) * k:].reshape(b, t, g, k)
         if cfg.positions == "rope":
-            q = _rope(q, positions_BT, cfg.rope_theta)
-            kk = _rope(kk, positions_BT, cfg.rope_theta)
+            q = layers.apply_rope(q, positions_BT, cfg.rope_theta)
+            kk = layers.apply_rope(kk, positions_BT, cfg.rope_theta)
         k_NTK = kk.transpose(0, 2, 1, 3).reshape(b * g, t, k)
         v_NKT = vv.transpose(0, 2, 3, 1).reshape(b * g, k, t)
         ck = lax.dynamic_update_slice(ck, k_NTK.astype(ck.dtype), (0, slot, 0))
@@ -140,7 +127,7 @@ def forward(fp: dict, cfg: ModelConfig, tokens_BT, positions_BT, cache: tuple, s
         if cfg.mlp == "swiglu":
             hid = nn.silu(y @ m["wi_0"].astype(dt)) * (y @ m["wi_1"].astype(dt))
         else:
-            hid = nn.gelu(y @ m["wi"].astype(dt))
+            hid = layers.gelu(y @ m["wi"].astype(dt))
         x = x + hid @ m["wo"].astype(dt)
     if last_only:
         x = x[:, -1:]

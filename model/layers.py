@@ -43,22 +43,29 @@ def fan_in_init(in_axis, out_axis):
                                             in_axis=in_axis, out_axis=out_axis)
 
 
+def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+    """LayerNorm (with bias) or RMSNorm (bias None) over the last axis, computed in float32,
+    returned in `dtype`."""
+    x = x.astype(F32)
+    if bias is not None:
+        x = x - x.mean(-1, keepdims=True)
+    x = x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+    return (x if bias is None else x + bias).astype(dtype)
+
+
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm (cfg.norm), computed in float32, returned in the compute dtype."""
+    """RMSNorm or LayerNorm (cfg.norm) with learned scale (and bias); see `norm`."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        x = x_BLD.astype(F32)
-        if cfg.norm == "layernorm":
-            x = x - x.mean(-1, keepdims=True)
-        x = x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-        x = x * param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",), cfg)
-        if cfg.norm == "layernorm":
-            x = x + param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("embed",), cfg)
-        return x.astype(cfg.dtype)
+        d = x_BLD.shape[-1]
+        scale = param(self, "scale", nn.initializers.ones, (d,), ("embed",), cfg)
+        bias = (param(self, "bias", nn.initializers.zeros, (d,), ("embed",), cfg)
+                if cfg.norm == "layernorm" else None)
+        return norm(x_BLD, scale, bias, cfg.dtype)
 
 
 class Dense(nn.Module):

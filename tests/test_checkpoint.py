@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import jax
@@ -15,6 +16,8 @@ import pytest
 from experiments.base import get_config
 from train import checkpoint as ckpt_lib
 from train.loop import TrainConfigError, train_and_evaluate
+from train.preemption import Stopped, StopSignals
+from train.step import Stepper
 
 
 def small_config(steps: int = 8):
@@ -63,6 +66,58 @@ def test_resume_is_bit_identical(runs):
         assert np.array_equal(pa[k], pb[k]), k
     assert a["eval"] == b["eval"]
     assert a["train"]["causal_lm/loss"] == b["train"]["causal_lm/loss"]
+
+
+def test_sigterm_checkpoints_that_step_and_the_resume_is_bit_identical(runs, tmp_path,
+                                                                       monkeypatch):
+    """SIGTERM (a preemption) during step 3 of 8: the run saves step 3 (not a ckpt_every
+    multiple), raises Stopped and restores the signal handlers; rerunning the same call resumes
+    at step 3 and ends with the params of the run that never stopped."""
+    tmp, *_ = runs
+    wd = tmp_path / "stopped"
+    real, calls = Stepper.train, []
+
+    def train_then_signal(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(Stepper, "train", train_then_signal)
+    with pytest.raises(Stopped) as e:
+        train_and_evaluate(small_config(8), str(wd))
+    monkeypatch.undo()
+    assert (e.value.step, e.value.signum) == (3, signal.SIGTERM)
+    assert "after step 3" in str(e.value) and "resume" in str(e.value)
+    assert signal.getsignal(signal.SIGTERM) is before
+    c = ckpt_lib.Checkpointer(str(wd), read_only=True)
+    assert c.latest_step() == 3
+    c.close()
+    assert train_and_evaluate(small_config(8), str(wd))["step"] == 8
+    pa, pc = flat_params(tmp / "a"), flat_params(wd)
+    for k in pa:
+        assert np.array_equal(pa[k], pc[k]), k
+
+
+def test_stop_signals_second_ctrl_c_interrupts_and_cli_exit_code(tmp_path, monkeypatch, capsys):
+    with StopSignals() as s:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert s.signum == signal.SIGINT  # first Ctrl-C: a request, no exception
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    import agent.cli
+    import train.loop
+
+    def stopped(config, workdir):
+        raise Stopped(5, signal.SIGTERM)
+
+    monkeypatch.setattr(train.loop, "train_and_evaluate", stopped)
+    assert agent.cli.main(["train", "tiny", "--workdir", str(tmp_path / "w")]) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 5" in err and "run the same command" in err
 
 
 def test_config_json_is_the_latest_and_earlier_configs_are_kept(runs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -27,7 +28,7 @@ from model import flops_per_token
 from objectives import active_objectives, get_objective, summarize
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
-from train import parallel
+from train import parallel, preemption
 from train.compile_options import train_options
 from train.optim import make_optimizer
 from train.step import Stepper, init_state_fns, make_eval_step
@@ -113,15 +114,30 @@ def run_eval(eval_fn, params, config: Any, tokenizer) -> dict[str, float]:
 def _prepare_init_from(config: Any) -> None:
     """Makes sure config.train.init_from has a checkpoint (training init_experiment if asked)."""
     src = str(config.train.init_from)
-    if ckpt_lib.has_checkpoint(src):
-        return
     exp = str(config.train.init_experiment)
+    if ckpt_lib.has_checkpoint(src) and not (exp and _unfinished(src)):
+        return
     if not exp:
         raise ckpt_lib.WorkdirError(f"train.init_from={src} has no checkpoint; train it first "
                                     "or set train.init_experiment")
+    if ckpt_lib.has_checkpoint(src):  # stopped before its end (e.g. preempted): finish it
+        print(f"train.init_from={src} stopped before its last step: resuming it first",
+              file=sys.stderr)
+        train_and_evaluate(ckpt_lib.read_config(src), src)
+        return
     print(f"train.init_from={src} has no checkpoint: training {exp} into it first",
           file=sys.stderr)
     train_and_evaluate(experiments.load_config(exp), src)
+
+
+def _unfinished(workdir: str) -> bool:
+    """True if workdir's latest checkpoint is before the step count of its latest launch."""
+    c = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+        latest = c.latest_step() or 0
+    finally:
+        c.close()
+    return latest < int(ckpt_lib.read_config(workdir).train.steps)
 
 
 def _init_from(config: Any, params: Any) -> Any:
@@ -190,7 +206,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     """Train config.train.steps steps into workdir (resuming if it has a checkpoint).
 
     Returns {'step', 'train': last logged train metrics, 'eval': last eval metrics, 'workdir',
-    'num_devices', 'flops_per_token'}.
+    'num_devices', 'flops_per_token'}. SIGTERM or Ctrl-C ends it after the current step with a
+    checkpoint of that step and raises `preemption.Stopped` (see train/preemption.py).
     """
     run = _setup(config, workdir)
     config = run.config
@@ -201,25 +218,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                                  keep_best=bool(config.train.keep_best))
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(int(config.train.steps))
-    try:
-        if ckpt.latest_step() is not None:
-            state, data_state, restored = ckpt.restore(run.abstract_state)
-            train_iter.set_state(data_state)
-            progress.message(f"resumed from {ckpt.directory}/{restored}")
-        else:
-            state = jax.jit(run.init_state, out_shardings=run.state_sharding)(run.key)
-            if str(config.train.init_from):
-                state = state.replace(params=_init_from(config, state.params))
-                progress.message(f"params initialised from {config.train.init_from}")
-        return _loop(run, state, train_iter, ckpt, writer, progress)
-    finally:  # also on Ctrl-C: finish the in-flight async save so the latest step is complete
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        progress.end()
+    with preemption.StopSignals() as signals:
+        try:
+            if ckpt.latest_step() is not None:
+                state, data_state, restored = ckpt.restore(run.abstract_state)
+                train_iter.set_state(data_state)
+                progress.message(f"resumed from {ckpt.directory}/{restored}")
+            else:
+                state = jax.jit(run.init_state, out_shardings=run.state_sharding)(run.key)
+                if str(config.train.init_from):
+                    state = state.replace(params=_init_from(config, state.params))
+                    progress.message(f"params initialised from {config.train.init_from}")
+            return _loop(run, state, train_iter, ckpt, writer, progress, signals)
+        finally:  # also on a stop or Ctrl-C: finish the in-flight async save (the latest step)
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+            progress.end()
 
 
-def _loop(run: _Run, state, train_iter, ckpt, writer, progress) -> dict[str, Any]:
+def _stop_signal(signals: preemption.StopSignals, ckpt, step: int) -> int | None:
+    if jax.process_count() == 1:
+        return signals.signum
+    return signal.SIGTERM if ckpt.manager.reached_preemption(step) else None
+
+
+def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict[str, Any]:
     config, total = run.config, int(run.config.train.steps)
     stepper = Stepper(run.model, config, run.tx, run.schedule, run.mesh, run.state_sharding)
     dstate = stepper.device_state(state)
@@ -257,9 +281,12 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress) -> dict[str, Any
             eval_summary = run_eval(stepper.eval, dstate.params, config, run.tokenizer)
             writer.write(step, "eval", eval_summary)
             progress.message(f"eval step {step}: loss {eval_summary['loss']:.4f}")
-        if (ckpt_every and step % ckpt_every == 0) or last:
+        stop = None if last else _stop_signal(signals, ckpt, step)
+        if (ckpt_every and step % ckpt_every == 0) or last or stop is not None:
             ckpt.save(step, stepper.host_state(dstate), train_iter.get_state(),
                       eval_summary["loss"] if do_eval else None)
+        if stop is not None:
+            raise preemption.Stopped(step, stop)
         t0 += time.time() - paused
     if start >= total:  # already finished: report the eval of the restored params
         eval_summary = run_eval(stepper.eval, dstate.params, config, run.tokenizer)
