@@ -280,6 +280,20 @@ def test_init_from_loads_params_and_tokenizer(runs, tmp_path):
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
 
 
+def test_init_from_a_stopped_run_finishes_it_first(runs, tmp_path):
+    """init_from holding a run stopped at step 4 of 8 (config.json says 8): with
+    init_experiment set, it is resumed to step 8 (== the uninterrupted run) before the SFT."""
+    src = tmp_path / "src"
+    shutil.copytree(runs[0] / "b", src)
+    shutil.rmtree(src / ckpt_lib.CKPT_DIR / "8")
+    c = small_config(2)
+    c.train.update(init_from=str(src), init_experiment="tiny")
+    c.optim.lr = 0.0
+    train_and_evaluate(c, str(tmp_path / "sft"))
+    ref, done, got = flat_params(runs[0] / "a"), flat_params(src), flat_params(tmp_path / "sft")
+    assert all(np.array_equal(ref[k], done[k]) and np.array_equal(ref[k], got[k]) for k in ref)
+
+
 def test_restore_common_params_keeps_new_leaves_and_names_misfits(tmp_path):
     import jax.numpy as jnp
 
