@@ -72,7 +72,8 @@ def _chat(args: argparse.Namespace, overrides: list[str]) -> int:
 def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
     from agent.server import serve
 
-    serve(args.workdir, host=args.host, port=args.port, max_batch=args.max_batch)
+    serve(args.workdir, host=args.host, port=args.port, max_batch=args.max_batch,
+          batch_window_s=args.batch_window_ms / 1000)
     return 0
 
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8,
                    help="most concurrent requests decoded together (1 = one at a time)")
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="how long a request waits after its arrival for others to batch with")
     p.set_defaults(fn=_serve)
     return parser
 

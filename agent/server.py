@@ -63,6 +63,7 @@ class _Job:
         self.batchable = not seeded or self.method == Greedy()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.arrived = time.monotonic()
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -76,10 +77,11 @@ class ModelWorker:
 
     When it is free, the worker takes the oldest request and every queued one that can share its
     decode call, up to `max_batch`: the same sampling method, and batchable (greedy, or no
-    explicit seed). Requests that arrive while a batch runs wait for the next one; a lone request
-    waits `window_s` for company first. Rows keep their own budget, stop strings and stream, are
-    answered as soon as they end, and a cancelled row (client gone) stops at the next chunk of
-    `chunk` steps while the others go on. `batch_sizes` counts the batches run by size.
+    explicit seed). A batchable request waits at most `window_s` after its arrival for its batch
+    to fill; requests that arrive while a batch runs wait for the next one. Rows keep their own
+    budget, stop strings and stream, are answered as soon as they end, and a cancelled row
+    (client gone) stops at the next chunk of `chunk` steps while the others go on.
+    `batch_sizes` counts the batches run by size.
     """
 
     def __init__(self, sampler: Sampler, guards: Guards, chunk: int = 4, max_batch: int = 8,
@@ -104,29 +106,30 @@ class ModelWorker:
             self.cv.notify()
 
     def _next_batch(self) -> list[_Job] | None:
+        """The oldest live request and the queued ones that can join it. A batchable request
+        waits up to window_s after its arrival for company while its batch is not full."""
         with self.cv:
-            while not self.pending and not self.closed:
-                self.cv.wait()
-            if not self.pending:
-                return None
-            alone = len(self.pending) == 1 and self.pending[0].batchable
-        if alone and self.window_s > 0:
-            time.sleep(self.window_s)
-        with self.cv:
-            batch = []
-            for job in list(self.pending):
-                if job.cancelled.is_set():
-                    self.pending.remove(job)
-                elif len(batch) < self.max_batch and (not batch or (
-                        batch[0].batchable and job.batchable and job.method == batch[0].method)):
-                    batch.append(job)
-                    self.pending.remove(job)
-            return batch
+            while True:
+                while self.pending and self.pending[0].cancelled.is_set():
+                    self.pending.popleft()
+                if not self.pending:
+                    if self.closed:
+                        return None
+                    self.cv.wait()
+                    continue
+                head = self.pending[0]
+                batch = [head] + [j for j in list(self.pending)[1:] if not j.cancelled.is_set()
+                                  and head.batchable and j.batchable and j.method == head.method]
+                batch = batch[: self.max_batch]
+                wait = head.arrived + self.window_s - time.monotonic()
+                if len(batch) == self.max_batch or not head.batchable or wait <= 0:
+                    for job in batch:
+                        self.pending.remove(job)
+                    return batch
+                self.cv.wait(timeout=wait)
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
             self.batch_sizes[len(batch)] += 1
             try:
                 self._generate(batch)

@@ -1,6 +1,5 @@
 """OpenAI-compatible server against the official `openai` client on a real localhost uvicorn."""
 
-import collections
 import concurrent.futures
 import contextlib
 import socket
@@ -148,9 +147,8 @@ def test_client_disconnect_mid_stream_keeps_serving(base_url, client):
 
 def test_concurrent_requests_are_batched_and_each_answer_is_its_own(sampler):
     """Requests decoded in one batch, each with its own messages, budget, stop strings and
-    stream, get exactly the answer they get alone; a seeded sampled request is never batched
-    (its seed alone decides it); a client hanging up mid-stream leaves its batch going."""
-    app = make_app(sampler, model_name="tiny", max_new_tokens=12, batch_window_s=0.5)
+    stream, get exactly the answer they get one at a time; a seeded sampled request is never
+    batched (its seed alone decides it); a client hanging up mid-stream leaves its batch going."""
     greedy = [dict(messages=[{"role": "user", "content": q}], max_tokens=m, stop=stop,
                    stream=stream, temperature=0)
               for q, m, stop, stream in [("Where does Anya live?", 12, None, False),
@@ -159,30 +157,34 @@ def test_concurrent_requests_are_batched_and_each_answer_is_its_own(sampler):
                                          ("Hi", 9, ["zz"], False)]]
     seeded = [dict(messages=QUESTION, max_tokens=15, temperature=1.0, seed=seed)
               for seed in (11, 12)]
-    with serving(app) as url:
+
+    def ask(url, kw):
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="tiny", **kw)
+        if kw.get("stream"):
+            chunks = list(r)
+            return ("".join(c.choices[0].delta.content or "" for c in chunks),
+                    chunks[-1].choices[0].finish_reason)
+        return r.choices[0].message.content, r.choices[0].finish_reason
 
-        def ask(kw):
-            r = client.chat.completions.create(model="tiny", **kw)
-            if kw.get("stream"):
-                chunks = list(r)
-                return ("".join(c.choices[0].delta.content or "" for c in chunks),
-                        chunks[-1].choices[0].finish_reason)
-            return r.choices[0].message.content, r.choices[0].finish_reason
+    def hang_up(url):  # greedy, so it joins the batch; leaves once its answer has begun
+        body = {"model": "tiny", "messages": QUESTION, "max_tokens": 60, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    return line
 
-        def hang_up():
-            body = {"model": "tiny", "messages": QUESTION, "max_tokens": 60, "stream": True}
-            with httpx.stream("POST", url + "/v1/chat/completions", json=body) as r:
-                next(r.iter_lines())
-
-        alone = [ask(kw) for kw in greedy + seeded]
-        sizes_alone = dict(app.state.worker.batch_sizes)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            hung = pool.submit(hang_up)
-            together = list(pool.map(ask, greedy + seeded))
-            hung.result()
-    assert together == alone
-    assert sizes_alone == {1: 6} and alone[4] != alone[5]
-    sizes = app.state.worker.batch_sizes - collections.Counter(sizes_alone)
-    assert max(sizes) >= 4 and sizes[1] >= 2  # the greedy ones shared a batch; seeded: alone
+    one_by_one = make_app(sampler, model_name="tiny", max_new_tokens=12, max_batch=1)
+    with serving(one_by_one) as url:
+        alone = [ask(url, kw) for kw in greedy + seeded]
+    # a batch waits up to 3 s after its first request's arrival for the others (or 8 requests)
+    app = make_app(sampler, model_name="tiny", max_new_tokens=12, batch_window_s=3.0)
+    with serving(app) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        hung = pool.submit(hang_up, url)
+        together = list(pool.map(lambda kw: ask(url, kw), greedy + seeded))
+        assert hung.result()  # it got part of an answer, then went away mid-batch
+    assert together == alone and alone[4] != alone[5]
+    sizes = app.state.worker.batch_sizes
+    assert sizes[5] == 1 and sizes[1] == 2, sizes  # 4 greedy + the hang-up; seeded ones alone
+    assert one_by_one.state.worker.batch_sizes == {1: 6}
     assert alone[2][0] and "e" not in alone[2][0] and alone[1][1] in ("stop", "length")
