@@ -1,6 +1,8 @@
 """`solo`: the one command. The agent stage is the last in the flow, so it may see every other.
 
 solo train CONFIG [--workdir DIR] [--config.key=value ...]
+solo sweep CONFIG --workdir DIR --sweep.key=v1,v2 [--sweep.key2=...] [--config.key=value ...]
+solo compare WORKDIR [WORKDIR ...]
 solo eval WORKDIR
 solo sample WORKDIR --prompt TEXT
 solo chat WORKDIR
@@ -26,6 +28,20 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     print(_format_summary(summary))
     if config.data.task == "sft":
         _chat_report(workdir, config)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    from train.sweep import parse_grid, run_sweep
+
+    run_sweep(args.config, parse_grid(args.sweep_flags), args.workdir, overrides)
+    return 0
+
+
+def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from train.sweep import format_table, summarize
+
+    print(format_table(summarize(args.workdirs)))
     return 0
 
 
@@ -92,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_train)
 
     p = sub.add_parser(
+        "sweep",
+        help="train a grid of overrides, one workdir each, and tabulate the results",
+        description="Train CONFIG at every point of the --sweep.KEY=V1,V2 grid (cartesian "
+        "product) into WORKDIR/<key=value,...>; --config.* overrides apply to every point. "
+        "Every point is validated first; re-running skips finished points and resumes a "
+        "stopped one. Repeat --sweep.KEY=V once per value for values containing commas.",
+    )
+    p.add_argument("config", help="experiment name (e.g. tiny) or path to a config .py")
+    p.add_argument("--workdir", required=True, help="the sweep's directory")
+    p.set_defaults(fn=_sweep)
+
+    p = sub.add_parser(
+        "compare",
+        help="table of the final eval metrics of workdirs (best eval loss first)",
+        description="One line per WORKDIR: its last eval metrics and train tokens/s.",
+    )
+    p.add_argument("workdirs", nargs="+")
+    p.set_defaults(fn=_compare)
+
+    p = sub.add_parser(
         "eval",
         help="evaluate a workdir's checkpoint on its validation split",
         description="Eval loss/accuracy on the validation split; for chat experiments "
@@ -145,12 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --config.* overrides are free-form; everything else goes through argparse.
     overrides = [a for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
+    sweep_flags = [a for a in argv if a.startswith("--sweep.")]
+    rest = [a for a in argv if not a.startswith(("--config.", "--sweep."))]
     args = build_parser().parse_args(rest)
-    if overrides and args.command != "train":
-        print(
-            f"solo {args.command}: --config.* overrides only apply to `solo train`", file=sys.stderr
-        )
+    args.sweep_flags = sweep_flags
+    if overrides and args.command not in ("train", "sweep"):
+        print(f"solo {args.command}: --config.* overrides only apply to `solo train` and "
+              "`solo sweep`", file=sys.stderr)
+        return 2
+    if sweep_flags and args.command != "sweep":
+        print(f"solo {args.command}: --sweep.* flags only apply to `solo sweep`", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from absl import logging as absl_logging
