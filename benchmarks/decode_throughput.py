@@ -174,13 +174,14 @@ def main(argv=None):
             hf_round(name, prompts[b])
     results = {}
     for b in batches:
+        ceiling = ceilings(ours, b, bandwidth)  # before torch runs: its spinning threads linger
         rows = []
         for _ in range(args.rounds):
             r = dict(ours=run_ours(ours, prompts[b]))
             for name in hf_names:
                 r[name] = hf_round(name, prompts[b])
             rows.append(r)
-        res = {"load": round(os.getloadavg()[0], 1), **ceilings(ours, b, bandwidth)}
+        res = {"load": round(os.getloadavg()[0], 1), **ceiling}
         for k in ["ours"] + hf_names:
             tok = [r[k]["tok_s"] for r in rows]
             res.update({f"{k}_tok_s": statistics.median(tok), f"{k}_best": max(tok),
