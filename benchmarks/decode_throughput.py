@@ -190,6 +190,7 @@ def main(argv=None):
         for name in hf_names:
             ratios = [r["ours"]["tok_s"] / r[name]["tok_s"] for r in rows]
             res[f"ratio_{name}"] = statistics.median(ratios)
+            res[f"4x_{name}_over_roofline"] = 4 * res[f"{name}_tok_s"] / res["roofline_tok_s"]
             res[f"ratios_{name}"] = [round(x, 2) for x in ratios]
         results[f"batch{b}"] = res
         print(f"batch {b}: " + ", ".join(
