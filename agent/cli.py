@@ -55,21 +55,21 @@ def _format_summary(summary: dict, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def _chat_report(workdir: str, config) -> None:
+def _chat_report(workdir: str, config, which: str = "latest") -> None:
     from agent.evaluate import heldout_report
 
-    print(heldout_report(workdir, config))
+    print(heldout_report(workdir, config, which))
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from train.checkpoint import read_config
     from train.loop import evaluate
 
-    metrics = evaluate(args.workdir)
+    metrics = evaluate(args.workdir, args.checkpoint)
     print(_format_summary(metrics))
     config = read_config(args.workdir)
     if config.data.task == "sft":
-        _chat_report(args.workdir, config)
+        _chat_report(args.workdir, config, args.checkpoint)
     return 0
 
 
@@ -88,7 +88,8 @@ def _chat(args: argparse.Namespace, overrides: list[str]) -> int:
 def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
     from agent.server import serve
 
-    serve(args.workdir, host=args.host, port=args.port, max_batch=args.max_batch,
+    serve(args.workdir, host=args.host, port=args.port, which=args.checkpoint,
+          max_batch=args.max_batch,
           batch_window_s=args.batch_window_ms / 1000)
     return 0
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "also exact-match accuracy on held-out questions through the chat path.",
     )
     p.add_argument("workdir")
+    p.add_argument("--checkpoint", default="latest",
+                   help="latest (default), best (lowest eval loss) or a step number")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser(
@@ -148,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default="latest",
+                   help="latest (default), best (lowest eval loss) or a step number")
     p.set_defaults(fn=_sample)
 
     p = sub.add_parser(
@@ -159,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: the experiment's)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--checkpoint", default="latest",
+                   help="latest (default), best (lowest eval loss) or a step number")
     p.set_defaults(fn=_chat)
 
     p = sub.add_parser(
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most concurrent requests decoded together (1 = one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0,
                    help="how long a request waits after its arrival for others to batch with")
+    p.add_argument("--checkpoint", default="latest",
+                   help="latest (default), best (lowest eval loss) or a step number")
     p.set_defaults(fn=_serve)
     return parser
 

@@ -74,11 +74,11 @@ def transcript(loaded_or_session, user_turns: Sequence[str] | None = None) -> st
     return "\n".join(lines)
 
 
-def heldout_report(workdir: str, config=None) -> str:
+def heldout_report(workdir: str, config=None, which: str = "latest") -> str:
     """`solo eval` / end of `solo train` on chat experiments: accuracy line + a short transcript."""
     from train.checkpoint import load_for_inference
 
-    loaded = load_for_inference(workdir)
+    loaded = load_for_inference(workdir, which)
     session = build_session(loaded)
     res = heldout_accuracy(loaded, session=session)
     lines = [f"heldout exact-match accuracy: {res['accuracy']:.3f} "

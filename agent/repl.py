@@ -93,7 +93,7 @@ def chat_main(args) -> int:
     from agent.sampler import Sampling
     from train.checkpoint import load_for_inference
 
-    loaded = load_for_inference(args.workdir)
+    loaded = load_for_inference(args.workdir, args.checkpoint)
     agent = loaded.config.agent
     overrides = {}
     if getattr(args, "system", None) is not None:

@@ -347,7 +347,7 @@ def sample_main(args) -> int:
     """`solo sample WORKDIR --prompt TEXT [...]`: prints prompt + continuation per prompt."""
     from train.checkpoint import load_for_inference
 
-    loaded = load_for_inference(args.workdir)
+    loaded = load_for_inference(args.workdir, args.checkpoint)
     sampler = Sampler(loaded.model, loaded.params, loaded.tokenizer,
                       overflow="truncate_left")
     method = Sampling(args.temperature, args.top_k, args.top_p)

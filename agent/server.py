@@ -360,10 +360,12 @@ def app_from_loaded(loaded, **overrides) -> Starlette:
     return make_app(build_sampler(loaded), **kw)
 
 
-def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, **overrides) -> None:
-    """Loads the checkpoint in workdir and serves it with uvicorn (blocking)."""
+def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, which: str = "latest",
+          **overrides) -> None:
+    """Loads workdir's checkpoint (`which`, see load_for_inference) and serves it (blocking)."""
     import uvicorn
 
     from train.checkpoint import load_for_inference
 
-    uvicorn.run(app_from_loaded(load_for_inference(workdir), **overrides), host=host, port=port)
+    uvicorn.run(app_from_loaded(load_for_inference(workdir, which), **overrides), host=host,
+                port=port)

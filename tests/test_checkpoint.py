@@ -266,6 +266,26 @@ def test_load_for_inference_errors(runs, tmp_path):
         ckpt_lib.load_for_inference(str(tmp_path))
     best = ckpt_lib.load_for_inference(str(runs[0] / "a"), which="best")
     assert best.step in (4, 8) and best.tokenizer.vocab_size == best.model.cfg.vocab_size
+    with pytest.raises(ckpt_lib.WorkdirError, match=r"no checkpoint of step 5; saved steps: "
+                                                     r"\[4, 8\]"):
+        ckpt_lib.load_for_inference(str(runs[0] / "a"), which=5)
+    with pytest.raises(ValueError, match="'latest', 'best' or a step number"):
+        ckpt_lib.load_for_inference(str(runs[0] / "a"), which="newest")
+
+
+def test_a_chosen_checkpoint_step_is_the_one_evaluated(runs, capsys):
+    """`solo eval --checkpoint 4` on a run that kept steps 4 and 8 evaluates step 4: its eval
+    loss is the one logged at step 4 during training, not step 8's."""
+    from agent.cli import main
+
+    wd = runs[0] / "a"
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (wd / "metrics.jsonl").open())
+              if r["split"] == "eval"}
+    assert logged[4] != logged[8]
+    for step in (4, 8):
+        assert main(["eval", str(wd), "--checkpoint", str(step)]) == 0
+        out = capsys.readouterr().out
+        assert f"step={step}" in out and f"loss={logged[step]:.4g}" in out
 
 
 def test_init_from_loads_params_and_tokenizer(runs, tmp_path):

@@ -336,8 +336,10 @@ def load_tokenizer(workdir: str):
     return Tokenizer.load(path)
 
 
-def load_for_inference(workdir: str, which: str = "latest") -> Loaded:
-    """Config, model, params (latest or best checkpoint) and tokenizer from a workdir alone.
+def load_for_inference(workdir: str, which: str | int = "latest") -> Loaded:
+    """Config, model, params and tokenizer from a workdir alone. which: 'latest', 'best' (lowest
+    eval loss; the latest if none has one) or a step number (a saved step, else an error listing
+    them).
 
     Params are placed on whatever devices exist (replicated over a data-only mesh; sharded only
     where the model's logical rules map onto mesh axes > 1).
@@ -347,14 +349,20 @@ def load_for_inference(workdir: str, which: str = "latest") -> Loaded:
     config = read_config(workdir)
     tokenizer = load_tokenizer(workdir)
     model = build_model(config, tokenizer.vocab_size)
-    if which not in ("latest", "best"):
-        raise ValueError(f"which={which!r}; valid: 'latest', 'best'")
+    which = str(which)
+    if which not in ("latest", "best") and not which.isdigit():
+        raise ValueError(f"checkpoint {which!r}; valid: 'latest', 'best' or a step number")
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         steps = sorted(ckpt.all_steps(), reverse=True)
         if not steps:
             raise WorkdirError(f"{workdir}: no checkpoint in {ckpt.directory}; train first")
-        if which == "best" and ckpt.best_step() is not None:
+        if which.isdigit():
+            if int(which) not in steps:
+                raise WorkdirError(f"{workdir} has no checkpoint of step {which}; saved steps: "
+                                   f"{sorted(steps)}")
+            steps = [int(which)]  # that one or an error, never silently another
+        elif which == "best" and ckpt.best_step() is not None:
             steps.insert(0, ckpt.best_step())
         mesh = parallel.make_mesh(ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
         target = abstract_params(model, config, mesh)

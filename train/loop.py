@@ -294,8 +294,9 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             "workdir": run.workdir, "num_devices": ndev, "flops_per_token": fpt}
 
 
-def evaluate(workdir: str, which: str = "latest") -> dict[str, Any]:
-    """Eval-split metrics of a workdir's latest (or best) checkpoint, on the devices present."""
+def evaluate(workdir: str, which: str | int = "latest") -> dict[str, Any]:
+    """Eval-split metrics of a workdir's checkpoint ('latest', 'best' or a step number), on the
+    devices present."""
     loaded = ckpt_lib.load_for_inference(workdir, which=which)
     config = loaded.config
     mesh = parallel.make_mesh(ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
