@@ -194,6 +194,7 @@ def main(argv=None):
             res[f"ratios_{name}"] = [round(x, 2) for x in ratios]
         results[f"batch{b}"] = res
         print(f"batch {b}: " + ", ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) and v < 10 else
             f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
             flush=True)
     if args.streaming:
