@@ -83,14 +83,17 @@ def test_sigterm_checkpoints_that_step_and_the_resume_is_bit_identical(runs, tmp
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *args)
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever the runner set
     monkeypatch.setattr(Stepper, "train", train_then_signal)
-    with pytest.raises(Stopped) as e:
-        train_and_evaluate(small_config(8), str(wd))
-    monkeypatch.undo()
+    try:
+        with pytest.raises(Stopped) as e:
+            train_and_evaluate(small_config(8), str(wd))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        monkeypatch.undo()
     assert (e.value.step, e.value.signum) == (3, signal.SIGTERM)
     assert "after step 3" in str(e.value) and "resume" in str(e.value)
-    assert signal.getsignal(signal.SIGTERM) is before
     c = ckpt_lib.Checkpointer(str(wd), read_only=True)
     assert c.latest_step() == 3
     c.close()
@@ -101,12 +104,19 @@ def test_sigterm_checkpoints_that_step_and_the_resume_is_bit_identical(runs, tmp
 
 
 def test_stop_signals_second_ctrl_c_interrupts_and_cli_exit_code(tmp_path, monkeypatch, capsys):
-    with StopSignals() as s:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert s.signum == signal.SIGINT  # first Ctrl-C: a request, no exception
-        with pytest.raises(KeyboardInterrupt):
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with StopSignals() as s:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert s.signum == signal.SIGINT  # first Ctrl-C: a request, no exception
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # nohup / background: stays ignored
+        with StopSignals() as s:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
     import agent.cli
     import train.loop

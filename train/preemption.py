@@ -33,8 +33,9 @@ class Stopped(Exception):
 class StopSignals:
     """Context manager: while active, SIGTERM and SIGINT request a stop (`signum` is then set).
 
-    Handlers are installed only from the main thread (Python allows no other); elsewhere this
-    is inert and signals keep their previous meaning. Nested uses restore what they replaced.
+    Handlers are installed only from the main thread (Python allows no other) and not for a
+    signal the process ignores (nohup, background jobs); elsewhere this is inert and signals keep
+    their previous meaning. Nested uses restore what they replaced.
     """
 
     def __init__(self):
@@ -44,7 +45,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # e.g. nohup / background jobs
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
