@@ -94,6 +94,11 @@ def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="latest",
+                   help="latest (default), best (lowest eval loss) or a step number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -135,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "also exact-match accuracy on held-out questions through the chat path.",
     )
     p.add_argument("workdir")
-    p.add_argument("--checkpoint", default="latest",
-                   help="latest (default), best (lowest eval loss) or a step number")
+    _checkpoint_arg(p)
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser(
@@ -151,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default="latest",
-                   help="latest (default), best (lowest eval loss) or a step number")
+    _checkpoint_arg(p)
     p.set_defaults(fn=_sample)
 
     p = sub.add_parser(
@@ -164,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: the experiment's)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--checkpoint", default="latest",
-                   help="latest (default), best (lowest eval loss) or a step number")
+    _checkpoint_arg(p)
     p.set_defaults(fn=_chat)
 
     p = sub.add_parser(
@@ -180,8 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most concurrent requests decoded together (1 = one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0,
                    help="how long a request waits after its arrival for others to batch with")
-    p.add_argument("--checkpoint", default="latest",
-                   help="latest (default), best (lowest eval loss) or a step number")
+    _checkpoint_arg(p)
     p.set_defaults(fn=_serve)
     return parser
 

@@ -140,7 +140,8 @@ class ModelWorker:
 
     def _generate(self, batch: list[_Job]) -> None:
         tok = self.sampler.tokenizer
-        rows = [RowText(tok, j.max_new, j.stop, len(j.ids)) for j in batch]
+        # text is decoded per chunk only where a stream or stop strings need it
+        rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream) for j in batch]
         stop_rows = np.zeros((len(batch),), bool)
         it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
                                   method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,

@@ -85,9 +85,8 @@ def _timed(fn) -> float:
 def ceilings(sampler: Sampler, batch: int, bandwidth: float, reps: int = 50) -> dict:
     """tok/s ceilings at this batch size (see the module docstring): roofline and gemm-chain."""
     layers = sampler.variables["layers"]  # the fast path's per-layer weights, qkv fused
-    ws = [w.reshape(-1, w.shape[-1]) if w.ndim == 3 else w
-          for p in layers for w in (p["attn"]["qkv"], p["attn"]["o"].reshape(-1, CFG.d_model),
-                                    p["mlp"]["wi"], p["mlp"]["wo"])]
+    ws = [w for p in layers for w in (p["attn"]["qkv"], p["attn"]["o"].reshape(-1, CFG.d_model),
+                                      p["mlp"]["wi"], p["mlp"]["wo"])]
     nbytes = sum(w.nbytes for w in ws) + sampler.variables["head"].nbytes
     d = CFG.d_model
     slot_bytes = 2 * CFG.num_layers * CFG.num_kv_heads * CFG.head_dim * 4 * batch  # k and v

@@ -373,15 +373,19 @@ def load_for_inference(workdir: str, which: str | int = "latest") -> Loaded:
     return Loaded(config=config, model=model, params=params, tokenizer=tokenizer, step=step)
 
 
-def has_checkpoint(workdir: str) -> bool:
-    d = os.path.join(workdir, CKPT_DIR)
-    if not os.path.isdir(d):
-        return False
+def latest_step(workdir: str) -> int | None:
+    """The newest checkpoint step in workdir (None if it has none); reads no arrays."""
+    if not os.path.isdir(os.path.join(workdir, CKPT_DIR)):
+        return None
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        return ckpt.latest_step() is not None
+        return ckpt.latest_step()
     finally:
         ckpt.close()
+
+
+def has_checkpoint(workdir: str) -> bool:
+    return latest_step(workdir) is not None
 
 
 def dump_json(obj: Any) -> str:

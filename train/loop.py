@@ -112,32 +112,24 @@ def run_eval(eval_fn, params, config: Any, tokenizer) -> dict[str, float]:
 
 
 def _prepare_init_from(config: Any) -> None:
-    """Makes sure config.train.init_from has a checkpoint (training init_experiment if asked)."""
+    """Makes sure config.train.init_from has a checkpoint (training init_experiment if asked;
+    with init_experiment, a run stopped before its last step is finished first)."""
     src = str(config.train.init_from)
     exp = str(config.train.init_experiment)
-    if ckpt_lib.has_checkpoint(src) and not (exp and _unfinished(src)):
+    latest = ckpt_lib.latest_step(src)
+    if latest is not None and (not exp or latest >= int(ckpt_lib.read_config(src).train.steps)):
         return
     if not exp:
         raise ckpt_lib.WorkdirError(f"train.init_from={src} has no checkpoint; train it first "
                                     "or set train.init_experiment")
-    if ckpt_lib.has_checkpoint(src):  # stopped before its end (e.g. preempted): finish it
-        print(f"train.init_from={src} stopped before its last step: resuming it first",
+    if latest is not None:  # stopped before its end (e.g. preempted): finish it
+        print(f"train.init_from={src} stopped at step {latest}: resuming it first",
               file=sys.stderr)
         train_and_evaluate(ckpt_lib.read_config(src), src)
         return
     print(f"train.init_from={src} has no checkpoint: training {exp} into it first",
           file=sys.stderr)
     train_and_evaluate(experiments.load_config(exp), src)
-
-
-def _unfinished(workdir: str) -> bool:
-    """True if workdir's latest checkpoint is before the step count of its latest launch."""
-    c = ckpt_lib.Checkpointer(workdir, read_only=True)
-    try:
-        latest = c.latest_step() or 0
-    finally:
-        c.close()
-    return latest < int(ckpt_lib.read_config(workdir).train.steps)
 
 
 def _init_from(config: Any, params: Any) -> Any:

@@ -54,16 +54,6 @@ def point_name(overrides: list[str]) -> str:
     return ",".join(o.removeprefix("--config.") for o in overrides).replace("/", "_")
 
 
-def _finished(workdir: str, steps: int) -> bool:
-    if not ckpt_lib.has_checkpoint(workdir):
-        return False
-    c = ckpt_lib.Checkpointer(workdir, read_only=True)
-    try:
-        return (c.latest_step() or 0) >= steps
-    finally:
-        c.close()
-
-
 def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
               base_overrides: list[str] = ()) -> list[dict[str, Any]]:
     """Trains every point of the grid (see module docstring); returns the summary rows."""
@@ -80,7 +70,7 @@ def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
     rows = []
     for i, (run_dir, config) in enumerate(runs, 1):
         name = os.path.basename(run_dir)
-        if _finished(run_dir, int(config.train.steps)):
+        if (ckpt_lib.latest_step(run_dir) or 0) >= int(config.train.steps):
             print(f"sweep {i}/{len(runs)}: {name} finished earlier", flush=True)
         else:
             print(f"sweep {i}/{len(runs)}: {name}", flush=True)
