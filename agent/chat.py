@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from agent.guards import GuardDecision, Guards
-from agent.sampler import Sampler, Sampling
-from data.chat import encode_chat
-from data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, EOT_ID, SYSTEM_ID, USER_ID
+from solo.agent.guards import GuardDecision, Guards
+from solo.agent.sampler import Sampler, Sampling
+from solo.data.chat import encode_chat
+from solo.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, EOT_ID, SYSTEM_ID, USER_ID
 
 CHAT_STOP_IDS = (EOT_ID, EOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, BOS_ID)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from agent.chat import ChatSession, build_session
+from solo.agent.chat import ChatSession, build_session
 
 _WS = re.compile(r"\s+")
 
@@ -23,7 +23,7 @@ def normalize(text: str) -> str:
 
 def heldout_questions(config, split: str = "test", limit: int = 0) -> list[dict]:
     """The world's held-out chat questions: dicts with 'question', 'answer' (+ person, ...)."""
-    from data.world import World  # local: only chat experiments need the world
+    from solo.data.world import World  # local: only chat experiments need the world
 
     rows = World.from_config(config.data.world).records("chats", split)
     return rows[:limit] if limit else rows
@@ -76,7 +76,7 @@ def transcript(loaded_or_session, user_turns: Sequence[str] | None = None) -> st
 
 def heldout_report(workdir: str, config=None, which: str = "latest") -> str:
     """`solo eval` / end of `solo train` on chat experiments: accuracy line + a short transcript."""
-    from train.checkpoint import load_for_inference
+    from solo.train.checkpoint import load_for_inference
 
     loaded = load_for_inference(workdir, which)
     session = build_session(loaded)

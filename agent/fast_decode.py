@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from model import layers
-from model.config import ModelConfig
+from solo.model import layers
+from solo.model.config import ModelConfig
 
 F32 = jnp.float32
 

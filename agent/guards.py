@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Sequence
 
-from data.tokenizer import SPECIAL_PIECES
+from solo.data.tokenizer import SPECIAL_PIECES
 
 log = logging.getLogger("solo.guards")
 

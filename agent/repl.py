@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from agent.chat import ChatSession, ContextOverflow
+from solo.agent.chat import ChatSession, ContextOverflow
 
 HELP = "commands: /reset, /system TEXT, /stats, /quit"
 
@@ -89,9 +89,9 @@ def run_repl(session: ChatSession, input_stream: TextIO | None = None,
 
 def chat_main(args) -> int:
     """`solo chat WORKDIR [--system S] [--max-new-tokens N] [--temperature T]`."""
-    from agent.chat import build_session
-    from agent.sampler import Sampling
-    from train.checkpoint import load_for_inference
+    from solo.agent.chat import build_session
+    from solo.agent.sampler import Sampling
+    from solo.train.checkpoint import load_for_inference
 
     loaded = load_for_inference(args.workdir, args.checkpoint)
     agent = loaded.config.agent

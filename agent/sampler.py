@@ -28,9 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from agent import fast_decode
-from agent.sampling import (  # noqa: F401  (re-exported: the sampler's public API)
+from solo.agent import fast_decode
+from solo.agent.sampling import (  # noqa: F401  (re-exported: the sampler's public API)
     Compose,
     Greedy,
     Sampling,
@@ -39,10 +38,11 @@ from agent.sampling import (  # noqa: F401  (re-exported: the sampler's public A
     TopP,
     as_method,
 )
-from agent.streaming import Generation, RowText  # noqa: F401  (Generation: re-exported)
-from data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
-from model.transformer import Transformer, init_cache
-from train.compile_options import compiler_options
+from solo.agent.streaming import Generation, RowText  # noqa: F401  (Generation: re-exported)
+from solo.data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
+from solo.model.transformer import Transformer, init_cache
+
+from solo.compile_options import compiler_options
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -345,7 +345,7 @@ def _per_row(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
 
 def sample_main(args) -> int:
     """`solo sample WORKDIR --prompt TEXT [...]`: prints prompt + continuation per prompt."""
-    from train.checkpoint import load_for_inference
+    from solo.train.checkpoint import load_for_inference
 
     loaded = load_for_inference(args.workdir, args.checkpoint)
     sampler = Sampler(loaded.model, loaded.params, loaded.tokenizer,

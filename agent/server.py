@@ -24,16 +24,15 @@ import uuid
 from typing import Any
 
 import numpy as np
+from solo.agent.chat import CHAT_STOP_IDS
+from solo.agent.guards import Guards
+from solo.agent.sampler import Greedy, Sampler, Sampling
+from solo.agent.streaming import RowText
+from solo.data.chat import encode_chat
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
-
-from agent.chat import CHAT_STOP_IDS
-from agent.guards import Guards
-from agent.sampler import Greedy, Sampler, Sampling
-from agent.streaming import RowText
-from data.chat import encode_chat
 
 log = logging.getLogger("solo.server")
 
@@ -351,7 +350,7 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
 
 def app_from_loaded(loaded, **overrides) -> Starlette:
     """make_app from `train.checkpoint.load_for_inference(...)` with config.agent defaults."""
-    from agent.chat import build_sampler  # local: keeps the module import light
+    from solo.agent.chat import build_sampler  # local: keeps the module import light
 
     agent = loaded.config.agent
     kw = dict(model_name=str(loaded.config.get("name", "solo")), guards=Guards.from_config(agent),
@@ -365,8 +364,7 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, which: str = 
           **overrides) -> None:
     """Loads workdir's checkpoint (`which`, see load_for_inference) and serves it (blocking)."""
     import uvicorn
-
-    from train.checkpoint import load_for_inference
+    from solo.train.checkpoint import load_for_inference
 
     uvicorn.run(app_from_loaded(load_for_inference(workdir, which), **overrides), host=host,
                 port=port)

@@ -32,10 +32,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from agent.sampler import Greedy, Sampler
-from model.config import ModelConfig
-from model.transformer import Transformer
+from solo.agent.sampler import Greedy, Sampler
+from solo.model.config import ModelConfig
+from solo.model.transformer import Transformer
 
 PROMPT, NEW, VOCAB = 32, 224, 65
 CFG = ModelConfig(vocab_size=VOCAB, d_model=384, num_layers=6, num_heads=6, d_ff=1536,

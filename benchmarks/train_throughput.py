@@ -19,13 +19,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from solo.experiments import base
+from solo.model import ModelConfig, Transformer, flops_per_token
+from solo.train.optim import make_optimizer
+from solo.train.state import TrainState
+from solo.train.step import make_train_step
 
-from experiments import base
-from model import ModelConfig, Transformer, flops_per_token
-from train.compile_options import compiler_options
-from train.optim import make_optimizer
-from train.state import TrainState
-from train.step import make_train_step
+from solo.compile_options import compiler_options
 
 # name -> (model overrides, seq_len, batch)
 SIZES = {
@@ -161,7 +161,7 @@ def main(argv=None):
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--xla-defaults", action="store_true",
                    help="XLA:CPU library fusions as jaxlib ships them, not the project's choice "
-                        "(train/compile_options.py)")
+                        "(solo/compile_options.py)")
     p.add_argument("--scan-layers", type=int, choices=(0, 1), default=None,
                    help="override model.scan_layers (default: the project's default)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

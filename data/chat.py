@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from data.tokenizer import (
+from solo.data.tokenizer import (
     ASSISTANT_ID,
     BOS_ID,
     EOS_ID,

@@ -17,10 +17,9 @@ from typing import Any
 
 import grain
 import numpy as np
-
-from data import sources
-from data import transforms as T
-from data.sources import cfg_get
+from solo.data import sources
+from solo.data import transforms as T
+from solo.data.sources import cfg_get
 
 _PACKED = ("tokens", "segment_ids", "positions")
 # Keys each task's batches carry (contract in README); train/ checks objectives against it.
@@ -43,7 +42,7 @@ _CACHE: dict = {}
 def build_tokenizer(config: Any, workdir: str):
     """Load <workdir>/tokenizer.model if present (resume); else copy data.tokenizer.path, or train
     on the source's train split; the result is saved as <workdir>/tokenizer.model."""
-    from data.tokenizer import Tokenizer
+    from solo.data.tokenizer import Tokenizer
 
     os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, TOKENIZER_FILE)

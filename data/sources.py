@@ -239,7 +239,7 @@ def _tail_split(records: list[dict], split: str, val_fraction: float) -> list[di
 
 
 def _world_records(config: Any, kind: str, split: str) -> list[dict]:
-    from data.world import World
+    from solo.data.world import World
 
     kwargs = World.config_options(cfg_get(config.data, "world", {}))
     key = tuple(sorted(kwargs.items()))
@@ -260,7 +260,7 @@ def load_component(spec: str, config: Any, kind: str, split: str) -> list[dict]:
             raise SourceError(f"unknown synthetic source {spec!r}; valid: 'synthetic:world'")
         records = _world_records(config, kind, split)
     elif spec.startswith("tfds:"):
-        from data.tfds_io import read_tfds
+        from solo.data.tfds_io import read_tfds
 
         records = read_tfds(spec[len("tfds:") :], config, kind, split)
     else:

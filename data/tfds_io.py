@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from data.sources import SourceError, cfg_get, heldout_split
+from solo.data.sources import SourceError, cfg_get, heldout_split
 
 _FIELDS = {"documents": ("text",), "pairs": ("text_a", "text_b"), "seq2seq": ("source", "target")}
 

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from data.tokenizer import BOS_ID, EOS_ID, MASK_ID, SEP_ID, SPECIAL_IDS
+from solo.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, SEP_ID, SPECIAL_IDS
 
 Example = dict[str, np.ndarray]
 Rows = dict[str, np.ndarray]
@@ -29,7 +28,7 @@ def encode_docs(tok, texts: Sequence[str]) -> list[np.ndarray]:
 
 def encode_chat_docs(tok, records: Sequence[dict]) -> list[np.ndarray]:
     """Chat records as LM documents: the SFT template's ids (BOS ... <|end|>), int32."""
-    from data.chat import encode_chat
+    from solo.data.chat import encode_chat
 
     return [np.asarray(encode_chat(tok, r["messages"], add_generation_prompt=False)[0], np.int32)
             for r in records]
@@ -121,7 +120,7 @@ def mask_row(
     segment_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """BERT masking via data/masking.py; special ids (incl. PAD/SEP/BOS) are never selected."""
-    from data.masking import mask_tokens
+    from solo.data.masking import mask_tokens
 
     inputs, targets, weights = mask_tokens(
         tokens,
@@ -235,7 +234,7 @@ def pairs_rows(tok, records: Sequence[dict], seq_len: int) -> Rows:
 def sft_examples(tok, chats: Sequence[dict], seq_len: int) -> list[Example]:
     """encode_chat ids -> shifted tokens/targets; weights only on assistant content + EOT.
     Conversations longer than seq_len+1 tokens are truncated at the end."""
-    from data.chat import encode_chat
+    from solo.data.chat import encode_chat
 
     out = []
     for rec in chats:

@@ -15,7 +15,7 @@ Expect:   SFT eval loss (held-out validation people) 0.085; held-out exact-match
           split (158/216 questions, greedy, through the chat path); 0.71 before SFT.
 """
 
-from experiments import gpt_world
+from solo.experiments import gpt_world
 
 
 def get_config():

@@ -15,7 +15,7 @@ Expect:   train loss 0.20; eval loss on unseen biography paraphrases 0.67 at ste
           question exact match straight from this checkpoint 0.71 (chat path, test split).
 """
 
-from experiments import base
+from solo.experiments import base
 
 
 def get_config():

@@ -11,7 +11,7 @@ Expect:   validation loss 2.30 at step 300 and 2.06 at step 600 (5.8 at init; th
 
 from pathlib import Path
 
-from experiments import base
+from solo.experiments import base
 
 DEFAULT_PATH = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
 

@@ -5,7 +5,7 @@ Runtime:  12 s on a quiet 2-core CPU (25 s at load ~9).
 Expect:   eval loss 2.47 at step 150 (from 6.9 = ln 1024 at init), token accuracy 0.49.
 """
 
-from experiments import base
+from solo.experiments import base
 
 
 def get_config():

@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from model.config import ModelConfig
+from solo.model.config import ModelConfig
 
 F32 = jnp.float32
 _NEG_INF = -1e30  # finite: fully-masked rows (padding queries) stay NaN-free

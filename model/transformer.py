@@ -17,9 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from model.config import ModelConfig
-from model.layers import F32, Block, Dense, Embedder, Norm, gelu, param
+from solo.model.config import ModelConfig
+from solo.model.layers import F32, Block, Dense, Embedder, Norm, gelu, param
 
 HEADS = ("lm", "mlm", "nsp", "embed")
 

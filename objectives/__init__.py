@@ -1,7 +1,7 @@
 """Objectives: pure (outputs, batch) -> (sum, count) metrics, combined by `compute_loss`."""
 
-from objectives.base import Metric, Metrics, Objective
-from objectives.core import (
+from solo.objectives.base import Metric, Metrics, Objective
+from solo.objectives.core import (
     OBJECTIVES,
     active_objectives,
     compute_loss,

@@ -19,9 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from objectives import causal_lm, infonce, mlm, nsp, seq2seq
-from objectives.base import Array, Metrics, Objective, safe_div
+from solo.objectives import causal_lm, infonce, mlm, nsp, seq2seq
+from solo.objectives.base import Array, Metrics, Objective, safe_div
 
 OBJECTIVES: dict[str, Objective] = {
     m.OBJECTIVE.name: m.OBJECTIVE for m in (causal_lm, mlm, nsp, infonce, seq2seq)

@@ -15,8 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from objectives.base import (
+from solo.objectives.base import (
     Array,
     Batch,
     Metrics,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from objectives.base import (
+from solo.objectives.base import (
     Batch,
     Metrics,
     Objective,

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-
-from objectives.base import Batch, Metrics, Objective, Options, cross_entropy, pair, row_weights
+from solo.objectives.base import (
+    Batch,
+    Metrics,
+    Objective,
+    Options,
+    cross_entropy,
+    pair,
+    row_weights,
+)
 
 
 def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:

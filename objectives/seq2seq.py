@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from objectives import causal_lm
+from solo.objectives import causal_lm
 
 OBJECTIVE = dataclasses.replace(
     causal_lm.OBJECTIVE,

@@ -6,17 +6,16 @@ import logging
 import jax
 import jax.numpy as jnp
 import pytest
-
-from agent.chat import CHAT_STOP_IDS, ChatSession, ContextOverflow
-from agent.evaluate import heldout_accuracy, normalize
-from agent.guards import GuardConfig, Guards
-from agent.repl import run_repl
-from agent.sampler import Sampler
-from data.chat import decode_chat, encode_chat
-from data.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, SYSTEM_ID, USER_ID, Tokenizer
-from data.world import World
-from model.config import ModelConfig
-from model.transformer import Transformer
+from solo.agent.chat import CHAT_STOP_IDS, ChatSession, ContextOverflow
+from solo.agent.evaluate import heldout_accuracy, normalize
+from solo.agent.guards import GuardConfig, Guards
+from solo.agent.repl import run_repl
+from solo.agent.sampler import Sampler
+from solo.data.chat import decode_chat, encode_chat
+from solo.data.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, SYSTEM_ID, USER_ID, Tokenizer
+from solo.data.world import World
+from solo.model.config import ModelConfig
+from solo.model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from experiments.base import get_config
-from train import checkpoint as ckpt_lib
-from train.loop import TrainConfigError, train_and_evaluate
-from train.preemption import Stopped, StopSignals
-from train.step import Stepper
+from solo.experiments.base import get_config
+from solo.train import checkpoint as ckpt_lib
+from solo.train.loop import TrainConfigError, train_and_evaluate
+from solo.train.preemption import Stopped, StopSignals
+from solo.train.step import Stepper
 
 
 def small_config(steps: int = 8):
@@ -118,14 +117,15 @@ def test_stop_signals_second_ctrl_c_interrupts_and_cli_exit_code(tmp_path, monke
     finally:
         signal.signal(signal.SIGINT, before)
 
-    import agent.cli
-    import train.loop
+    from solo.train import loop
+
+    from solo import cli
 
     def stopped(config, workdir):
         raise Stopped(5, signal.SIGTERM)
 
-    monkeypatch.setattr(train.loop, "train_and_evaluate", stopped)
-    assert agent.cli.main(["train", "tiny", "--workdir", str(tmp_path / "w")]) == 143
+    monkeypatch.setattr(loop, "train_and_evaluate", stopped)
+    assert cli.main(["train", "tiny", "--workdir", str(tmp_path / "w")]) == 143
     err = capsys.readouterr().err
     assert "stopped by SIGTERM after step 5" in err and "run the same command" in err
 
@@ -286,7 +286,7 @@ def test_load_for_inference_errors(runs, tmp_path):
 def test_a_chosen_checkpoint_step_is_the_one_evaluated(runs, capsys):
     """`solo eval --checkpoint 4` on a run that kept steps 4 and 8 evaluates step 4: its eval
     loss is the one logged at step 4 during training, not step 8's."""
-    from agent.cli import main
+    from solo.cli import main
 
     wd = runs[0] / "a"
     logged = {r["step"]: r["loss"] for r in map(json.loads, (wd / "metrics.jsonl").open())

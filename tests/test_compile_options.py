@@ -1,4 +1,4 @@
-"""train.compile_options: per-jit XLA:CPU library-fusion choices, with a safe fallback."""
+"""solo.compile_options: per-jit XLA:CPU library-fusion choices, with a safe fallback."""
 
 import logging
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import compile_options as co
+from solo import compile_options as co
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
 
@@ -55,7 +55,7 @@ def test_unknown_option_value_falls_back_with_a_warning(monkeypatch, caplog):
 
 def test_pmap_steps_compile_with_the_options_once_per_signature():
     """jax.pmap takes no compiler_options: PmapWithOptions lowers + compiles with them."""
-    from train.step import PmapWithOptions
+    from solo.train.step import PmapWithOptions
 
     f = jax.pmap(_mlp)
     wrapped = PmapWithOptions(f, co.compiler_options("train"))

@@ -1,8 +1,7 @@
 """Config loading and overrides: every experiment builds, and bad input fails clearly."""
 
 import pytest
-
-from experiments import (
+from solo.experiments import (
     ConfigError,
     apply_overrides,
     available,
@@ -31,7 +30,7 @@ def test_every_experiment_builds_with_a_documented_docstring(name):
 
 
 def _flat(c, prefix=""):
-    from experiments import flat_keys
+    from solo.experiments import flat_keys
 
     return flat_keys(c, prefix)
 

@@ -6,11 +6,10 @@ import os
 
 import numpy as np
 import pytest
-
-from data import pipeline as P
-from data import transforms as T
-from data.sources import load_records
-from data.tokenizer import (
+from solo.data import pipeline as P
+from solo.data import transforms as T
+from solo.data.sources import load_records
+from solo.data.tokenizer import (
     ASSISTANT_ID,
     BOS_ID,
     EOS_ID,
@@ -21,7 +20,7 @@ from data.tokenizer import (
     SYSTEM_ID,
     USER_ID,
 )
-from experiments import base
+from solo.experiments import base
 
 SHAKESPEARE = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"
@@ -372,8 +371,8 @@ def test_shakespeare_char_rows(tmp_path):
 def test_lm_task_keeps_the_chat_template_of_mixed_chat_records(tmp_path):
     """mix_qa='chat': the train chats join the LM corpus in the SFT template (role ids present);
     test_world checks that held-out people's questions are not among them."""
-    from data.tokenizer import ASSISTANT_ID, EOT_ID, USER_ID
-    from data.world import World
+    from solo.data.tokenizer import ASSISTANT_ID, EOT_ID, USER_ID
+    from solo.data.world import World
 
     c = make_config("lm", pack="first_fit")
     c.data.world.update(dict(mix_qa="chat"))

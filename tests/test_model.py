@@ -11,10 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from model import ModelConfig, Transformer, attention_core, flops_per_token, init_cache
-from model.layers import gelu
-from model.sharding import DEFAULT_RULES, param_shardings
+from solo.model import ModelConfig, Transformer, attention_core, flops_per_token, init_cache
+from solo.model.layers import gelu
+from solo.model.sharding import DEFAULT_RULES, param_shardings
 
 V = 32
 

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
-from data.masking import mask_tokens
-from objectives import (
+from solo.data.masking import mask_tokens
+from solo.objectives import (
     OBJECTIVES,
     active_objectives,
     compute_loss,
@@ -321,7 +320,7 @@ def test_unknown_objective_and_config_errors():
 _PMAP_SNIPPET = textwrap.dedent("""
     import json, math
     import jax, jax.numpy as jnp, numpy as np
-    from objectives import compute_loss, denominators
+    from solo.objectives import compute_loss, denominators
     import ml_collections
     D, b, E = 4, 3, 8
     assert jax.local_device_count() >= D
@@ -393,7 +392,7 @@ def test_pmap_infonce_equals_global():
 
 def test_padding_rows_change_neither_nsp_nor_infonce():
     """Eval batches are padded with zero-weight rows: they must not move loss or accuracy."""
-    from objectives import get_objective
+    from solo.objectives import get_objective
 
     rng = np.random.default_rng(7)
     emb_a = rng.normal(size=(5, 8)).astype(np.float32)

@@ -21,7 +21,7 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
 
 
 def test_main_job_config_exists():
-    from experiments import available
+    from solo.experiments import available
 
     install_and_run = _quick_start_commands()[0]
     name = install_and_run.split("solo train", 1)[1].split()[0]

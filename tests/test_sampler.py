@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from agent import fast_decode
-from agent.sampler import (
+from solo.agent import fast_decode
+from solo.agent.sampler import (
     Compose,
     Greedy,
     Sampler,
@@ -18,11 +17,11 @@ from agent.sampler import (
     TopK,
     TopP,
 )
-from agent.streaming import RowText
-from data.tokenizer import BOS_ID, Tokenizer
-from data.world import World
-from model.config import ModelConfig
-from model.transformer import Transformer, init_cache
+from solo.agent.streaming import RowText
+from solo.data.tokenizer import BOS_ID, Tokenizer
+from solo.data.world import World
+from solo.model.config import ModelConfig
+from solo.model.transformer import Transformer, init_cache
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -132,7 +131,7 @@ def test_fast_and_model_decode_paths_agree():
 def test_grown_cache_segments_match_model_path():
     """Long decodes grow the fast path's cache between loop calls (sampler._windows); tokens
     must equal the Transformer.decode path, non-streaming and in chunks crossing a growth."""
-    from agent.sampler import _windows
+    from solo.agent.sampler import _windows
 
     assert _windows(16, 112) == (80, 112)  # the case below: two segments
     model, params = tiny()

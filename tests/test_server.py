@@ -12,15 +12,14 @@ import jax.numpy as jnp
 import openai
 import pytest
 import uvicorn
-
-from agent.chat import CHAT_STOP_IDS, ChatSession
-from agent.guards import GuardConfig, Guards
-from agent.sampler import Sampler
-from agent.server import make_app
-from data.tokenizer import Tokenizer
-from data.world import World
-from model.config import ModelConfig
-from model.transformer import Transformer
+from solo.agent.chat import CHAT_STOP_IDS, ChatSession
+from solo.agent.guards import GuardConfig, Guards
+from solo.agent.sampler import Sampler
+from solo.agent.server import make_app
+from solo.data.tokenizer import Tokenizer
+from solo.data.world import World
+from solo.model.config import ModelConfig
+from solo.model.transformer import Transformer
 
 QUESTION = [{"role": "user", "content": "Where does Anya live?"}]
 

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 from ml_collections import ConfigDict
-
-from data import sources
-from data.sources import SourceError, load_records, parse_source
-from data.tfds_io import write_tfds_dataset
-from experiments import base
+from solo.data import sources
+from solo.data.sources import SourceError, load_records, parse_source
+from solo.data.tfds_io import write_tfds_dataset
+from solo.experiments import base
 
 SHAKESPEARE = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"

@@ -5,9 +5,8 @@ import pickle
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from data import chat
-from data.tokenizer import (
+from solo.data import chat
+from solo.data.tokenizer import (
     ASSISTANT_ID,
     BOS_ID,
     EOS_ID,
@@ -23,7 +22,7 @@ from data.tokenizer import (
     USER_ID,
     Tokenizer,
 )
-from data.world import World
+from solo.data.world import World
 
 UNICODE_EXTRA = "Grüße, naïve café — 東京 漢字 😀🚀 \t tab\n\nnew  lines   spaces\r\n"
 

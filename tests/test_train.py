@@ -12,12 +12,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
-from experiments.base import get_config
-from model import ModelConfig, Transformer
-from objectives.core import OBJECTIVES
-from train import optim, parallel
-from train import step as step_lib
+from solo.experiments.base import get_config
+from solo.model import ModelConfig, Transformer
+from solo.objectives.core import OBJECTIVES
+from solo.train import optim, parallel
+from solo.train import step as step_lib
 
 VOCAB = 64
 
@@ -202,7 +201,7 @@ def test_mesh_shape_resolution_and_errors():
 
 
 def test_mfu_formula_and_peak_table(monkeypatch):
-    from train import metrics
+    from solo.train import metrics
 
     # 1e6 FLOPs/token * 3e5 tok/s over 2 devices of 1e12 FLOP/s peak -> 15 %
     assert metrics.mfu(1e6, 3e5, 2, peak=1e12) == pytest.approx(0.15)
@@ -226,7 +225,7 @@ def test_mfu_formula_and_peak_table(monkeypatch):
 def test_progress_line_plain_and_tty():
     import io
 
-    from train import metrics
+    from solo.train import metrics
 
     plain = io.StringIO()
     p = metrics.Progress(100, plain)

@@ -17,9 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from train import checkpoint as ckpt_lib
-from train.loop import evaluate
+from solo.train import checkpoint as ckpt_lib
+from solo.train.loop import evaluate
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_train import tiny_config, lm_batch, run_steps, infonce_config, pair_batch
     from test_checkpoint import small_config
-    from train.loop import train_and_evaluate
+    from solo.train.loop import train_and_evaluate
     assert jax.device_count() == 8, jax.devices()
     out = {}
 
@@ -72,7 +71,7 @@ SCRIPT = textwrap.dedent("""
     c = small_config(steps=3)
     c.train.mesh.update(dict(data=4, fsdp=2, tensor=1))
     summary = train_and_evaluate(c, sys.argv[2])
-    from train.checkpoint import load_for_inference
+    from solo.train.checkpoint import load_for_inference
     loaded = load_for_inference(sys.argv[2])
     np.savez(sys.argv[2] + "/../ref_params.npz",
              **{jax.tree_util.keystr(p): np.asarray(x)

@@ -3,9 +3,8 @@
 import re
 
 import pytest
-
-from data import world as W
-from data.world import ATTRIBUTES, BIO_TEMPLATES, QUESTION_TEMPLATES, World
+from solo.data import world as W
+from solo.data.world import ATTRIBUTES, BIO_TEMPLATES, QUESTION_TEMPLATES, World
 
 
 @pytest.fixture(scope="module")

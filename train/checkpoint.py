@@ -31,11 +31,11 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
+from solo.model import ModelConfig, Transformer
+from solo.objectives import active_objectives, get_objective
+from solo.train import parallel
 
-import experiments
-from model import ModelConfig, Transformer
-from objectives import active_objectives, get_objective
-from train import parallel
+from solo import experiments
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -313,7 +313,7 @@ def build_model(config: Any, vocab_size: int) -> Transformer:
 
 def abstract_params(model: Transformer, config: Any, mesh) -> Any:
     """Unboxed ShapeDtypeStruct param tree with the mesh's shardings (logical rules)."""
-    from train.step import init_state_fns  # local: step imports objectives (heavier)
+    from solo.train.step import init_state_fns  # local: step imports objectives (heavier)
 
     init_boxed, _ = init_state_fns(model, config, _NoOpt())
     boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -327,7 +327,7 @@ class _NoOpt:
 
 
 def load_tokenizer(workdir: str):
-    from data.tokenizer import Tokenizer
+    from solo.data.tokenizer import Tokenizer
 
     path = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.isfile(path):

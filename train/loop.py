@@ -21,17 +21,17 @@ import flax.linen as nn
 import jax
 import numpy as np
 from ml_collections import ConfigDict
+from solo.data import pipeline
+from solo.model import flops_per_token
+from solo.objectives import active_objectives, get_objective, summarize
+from solo.train import checkpoint as ckpt_lib
+from solo.train import metrics as metrics_lib
+from solo.train import parallel, preemption
+from solo.train.optim import make_optimizer
+from solo.train.step import Stepper, init_state_fns, make_eval_step
 
-import experiments
-from data import pipeline
-from model import flops_per_token
-from objectives import active_objectives, get_objective, summarize
-from train import checkpoint as ckpt_lib
-from train import metrics as metrics_lib
-from train import parallel, preemption
-from train.compile_options import train_options
-from train.optim import make_optimizer
-from train.step import Stepper, init_state_fns, make_eval_step
+from solo import experiments
+from solo.compile_options import train_options
 
 # Batch keys each data.task provides (see /work/contract.md "Batches").
 

@@ -16,9 +16,8 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from model import sharding as model_sharding
-from train.state import TrainState
+from solo.model import sharding as model_sharding
+from solo.train.state import TrainState
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

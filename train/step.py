@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from solo.objectives import active_objectives, compute_loss, denominators, forward, get_objective
+from solo.train import parallel
+from solo.train.state import TrainState
 
-from objectives import active_objectives, compute_loss, denominators, forward, get_objective
-from train import parallel
-from train.compile_options import train_options
-from train.state import TrainState
+from solo.compile_options import train_options
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 

@@ -22,8 +22,8 @@ import math
 import os
 from typing import Any
 
-from experiments import ConfigError, load_config
-from train import checkpoint as ckpt_lib
+from solo.experiments import ConfigError, load_config
+from solo.train import checkpoint as ckpt_lib
 
 SUMMARY_FILE = "summary.json"
 
@@ -57,8 +57,8 @@ def point_name(overrides: list[str]) -> str:
 def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
               base_overrides: list[str] = ()) -> list[dict[str, Any]]:
     """Trains every point of the grid (see module docstring); returns the summary rows."""
-    from train import parallel
-    from train.loop import train_and_evaluate, validate_config
+    from solo.train import parallel
+    from solo.train.loop import train_and_evaluate, validate_config
 
     if not grid:
         raise ConfigError("a sweep needs at least one --sweep.KEY=VALUE[,VALUE...]")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from experiments import load_config
-    from train.loop import train_and_evaluate
+    from solo.experiments import load_config
+    from solo.train.loop import train_and_evaluate
 
     config = load_config(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / config.name)
@@ -32,14 +32,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _sweep(args: argparse.Namespace, overrides: list[str]) -> int:
-    from train.sweep import parse_grid, run_sweep
+    from solo.train.sweep import parse_grid, run_sweep
 
     run_sweep(args.config, parse_grid(args.sweep_flags), args.workdir, overrides)
     return 0
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from train.sweep import format_table, summarize
+    from solo.train.sweep import format_table, summarize
 
     print(format_table(summarize(args.workdirs)))
     return 0
@@ -56,14 +56,14 @@ def _format_summary(summary: dict, prefix: str = "") -> str:
 
 
 def _chat_report(workdir: str, config, which: str = "latest") -> None:
-    from agent.evaluate import heldout_report
+    from solo.agent.evaluate import heldout_report
 
     print(heldout_report(workdir, config, which))
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from train.checkpoint import read_config
-    from train.loop import evaluate
+    from solo.train.checkpoint import read_config
+    from solo.train.loop import evaluate
 
     metrics = evaluate(args.workdir, args.checkpoint)
     print(_format_summary(metrics))
@@ -74,19 +74,19 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
-    from agent.sampler import sample_main
+    from solo.agent.sampler import sample_main
 
     return sample_main(args)
 
 
 def _chat(args: argparse.Namespace, overrides: list[str]) -> int:
-    from agent.repl import chat_main
+    from solo.agent.repl import chat_main
 
     return chat_main(args)
 
 
 def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
-    from agent.server import serve
+    from solo.agent.server import serve
 
     serve(args.workdir, host=args.host, port=args.port, which=args.checkpoint,
           max_batch=args.max_batch,
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings drown the progress line
-    from experiments import ConfigError
-    from train.preemption import Stopped
+    from solo.experiments import ConfigError
+    from solo.train.preemption import Stopped
 
     try:
         return args.fn(args, overrides)
