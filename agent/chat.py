@@ -132,7 +132,7 @@ class ChatSession:
 
 
 def build_sampler(loaded, cache_len: int = 0) -> Sampler:
-    """Sampler for `train.checkpoint.load_for_inference(...)` (cache = model max_len)."""
+    """Sampler for `solo.train.inference.load(...)` (cache = model max_len)."""
     return Sampler(loaded.model, loaded.params, loaded.tokenizer,
                    cache_len=cache_len or loaded.model.cfg.max_len, stop_ids=CHAT_STOP_IDS)
 

@@ -76,9 +76,9 @@ def transcript(loaded_or_session, user_turns: Sequence[str] | None = None) -> st
 
 def heldout_report(workdir: str, config=None, which: str = "latest") -> str:
     """`solo eval` / end of `solo train` on chat experiments: accuracy line + a short transcript."""
-    from solo.train.checkpoint import load_for_inference
+    from solo.train.inference import load
 
-    loaded = load_for_inference(workdir, which)
+    loaded = load(workdir, which)
     session = build_session(loaded)
     res = heldout_accuracy(loaded, session=session)
     lines = [f"heldout exact-match accuracy: {res['accuracy']:.3f} "

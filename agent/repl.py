@@ -91,9 +91,9 @@ def chat_main(args) -> int:
     """`solo chat WORKDIR [--system S] [--max-new-tokens N] [--temperature T]`."""
     from solo.agent.chat import build_session
     from solo.agent.sampler import Sampling
-    from solo.train.checkpoint import load_for_inference
+    from solo.train.inference import load
 
-    loaded = load_for_inference(args.workdir, args.checkpoint)
+    loaded = load(args.workdir, args.checkpoint)
     agent = loaded.config.agent
     overrides = {}
     if getattr(args, "system", None) is not None:

@@ -1,23 +1,18 @@
-"""Batched, KV-cached sampling from a `model.Transformer` (gemma-sampler style).
+"""Batched, KV-cached sampling from a `solo.model.Transformer` (gemma-sampler style).
 
 Sampling methods (agent/sampling.py, re-exported here) are frozen dataclass pytrees: their kind
 is static and their values traced, so a new temperature or top-p never recompiles.
 
-`Sampler.generate` runs one jitted prefill (padded prompts bucketed to powers of two, so a new
-prompt length rarely recompiles; batch sizes bucketed too) and one jitted decode loop
-(`lax.while_loop` over the KV cache, the state donated so the cache is updated in place). The
-loop stops at a dynamic step bound, so the same compiled loop serves the non-streaming fast path
-(one call for all tokens) and streaming (calls of `chunk` tokens, yielding text between them).
-Measured (benchmarks/decode_throughput.py --streaming 1,8,32): chunks of 8 tokens stream at the
-non-streaming speed, per-token round trips (chunk 1) cost ~20-40% of throughput.
-
-Decoder-only models run through `agent.fast_decode` (same function as `Transformer.decode`, with
-left-padded prompts and a cache layout XLA:CPU updates in place: ~4x faster decode at batch 8
-than going through the model's scanned, [layers,B,S,G,K] cache); encoder_decoder models (and
-`fast=False`) use `Transformer.encode` once and `Transformer.decode` per step. The fast path's
-cache is allocated in up to 4 segments (`_windows`) and grown between loop calls, so a step's
-attention reads only the allocated slots (batch 8, 6x384 model, 32+224 tokens: ~8.6 -> ~7.6 ms
-CPU per step); the non-streaming path is then one loop call per segment.
+`Sampler.generate` runs one jitted prefill and one jitted decode loop, both through the model's
+own `Transformer.decode` (one path for decoder-only and encoder-decoder models). Prompts are
+left-padded (see model/kvcache.py) and bucketed to powers of two, so a new prompt length rarely
+recompiles; batch sizes are bucketed too. The loop is a `lax.while_loop` over a typed
+`SamplingState` (donated, so the cache is updated in place) that stops at a dynamic step bound:
+the same compiled loop serves the non-streaming path (one call per cache segment) and streaming
+(calls of `chunk` tokens, yielding text between them). The cache is allocated in up to 4
+segments (`_windows`) and grown between loop calls, so a step's attention reads only the
+allocated slots. Encoder-decoder models encode the source once, in the prefill, and keep it in
+the state.
 """
 
 from __future__ import annotations
@@ -25,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from solo.agent import fast_decode
+
 from solo.agent.sampling import (  # noqa: F401  (re-exported: the sampler's public API)
     Compose,
     Greedy,
@@ -39,10 +35,9 @@ from solo.agent.sampling import (  # noqa: F401  (re-exported: the sampler's pub
     as_method,
 )
 from solo.agent.streaming import Generation, RowText  # noqa: F401  (Generation: re-exported)
-from solo.data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
-from solo.model.transformer import Transformer, init_cache
-
 from solo.compile_options import compiler_options
+from solo.data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
+from solo.model import DecodeCache, Transformer, init_cache
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -50,12 +45,27 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 
 def _windows(length: int, slots: int, segments: int = 4) -> tuple[int, ...]:
-    """Fast-path cache sizes, grown between decode segments: the prompt bucket plus steps of at
-    least 64 slots (multiples of 32), at most `segments` of them, ending at `slots`. Attention
-    cost per step follows the allocated size, so early steps read less of the cache (measured
-    at batch 8: ~1.5 ms/step less CPU per 128 slots not read)."""
+    """Cache sizes, grown between decode segments: the prompt bucket plus steps of at least 64
+    slots (multiples of 32), at most `segments` of them, ending at `slots`. Attention cost per
+    step follows the allocated size, so early steps read less of the cache."""
     step = max(64, -(-(slots - length) // (32 * segments)) * 32)
     return tuple(range(min(slots, length + step), slots, step)) + (slots,)
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """The decode loop's carry. B rows (batch bucket), N = the output buffer's length."""
+
+    cache: DecodeCache
+    tok: jax.Array  # [B] int32: the last sampled token of each row
+    out: jax.Array  # [B, N] int32: sampled tokens (PAD after a row is done)
+    step: jax.Array  # int32 []: tokens sampled so far
+    done: jax.Array  # [B] bool
+    count: jax.Array  # [B] int32: tokens sampled by each row
+    key: jax.Array  # the request's PRNG key; step s samples with fold_in(key, s)
+    max_new: jax.Array  # [B] int32: each row's budget
+    encoded: jax.Array | None = None  # encoder_decoder: the encoded source [B, Ls, D]
+    src_segment_ids: jax.Array | None = None  # encoder_decoder: [B, Ls]
 
 
 class Sampler:
@@ -64,18 +74,16 @@ class Sampler:
     Args:
       model: a `Transformer` (kind 'decoder' or 'encoder_decoder').
       params: the 'params' tree (or a {'params': ...} variables dict); boxed metadata is removed.
-      tokenizer: `data.tokenizer.Tokenizer` (needed for text in/out and stop strings).
-      cache_len: KV-cache slots S (default: model max_len). prompt + max_new_tokens must fit.
+      tokenizer: `solo.data.tokenizer.Tokenizer` (needed for text in/out and stop strings).
+      cache_len: the context: prompt + max_new_tokens must fit (default: model max_len).
       stop_ids: tokens that end a row (not included in the output).
       overflow: 'error' (default: prompt + budget > cache_len raises ValueError) or 'truncate_left'
         (keep the newest prompt tokens that fit; encoder_decoder sources are right-truncated).
-      fast: decoder-only models use `agent.fast_decode` (same function, XLA:CPU-friendly cache,
-        left-padded prompts); False (and encoder_decoder) uses `Transformer.decode` itself.
     """
 
     def __init__(self, model: Transformer, params, tokenizer=None, *, cache_len: int | None = None,
                  stop_ids: Sequence[int] = (EOS_ID, EOT_ID), overflow: str = "error",
-                 min_bucket: int = 16, fast: bool = True):
+                 min_bucket: int = 16):
         cfg = model.cfg
         if cfg.kind == "encoder":
             raise ValueError("Sampler needs a 'decoder' or 'encoder_decoder' model")
@@ -91,81 +99,57 @@ class Sampler:
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.overflow = overflow
         self.min_bucket = min_bucket
-        self.fast = bool(fast) and fast_decode.supports(cfg)
-        if self.fast:  # the fast path's own param layout replaces the model variables
-            self.variables = fast_decode.prepare_params(self.variables, cfg)
         opts = compiler_options("decode")
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("batch", "length", "slots"),
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("slots",),
                                 compiler_options=opts)
         self._loop = jax.jit(self._loop_impl, donate_argnums=(1,), compiler_options=opts)
-        self._grow = jax.jit(lambda state, slots: dict(
-            state, cache=fast_decode.grow(state["cache"], slots)), static_argnums=(1,))
+        self._grow = jax.jit(lambda s, slots: s.replace(cache=s.cache.grow(slots)),
+                             static_argnums=(1,))
 
     # --- jitted pieces -------------------------------------------------------------------------
 
-    def _prefill_impl(self, variables, prompt_BL, lengths_B, src_BL, key, method, stop_B_ids,
-                      max_new_B, *, batch, length, slots):
-        """Runs the prompt through the cache and samples the first token. Returns loop state.
-        Fast path: prompts are left-padded and the cache has `slots` slots."""
-        del batch
-        model, cfg = self.model, self.cfg
-        b = prompt_BL.shape[0]
-        if self.fast:
-            offset_B = length - lengths_B
-            pos_BL = jnp.maximum(jnp.arange(length)[None, :] - offset_B[:, None], 0)
-            cache = fast_decode.init_cache(cfg, b, slots, jnp.dtype(cfg.dtype))
-            logits_BLV, cache = fast_decode.forward(variables, cfg, prompt_BL, pos_BL, cache, 0,
-                                                    offset_B, last_only=True)
-            tok_B = method(logits_BLV[:, -1], jax.random.fold_in(key, 0))
-            out_BN = jnp.full((b, self.cache_len), PAD_ID, jnp.int32).at[:, 0].set(tok_B)
-            done_B = jnp.isin(tok_B, stop_B_ids) | (max_new_B <= 1)
-            return dict(cache=cache, tok=tok_B, out=out_BN, step=jnp.int32(1), done=done_B,
-                        count=jnp.ones((b,), jnp.int32), key=key, max_new=max_new_B,
-                        offset=offset_B, slot=jnp.int32(length))
-        cache = init_cache(cfg, b, self.cache_len, jnp.dtype(cfg.dtype))
+    def _prefill_impl(self, variables, prompt_BL, lengths_B, src_BL, key, method, stop_ids,
+                      max_new_B, *, slots) -> SamplingState:
+        """Runs the left-padded prompts through a fresh cache of `slots` slots and samples the
+        first token."""
+        model = self.model
+        b, length = prompt_BL.shape
         enc = {}
-        if cfg.kind == "encoder_decoder":
+        if self.cfg.kind == "encoder_decoder":
             src_seg = (src_BL != PAD_ID).astype(jnp.int32)
             enc = dict(encoded=model.apply(variables, dict(src_tokens=src_BL,
                                                             src_segment_ids=src_seg),
                                            method=Transformer.encode),
                        src_segment_ids=src_seg)
-        logits_BLV, cache = model.apply(variables, prompt_BL, cache, num_valid_B=lengths_B,
+        cache = init_cache(self.cfg, b, slots, length - lengths_B)
+        logits_B1V, cache = model.apply(variables, prompt_BL, cache, last_only=True,
                                         method=Transformer.decode, **enc)
-        last_BV = jnp.take_along_axis(logits_BLV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-        tok_B = method(last_BV, jax.random.fold_in(key, 0))
-        out_BN = jnp.full((b, self.cache_len), PAD_ID, jnp.int32).at[:, 0].set(tok_B)
-        done_B = jnp.isin(tok_B, stop_B_ids) | (max_new_B <= 1)
-        return dict(cache=cache, tok=tok_B, out=out_BN, step=jnp.int32(1), done=done_B,
-                    count=jnp.ones((b,), jnp.int32), key=key, max_new=max_new_B, **enc)
+        tok_B = method(logits_B1V[:, 0], jax.random.fold_in(key, 0))
+        return SamplingState(
+            cache=cache, tok=tok_B,
+            out=jnp.full((b, self.cache_len), PAD_ID, jnp.int32).at[:, 0].set(tok_B),
+            step=jnp.int32(1), done=jnp.isin(tok_B, stop_ids) | (max_new_B <= 1),
+            count=jnp.ones((b,), jnp.int32), key=key, max_new=max_new_B, **enc)
 
-    def _loop_impl(self, variables, state, until, method, stop_ids):
-        """Decodes while step < until and some row is not done (finished rows idle)."""
+    def _loop_impl(self, variables, state: SamplingState, until, method, stop_ids
+                   ) -> SamplingState:
+        """Decodes while step < until and some row is not done (finished rows idle); the host
+        keeps `until` within the allocated cache (see iterate)."""
         model = self.model
 
-        def cond(s):
-            # fast path: the host keeps `until` within the allocated cache (see iterate)
-            return (s["step"] < until) & ~jnp.all(s["done"])
+        def cond(s: SamplingState):
+            return (s.step < until) & ~jnp.all(s.done)
 
-        def body(s):
-            if self.fast:
-                pos_B1 = (s["slot"] - s["offset"])[:, None]
-                logits_B1V, cache = fast_decode.forward(variables, self.cfg, s["tok"][:, None],
-                                                        pos_B1, s["cache"], s["slot"],
-                                                        s["offset"])
-                s = dict(s, slot=s["slot"] + 1)
-            else:
-                enc = {k: s[k] for k in ("encoded", "src_segment_ids") if k in s}
-                logits_B1V, cache = model.apply(variables, s["tok"][:, None], s["cache"],
-                                                method=Transformer.decode, **enc)
-            tok_B = method(logits_B1V[:, 0], jax.random.fold_in(s["key"], s["step"]))
-            tok_B = jnp.where(s["done"], PAD_ID, tok_B)
-            live_B = ~s["done"]
-            out = s["out"].at[:, s["step"]].set(tok_B)
-            count = s["count"] + live_B.astype(jnp.int32)
-            done = s["done"] | jnp.isin(tok_B, stop_ids) | (count >= s["max_new"])
-            return dict(s, cache=cache, tok=tok_B, out=out, step=s["step"] + 1, done=done,
-                        count=count)
+        def body(s: SamplingState) -> SamplingState:
+            logits_B1V, cache = model.apply(variables, s.tok[:, None], s.cache,
+                                            encoded=s.encoded, src_segment_ids=s.src_segment_ids,
+                                            method=Transformer.decode)
+            tok_B = method(logits_B1V[:, 0], jax.random.fold_in(s.key, s.step))
+            tok_B = jnp.where(s.done, PAD_ID, tok_B)
+            count = s.count + (~s.done).astype(jnp.int32)
+            done = s.done | jnp.isin(tok_B, stop_ids) | (count >= s.max_new)
+            return s.replace(cache=cache, tok=tok_B, out=s.out.at[:, s.step].set(tok_B),
+                             step=s.step + 1, done=done, count=count)
 
         return jax.lax.while_loop(cond, body, state)
 
@@ -211,17 +195,13 @@ class Sampler:
         lens = [len(r) for r in rows]
         length = min(_bucket(max(lens), self.min_bucket), self.cache_len)
         prompt = np.full((b, length), PAD_ID, np.int32)
-        lengths = np.ones((b,), np.int32)
-        for i, r in enumerate(rows):
-            if self.fast:  # left-padded: every row writes the same cache slot each step
-                prompt[i, length - len(r):] = r
-            else:  # right-padded: Transformer.decode's num_valid_B convention
-                prompt[i, : len(r)] = r
+        lengths = np.ones((b,), np.int32)  # batch-padding rows: one (PAD) token
+        for i, r in enumerate(rows):  # left-padded: every row writes the same slot each step
+            prompt[i, length - len(r):] = r
             lengths[i] = len(r)
-        # fast path: the cache holds the prompt bucket + the budget rounded up to 32 slots (the
-        # contract's cache_len check above still applies) but is allocated in segments (see
-        # _windows): attention streams only the allocated slots.
-        windows = _windows(length, length + -(-max_new // 32) * 32) if self.fast else (0,)
+        # the cache holds the prompt bucket + the budget rounded up to 32 slots (the cache_len
+        # check above still applies), allocated in segments (see _windows)
+        windows = _windows(length, length + -(-max_new // 32) * 32)
         max_new_b = np.ones((b,), np.int32)  # batch-padding rows finish immediately
         max_new_b[:n] = max_new_rows
         src_arr = np.zeros((b, 1), np.int32)
@@ -234,8 +214,7 @@ class Sampler:
         stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
         state = self._prefill(self.variables, jnp.asarray(prompt), jnp.asarray(lengths),
                               jnp.asarray(src_arr), jax.random.key(int(seed)), method, stop,
-                              jnp.asarray(max_new_b), batch=b, length=length,
-                              slots=windows[0])
+                              jnp.asarray(max_new_b), slots=windows[0])
         return state, n, lens, method, stop, (length, windows)
 
     def iterate(self, prompts: Sequence[Sequence[int]], *,
@@ -250,30 +229,29 @@ class Sampler:
         traced array: no recompile unless their number changes)."""
         state, n, lens, method, stop, (length, windows) = self._start(
             prompts, max_new_tokens, method, seed, src, stop_ids)
-        early = np.zeros((state["done"].shape[0],), bool)
+        early = np.zeros((state.done.shape[0],), bool)
         stop_set = set(np.asarray(stop).tolist())
-        first = np.asarray(state["tok"])[:n, None]
-        yield first, np.asarray(state["done"])[:n], dict(lens=lens, stop=stop_set)
+        first = np.asarray(state.tok)[:n, None]
+        yield first, np.asarray(state.done)[:n], dict(lens=lens, stop=stop_set)
         pos = 1
         limit = max(_per_row(max_new_tokens, n))
         while pos < limit:
             if stop_rows is not None and stop_rows.any():
                 early[:n] = stop_rows
-                state["done"] = state["done"] | jnp.asarray(early)
-            if bool(np.all(np.asarray(state["done"]))):
+                state = state.replace(done=state.done | jnp.asarray(early))
+            if bool(np.all(np.asarray(state.done))):
                 return
             until = limit if chunk <= 0 else min(limit, pos + chunk)
-            if self.fast:  # step `pos` writes slot length+pos-1: grow the cache when full
-                slots = state["cache"][0][0].shape[1]
-                if length + pos - 1 >= slots:
-                    slots = next(w for w in windows if w > length + pos - 1)
-                    state = self._grow(state, slots)
-                until = min(until, slots - length + 1)
+            slots = state.cache.slots  # step `pos` writes slot length+pos-1: grow when full
+            if length + pos - 1 >= slots:
+                slots = next(w for w in windows if w > length + pos - 1)
+                state = self._grow(state, slots)
+            until = min(until, slots - length + 1)
             state = self._loop(self.variables, state, jnp.int32(until), method, stop)
-            step = int(state["step"])
-            new = np.asarray(state["out"][:n, pos:step])
+            step = int(state.step)
+            new = np.asarray(state.out[:n, pos:step])
             pos = step
-            yield new, np.asarray(state["done"])[:n], dict(lens=lens, stop=stop_set)
+            yield new, np.asarray(state.done)[:n], dict(lens=lens, stop=stop_set)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], *,
                      max_new_tokens: int | Sequence[int] = 64, method=None, seed: int = 0,
@@ -343,16 +321,14 @@ def _per_row(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
     return rows
 
 
-def sample_main(args) -> int:
-    """`solo sample WORKDIR --prompt TEXT [...]`: prints prompt + continuation per prompt."""
-    from solo.train.checkpoint import load_for_inference
+def sample(workdir: str, prompts: Sequence[str], *, max_new_tokens: int = 64,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+           checkpoint: str | int = "latest") -> list[Generation]:
+    """`solo sample`: continuations of text prompts from a workdir's checkpoint (prompts longer
+    than the context keep their newest tokens)."""
+    from solo.train.inference import load
 
-    loaded = load_for_inference(args.workdir, args.checkpoint)
-    sampler = Sampler(loaded.model, loaded.params, loaded.tokenizer,
-                      overflow="truncate_left")
-    method = Sampling(args.temperature, args.top_k, args.top_p)
-    gens = sampler.generate(list(args.prompt), max_new_tokens=args.max_new_tokens,
-                            method=method, seed=args.seed)
-    for prompt, g in zip(args.prompt, gens, strict=True):
-        print(f"{prompt}{g.text}\n[{len(g.tokens)} tokens, {g.finish_reason}]\n", flush=True)
-    return 0
+    loaded = load(workdir, checkpoint)
+    sampler = Sampler(loaded.model, loaded.params, loaded.tokenizer, overflow="truncate_left")
+    return sampler.generate(list(prompts), max_new_tokens=max_new_tokens, seed=seed,
+                            method=Sampling(temperature, top_k, top_p))

@@ -24,15 +24,16 @@ import uuid
 from typing import Any
 
 import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
 from solo.agent.chat import CHAT_STOP_IDS
 from solo.agent.guards import Guards
 from solo.agent.sampler import Greedy, Sampler, Sampling
 from solo.agent.streaming import RowText
 from solo.data.chat import encode_chat
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
 
 log = logging.getLogger("solo.server")
 
@@ -349,7 +350,7 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
 
 
 def app_from_loaded(loaded, **overrides) -> Starlette:
-    """make_app from `train.checkpoint.load_for_inference(...)` with config.agent defaults."""
+    """make_app from `solo.train.inference.load(...)` with config.agent defaults."""
     from solo.agent.chat import build_sampler  # local: keeps the module import light
 
     agent = loaded.config.agent
@@ -364,7 +365,8 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, which: str = 
           **overrides) -> None:
     """Loads workdir's checkpoint (`which`, see load_for_inference) and serves it (blocking)."""
     import uvicorn
-    from solo.train.checkpoint import load_for_inference
 
-    uvicorn.run(app_from_loaded(load_for_inference(workdir, which), **overrides), host=host,
+    from solo.train.inference import load
+
+    uvicorn.run(app_from_loaded(load(workdir, which), **overrides), host=host,
                 port=port)

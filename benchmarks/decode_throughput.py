@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from solo.agent.sampler import Greedy, Sampler
 from solo.model.config import ModelConfig
 from solo.model.transformer import Transformer
@@ -83,11 +84,13 @@ def _timed(fn) -> float:
 
 def ceilings(sampler: Sampler, batch: int, bandwidth: float, reps: int = 50) -> dict:
     """tok/s ceilings at this batch size (see the module docstring): roofline and gemm-chain."""
-    layers = sampler.variables["layers"]  # the fast path's per-layer weights, qkv fused
-    ws = [w for p in layers for w in (p["attn"]["qkv"], p["attn"]["o"].reshape(-1, CFG.d_model),
-                                      p["mlp"]["wi"], p["mlp"]["wo"])]
-    nbytes = sum(w.nbytes for w in ws) + sampler.variables["head"].nbytes
+    params = sampler.variables["params"]
+    layers = [params["decoder"][f"layers_{i}"] for i in range(CFG.num_layers)]
     d = CFG.d_model
+    qkv = lambda a: jnp.concatenate([a[n].reshape(d, -1) for n in ("q", "k", "v")], axis=1)
+    ws = [w for p in layers for w in (qkv(p["attn"]), p["attn"]["o"].reshape(-1, d),
+                                      p["mlp"]["wi"], p["mlp"]["wo"])]
+    nbytes = sum(w.nbytes for w in ws) + params["embedder"]["token"].nbytes  # + the tied head
     slot_bytes = 2 * CFG.num_layers * CFG.num_kv_heads * CFG.head_dim * 4 * batch  # k and v
     cache_bytes = slot_bytes * (PROMPT + (NEW - 1) / 2)  # mean filled slots over the steps
 

@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ml_collections import ConfigDict  # noqa: E402
+
 from solo.data import pipeline as P  # noqa: E402
 from solo.experiments import base  # noqa: E402
 

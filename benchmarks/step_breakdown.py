@@ -28,8 +28,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import solo.model.layers as layers
 from train_throughput import SIZES, make_jax_step  # this directory (run as a script)
+
+import solo.model.layers as layers
 
 
 def _attention_free(q_BLHK, k_BSGK, v_BSGK, mask_BLS, *, causal=False):

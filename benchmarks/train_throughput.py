@@ -19,13 +19,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from solo.compile_options import compiler_options
 from solo.experiments import base
 from solo.model import ModelConfig, Transformer, flops_per_token
 from solo.train.optim import make_optimizer
 from solo.train.state import TrainState
 from solo.train.step import make_train_step
-
-from solo.compile_options import compiler_options
 
 # name -> (model overrides, seq_len, batch)
 SIZES = {

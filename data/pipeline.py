@@ -17,6 +17,7 @@ from typing import Any
 
 import grain
 import numpy as np
+
 from solo.data import sources
 from solo.data import transforms as T
 from solo.data.sources import cfg_get

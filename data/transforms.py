@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from solo.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, SEP_ID, SPECIAL_IDS
 
 Example = dict[str, np.ndarray]

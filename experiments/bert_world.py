@@ -8,6 +8,7 @@ Expect:   eval MLM loss 0.43 (7.0 at init), masked-token accuracy 0.87; NSP accu
 """
 
 from ml_collections import ConfigDict
+
 from solo.experiments import base
 
 

@@ -7,6 +7,7 @@ Expect:   eval loss 1.64 at step 600 (6.2 after 4 steps), teacher-forced token a
 """
 
 from ml_collections import ConfigDict
+
 from solo.experiments import base
 
 

@@ -10,6 +10,7 @@ Expect:   eval InfoNCE loss 0.0043 and top-1 retrieval accuracy 1.00 on held-out
 """
 
 from ml_collections import ConfigDict
+
 from solo.experiments import base
 
 

@@ -1,7 +1,9 @@
-"""Model package: `from model import Transformer, ModelConfig, init_cache, flops_per_token`."""
+"""The model: `from solo.model import Transformer, ModelConfig, DecodeCache, init_cache`."""
 
 from solo.model.config import ModelConfig, flops_per_token
+from solo.model.kvcache import DecodeCache, LayerCache
 from solo.model.layers import attention_core
-from solo.model.transformer import Transformer, init_cache
+from solo.model.transformer import Transformer, init_cache, init_params
 
-__all__ = ["Transformer", "ModelConfig", "init_cache", "flops_per_token", "attention_core"]
+__all__ = ["Transformer", "ModelConfig", "DecodeCache", "LayerCache", "init_cache", "init_params",
+           "flops_per_token", "attention_core"]

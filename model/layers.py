@@ -12,7 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from solo.model.config import ModelConfig
+from solo.model.kvcache import LayerCache
 
 F32 = jnp.float32
 _NEG_INF = -1e30  # finite: fully-masked rows (padding queries) stay NaN-free
@@ -214,12 +216,6 @@ def attention_core(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
     return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(b, n, h, k)
 
 
-def _write_rows(cache_BSGK: jax.Array, new_BTGK: jax.Array, end_B: jax.Array) -> jax.Array:
-    """Writes new_BTGK[b] into cache slots end[b]..end[b]+T-1 (caller ensures it fits)."""
-    write = lambda c, n, e: lax.dynamic_update_slice(c, n.astype(c.dtype), (e, 0, 0))
-    return jax.vmap(write)(cache_BSGK, new_BTGK, end_B)
-
-
 class Attention(nn.Module):
     """Multi-head / grouped-query attention; self-attention (optionally cached) or cross."""
 
@@ -227,9 +223,11 @@ class Attention(nn.Module):
     rope: bool = True
 
     @nn.compact
-    def __call__(self, x_BLD, kv_BSD, mask_BLS, positions_BL=None, cache=None, end_B=None,
-                 causal: bool = False):
-        """cache: (k_BSGK, v_BSGK) of this layer or None; returns (out_BLD, new cache or None).
+    def __call__(self, x_BLD, kv_BSD, mask_BLS, positions_BL=None, cache: LayerCache | None = None,
+                 slot=None, causal: bool = False):
+        """Returns (out_BLD, new cache or None). With `cache` (decoding, self-attention only) the
+        L new tokens are written at cache slots [slot, slot+L) and attend over the cache under
+        mask_BLS [B,L,S]; without it they attend over kv_BSD.
 
         causal: the mask is known causal (see attention_core); only without a cache."""
         cfg = self.cfg
@@ -257,11 +255,10 @@ class Attention(nn.Module):
             q_BLHK = apply_rope(q_BLHK, positions_BL, cfg.rope_theta)
             k_BSGK = apply_rope(k_BSGK, positions_BL, cfg.rope_theta)
         if cache is not None:  # decode: write this step's k/v, attend over all cache slots
-            k_BSGK = _write_rows(cache[0], k_BSGK, end_B)
-            v_BSGK = _write_rows(cache[1], v_BSGK, end_B)
-            cache = (k_BSGK, v_BSGK)
-        out_BLHK = attention_core(q_BLHK, k_BSGK, v_BSGK, mask_BLS,
-                                  causal=causal and cache is None)
+            cache = cache.write(k_BSGK, v_BSGK, slot)
+            out_BLHK = cache.attend(q_BLHK, mask_BLS)
+        else:
+            out_BLHK = attention_core(q_BLHK, k_BSGK, v_BSGK, mask_BLS, causal=causal)
         out_BLD = matmul(out_BLHK.reshape(*out_BLHK.shape[:2], h * k), wo.reshape(h * k, d))
         return out_BLD, cache
 
@@ -269,8 +266,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: self-attention [+ cross-attention] + MLP, each with residual dropout.
 
-    ctx (broadcast over layers): mask [B,L,S] bool, positions [B,L], end [B] or None (decode),
-    encoded [B,Ls,D] or None, cross_mask [B,L,Ls] or None.
+    ctx (broadcast over layers): mask [B,L,S] bool, positions [B,L], slot (decoding: the cache
+    slot of the first new token) or None, encoded [B,Ls,D] or None, cross_mask [B,L,Ls] or None.
+    cache: this layer's LayerCache when decoding, else None.
     """
 
     cfg: ModelConfig
@@ -284,7 +282,7 @@ class Block(nn.Module):
         causal = cfg.kind == "decoder" or self.cross  # decoder self-attention (static)
         h_BLD = Norm(cfg, name="attn_norm")(x_BLD)
         h_BLD, cache = Attention(cfg, name="attn")(h_BLD, h_BLD, ctx["mask"], ctx["positions"],
-                                                   cache, ctx["end"], causal)
+                                                   cache, ctx["slot"], causal)
         x_BLD = x_BLD + drop(h_BLD)
         if self.cross:
             h_BLD = Norm(cfg, name="cross_norm")(x_BLD)

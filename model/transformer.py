@@ -1,12 +1,16 @@
 """Transformer: decoder-only, encoder-only (BERT-style) and encoder-decoder from one block family.
 
 Shapes: B batch, L length, S cache/source length, D model width, H heads, G kv heads, K head width,
-F MLP width, V vocab, E embed dim.
+F MLP width, V vocab, E embed dim, T new tokens when decoding.
 
 Masks: decoder = causal AND same nonzero segment; encoder = same nonzero segment (bidirectional);
 cross-attention = query segment nonzero AND key src segment nonzero. Layers are stacked with
-nn.scan (params and cache get a leading 'layers' axis) or a python loop (params `layers_{i}`);
-both compute the same function. Params are cfg.param_dtype, compute is cfg.dtype, logits float32.
+nn.scan (params get a leading 'layers' axis) or a python loop (params `layers_{i}`); both compute
+the same function. Params are cfg.param_dtype, compute is cfg.dtype, logits float32.
+
+One forward for training and decoding: `__call__` (training, eval, scoring) and `decode` (prefill
+and cached steps over a `DecodeCache`, model/kvcache.py) run the same Blocks; only attention's
+keys and values come from the cache when decoding.
 """
 
 from __future__ import annotations
@@ -17,21 +21,41 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from solo.model.config import ModelConfig
+from solo.model.kvcache import DecodeCache
 from solo.model.layers import F32, Block, Dense, Embedder, Norm, gelu, param
 
 HEADS = ("lm", "mlm", "nsp", "embed")
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Empty KV cache: k, v [layers,B,S,G,K] (decoder-stack layers) and end [B] int32 = 0."""
+def init_cache(cfg: ModelConfig, batch_size: int, slots: int, offset_B=None) -> DecodeCache:
+    """Empty decode cache of the decoder stack (compute dtype); offset_B = each row's left
+    padding (default 0)."""
     if cfg.kind == "encoder":
         raise ValueError("init_cache: kind='encoder' has no decoder; use 'decoder' or "
                          "'encoder_decoder'")
     n = cfg.num_decoder_layers if cfg.kind == "encoder_decoder" else cfg.num_layers
-    shape = (n, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                end=jnp.zeros((batch_size,), jnp.int32))
+    return DecodeCache.init(n, cfg.num_kv_heads, cfg.head_dim, batch_size, slots, offset_B,
+                            jnp.dtype(cfg.dtype))
+
+
+def example_batch(cfg: ModelConfig, seq_len: int, src_seq_len: int = 0) -> dict:
+    """A 1-row batch with every key the model reads (shape inference and init)."""
+    batch = {"tokens": jnp.zeros((1, seq_len), jnp.int32)}
+    if cfg.type_vocab_size > 0:
+        batch["token_types"] = jnp.zeros((1, seq_len), jnp.int32)
+    if cfg.kind == "encoder_decoder":
+        batch["src_tokens"] = jnp.zeros((1, src_seq_len or seq_len), jnp.int32)
+    return batch
+
+
+def init_params(model: Transformer, key: jax.Array, heads: Sequence[str], seq_len: int,
+                src_seq_len: int = 0):
+    """Boxed (logically annotated) params with the given heads; pure, so `jax.eval_shape` of it
+    gives the parameter shapes alone."""
+    batch = example_batch(model.cfg, seq_len, src_seq_len)
+    return model.init({"params": key, "dropout": key}, batch, heads=tuple(heads))["params"]
 
 
 def _remat_policy(name: str):
@@ -46,29 +70,49 @@ class Stack(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD, ctx, cache=None, deterministic: bool = True):
+    def __call__(self, x_BLD, ctx, cache: tuple | None = None, deterministic: bool = True):
+        """cache: a tuple of per-layer LayerCaches when decoding (returned updated), else None."""
         cfg = self.cfg
-        block_cls = Block
-        if cfg.remat != "none":
-            block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat),
-                                 prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+        if cache is not None:
+            x_BLD, cache = self._decode(x_BLD, ctx, cache)
+        elif cfg.scan_layers:
+            block_cls = self._block_cls()
             scanned = nn.scan(block_cls, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(0, nn.broadcast), length=self.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BLD, cache = scanned(cfg, self.cross, deterministic, name="layers")(
-                x_BLD, cache, ctx)
+            x_BLD, _ = scanned(cfg, self.cross, deterministic, name="layers")(x_BLD, None, ctx)
         else:
-            new_caches = []
+            block_cls = self._block_cls()
             for i in range(self.num_layers):
-                layer_cache = None if cache is None else tuple(c[i] for c in cache)
-                x_BLD, layer_cache = block_cls(cfg, self.cross, deterministic,
-                                               name=f"layers_{i}")(x_BLD, layer_cache, ctx)
-                new_caches.append(layer_cache)
-            if cache is not None:
-                cache = jax.tree.map(lambda *cs: jnp.stack(cs), *new_caches)
+                x_BLD, _ = block_cls(cfg, self.cross, deterministic, name=f"layers_{i}")(
+                    x_BLD, None, ctx)
         return Norm(cfg, name="final_norm")(x_BLD), cache
+
+    def _block_cls(self):
+        if self.cfg.remat == "none":
+            return Block
+        return nn.remat(Block, policy=_remat_policy(self.cfg.remat),
+                        prevent_cse=not self.cfg.scan_layers)
+
+    def _decode(self, x_BLD, ctx, cache: tuple):
+        """Layer by layer, each with its own cache. Scanned params (a leading layer axis) run
+        their layer-i slice through the same Block, so there is one decode for both layouts."""
+        cfg = self.cfg
+        new = []
+        if cfg.scan_layers:
+            stacked = nn.meta.unbox(self.variables["params"]["layers"])
+            block = Block(cfg, self.cross, True, parent=None)
+            for i, layer_cache in enumerate(cache):
+                p_i = jax.tree.map(lambda p, i=i: p[i], stacked)
+                x_BLD, layer_cache = block.apply({"params": p_i}, x_BLD, layer_cache, ctx)
+                new.append(layer_cache)
+        else:
+            for i, layer_cache in enumerate(cache):
+                x_BLD, layer_cache = Block(cfg, self.cross, True, name=f"layers_{i}")(
+                    x_BLD, layer_cache, ctx)
+                new.append(layer_cache)
+        return x_BLD, tuple(new)
 
 
 class MlmHead(nn.Module):
@@ -144,7 +188,8 @@ def _defaults(batch: Mapping, prefix: str):
 
 
 class Transformer(nn.Module):
-    """See module docstring and /work/contract.md ("Model")."""
+    """See the module docstring. Heads: 'lm' (logits), 'mlm' (mlm_logits), 'nsp' (nsp_logits),
+    'embed' (embedding, logit_scale); 'hidden' (the final-norm output) is always returned."""
 
     cfg: ModelConfig
 
@@ -179,7 +224,7 @@ class Transformer(nn.Module):
             raise ValueError(f"encode needs kind='encoder_decoder', got {self.cfg.kind!r}")
         tokens, seg, pos = _defaults(batch, "src_")
         x = self._embed(tokens, pos, None, deterministic)
-        ctx = dict(mask=_self_mask(seg, causal=False), positions=pos, end=None, encoded=None,
+        ctx = dict(mask=_self_mask(seg, causal=False), positions=pos, slot=None, encoded=None,
                    cross_mask=None)
         return self.encoder(x, ctx, None, deterministic)[0]
 
@@ -192,7 +237,7 @@ class Transformer(nn.Module):
         tokens, seg, pos = _defaults(batch, "")
         token_types = batch.get("token_types")
         x = self._embed(tokens, pos, token_types, deterministic)
-        ctx = dict(mask=_self_mask(seg, causal=cfg.kind != "encoder"), positions=pos, end=None,
+        ctx = dict(mask=_self_mask(seg, causal=cfg.kind != "encoder"), positions=pos, slot=None,
                    encoded=None, cross_mask=None)
         if cfg.kind == "encoder_decoder":
             src_seg = _defaults(batch, "src_")[1]
@@ -212,22 +257,24 @@ class Transformer(nn.Module):
             out["embedding"], out["logit_scale"] = self.embed_head(x, seg)
         return out
 
-    def decode(self, tokens_BT: jax.Array, cache: dict, *, num_valid_B=None, encoded=None,
-               src_segment_ids=None) -> tuple[jax.Array, dict]:
-        """Cached decoding: token t of row b goes to slot/position end[b]+t, attends slots <= it.
+    def decode(self, tokens_BT: jax.Array, cache: DecodeCache, *, token_types_BT=None,
+               encoded=None, src_segment_ids=None, last_only: bool = False
+               ) -> tuple[jax.Array, DecodeCache]:
+        """Cached decoding, for prefill (T = the left-padded prompt length) and for steps (T=1).
 
-        Returns float32 logits [B,T,V] and the cache with end += num_valid_B (default T).
-        Caller guarantees end + T <= S. encoder_decoder needs `encoded` (from `encode`).
+        The T tokens of every row go to cache slots [cache.slot, cache.slot + T); token t of row
+        b attends to slots cache.offset[b]..slot+t and has position slot + t - offset[b]. Returns
+        float32 logits [B,T,V] (T=1 with last_only: the last token's only) and the cache with
+        slot += T. The caller keeps slot + T <= cache.slots (see DecodeCache.grow).
+        encoder_decoder needs `encoded` (from `encode`) and src_segment_ids (default all real).
         """
         cfg = self.cfg
         if cfg.kind == "encoder":
             raise ValueError("decode needs kind 'decoder' or 'encoder_decoder'")
         b, t = tokens_BT.shape
-        s = cache["k"].shape[2]
-        end_B = cache["end"]
-        pos_BT = end_B[:, None] + jnp.arange(t, dtype=jnp.int32)
-        mask_BTS = jnp.arange(s)[None, None, :] <= pos_BT[:, :, None]
-        ctx = dict(mask=mask_BTS, positions=pos_BT, end=end_B, encoded=None, cross_mask=None)
+        pos_BT = cache.positions(t)
+        ctx = dict(mask=cache.mask(t), positions=pos_BT, slot=cache.slot, encoded=None,
+                   cross_mask=None)
         if cfg.kind == "encoder_decoder":
             if encoded is None:
                 raise ValueError("encoder_decoder decode needs encoded=Transformer.encode(...)")
@@ -236,8 +283,8 @@ class Transformer(nn.Module):
             ctx["encoded"] = encoded
             ctx["cross_mask"] = jnp.broadcast_to(
                 (src_segment_ids != 0)[:, None, :], (b, t, encoded.shape[1]))
-        x = self._embed(tokens_BT, pos_BT, None, True)
-        x, (k, v) = self.decoder(x, ctx, (cache["k"], cache["v"]), True)
-        n_new = t if num_valid_B is None else num_valid_B
-        new_end = (end_B + jnp.asarray(n_new, jnp.int32)).astype(jnp.int32)
-        return self._lm_logits(x), dict(k=k, v=v, end=new_end)
+        x = self._embed(tokens_BT, pos_BT, token_types_BT, True)
+        x, layers = self.decoder(x, ctx, cache.layers, True)
+        if last_only:
+            x = x[:, -1:]
+        return self._lm_logits(x), cache.replace(layers=layers, slot=cache.slot + t)

@@ -8,6 +8,7 @@ from solo.objectives.core import (
     denominators,
     forward,
     get_objective,
+    model_heads,
     summarize,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "denominators",
     "forward",
     "get_objective",
+    "model_heads",
     "summarize",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from solo.objectives import causal_lm, infonce, mlm, nsp, seq2seq
 from solo.objectives.base import Array, Metrics, Objective, safe_div
 
@@ -58,6 +59,12 @@ def active_objectives(objectives_cfg: Mapping[str, Any]) -> dict[str, dict[str, 
         if float(opts["weight"]) != 0.0:
             active[name] = opts
     return active
+
+
+def model_heads(objectives_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The model heads the active objectives read (sorted), i.e. which head params a run has."""
+    return tuple(sorted({h for n in active_objectives(objectives_cfg)
+                         for h in get_objective(n).heads}))
 
 
 def forward(

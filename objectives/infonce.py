@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from solo.objectives.base import (
     Array,
     Batch,

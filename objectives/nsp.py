@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+
 from solo.objectives.base import (
     Batch,
     Metrics,

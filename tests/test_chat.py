@@ -6,6 +6,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import pytest
+
 from solo.agent.chat import CHAT_STOP_IDS, ChatSession, ContextOverflow
 from solo.agent.evaluate import heldout_accuracy, normalize
 from solo.agent.guards import GuardConfig, Guards

@@ -12,11 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
 from solo.experiments.base import get_config
 from solo.train import checkpoint as ckpt_lib
+from solo.train.inference import load
 from solo.train.loop import TrainConfigError, train_and_evaluate
 from solo.train.preemption import Stopped, StopSignals
 from solo.train.step import Stepper
+from solo.train.workdir import WorkdirError, write_config
 
 
 def small_config(steps: int = 8):
@@ -41,7 +44,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 def flat_params(workdir) -> dict[str, np.ndarray]:
-    loaded = ckpt_lib.load_for_inference(str(workdir))
+    loaded = load(str(workdir))
     return {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
 
@@ -117,9 +120,8 @@ def test_stop_signals_second_ctrl_c_interrupts_and_cli_exit_code(tmp_path, monke
     finally:
         signal.signal(signal.SIGINT, before)
 
-    from solo.train import loop
-
     from solo import cli
+    from solo.train import loop
 
     def stopped(config, workdir):
         raise Stopped(5, signal.SIGTERM)
@@ -141,13 +143,13 @@ def test_config_json_is_the_latest_and_earlier_configs_are_kept(runs):
     assert read(tmp / "b" / kept[0])["train"]["steps"] == 4
     # a: one launch -> nothing archived; relaunching an identical config writes nothing
     before = snapshot(tmp / "a")
-    ckpt_lib.write_config(small_config(8), str(tmp / "a"))
+    write_config(small_config(8), str(tmp / "a"))
     assert not list((tmp / "a").glob("config.*.json")) and snapshot(tmp / "a") == before
     # two changed relaunches without a new checkpoint: both earlier configs survive
     wd = tmp / "cfg_only"
     wd.mkdir()
     for steps in (1, 2, 3):
-        ckpt_lib.write_config(small_config(steps), str(wd))
+        write_config(small_config(steps), str(wd))
     assert read(wd / "config.json")["train"]["steps"] == 3
     assert [read(wd / n)["train"]["steps"] for n in ("config.until-step-0.json",
                                                       "config.until-step-0.1.json")] == [1, 2]
@@ -175,7 +177,7 @@ def test_different_model_shape_is_refused_and_workdir_untouched(runs):
     c = small_config(8)
     c.model.d_model = 48
     c.model.num_layers = 2
-    with pytest.raises(ckpt_lib.WorkdirError) as e:
+    with pytest.raises(WorkdirError) as e:
         train_and_evaluate(c, str(wd))
     msg = str(e.value)
     assert "model.d_model" in msg and "model.num_layers" in msg and "--workdir" in msg
@@ -197,7 +199,7 @@ def test_leftover_tmp_and_corrupt_checkpoints_are_skipped(runs, tmp_path):
     for f in (corrupt / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and f.name != "_CHECKPOINT_METADATA":
             f.write_bytes(b"")
-    loaded = ckpt_lib.load_for_inference(str(wd))
+    loaded = load(str(wd))
     assert loaded.step in (8, 16)
     got = {jax.tree_util.keystr(p): np.asarray(x)
            for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
@@ -208,7 +210,7 @@ def test_leftover_tmp_and_corrupt_checkpoints_are_skipped(runs, tmp_path):
     assert summary["step"] == 20
     assert len(list((wd / "checkpoints").glob("16.unrestorable-*"))) == 1  # kept, not deleted
     assert flat_params(wd).keys() == ref.keys()
-    assert ckpt_lib.load_for_inference(str(wd)).step == 20
+    assert load(str(wd)).step == 20
 
 
 def test_best_checkpoint_is_kept(tmp_path):
@@ -226,16 +228,16 @@ def test_best_checkpoint_is_kept(tmp_path):
 def test_unwritable_workdir_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ckpt_lib.WorkdirError, match="not writable|not a directory"):
+    with pytest.raises(WorkdirError, match="not writable|not a directory"):
         train_and_evaluate(small_config(), str(blocker / "wd"))
-    with pytest.raises(ckpt_lib.WorkdirError, match="not a directory"):
+    with pytest.raises(WorkdirError, match="not a directory"):
         train_and_evaluate(small_config(), str(blocker))
     if os.geteuid() != 0:  # root ignores permission bits
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         try:
-            with pytest.raises(ckpt_lib.WorkdirError, match="not writable"):
+            with pytest.raises(WorkdirError, match="not writable"):
                 train_and_evaluate(small_config(), str(ro))
         finally:
             ro.chmod(0o700)
@@ -264,23 +266,23 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path):
 
 
 def test_load_for_inference_errors(runs, tmp_path):
-    with pytest.raises(ckpt_lib.WorkdirError, match="does not exist"):
-        ckpt_lib.load_for_inference(str(tmp_path / "nope"))
-    with pytest.raises(ckpt_lib.WorkdirError, match="no config.json"):
-        ckpt_lib.load_for_inference(str(tmp_path))
+    with pytest.raises(WorkdirError, match="does not exist"):
+        load(str(tmp_path / "nope"))
+    with pytest.raises(WorkdirError, match="no config.json"):
+        load(str(tmp_path))
     shutil.copy(runs[0] / "a" / "config.json", tmp_path / "config.json")
-    with pytest.raises(ckpt_lib.WorkdirError, match="tokenizer.model"):
-        ckpt_lib.load_for_inference(str(tmp_path))
+    with pytest.raises(WorkdirError, match="tokenizer.model"):
+        load(str(tmp_path))
     shutil.copy(runs[0] / "a" / "tokenizer.model", tmp_path / "tokenizer.model")
-    with pytest.raises(ckpt_lib.WorkdirError, match="no checkpoint"):
-        ckpt_lib.load_for_inference(str(tmp_path))
-    best = ckpt_lib.load_for_inference(str(runs[0] / "a"), which="best")
+    with pytest.raises(WorkdirError, match="no checkpoint"):
+        load(str(tmp_path))
+    best = load(str(runs[0] / "a"), checkpoint="best")
     assert best.step in (4, 8) and best.tokenizer.vocab_size == best.model.cfg.vocab_size
-    with pytest.raises(ckpt_lib.WorkdirError, match=r"no checkpoint of step 5; saved steps: "
+    with pytest.raises(WorkdirError, match=r"no checkpoint of step 5; saved steps: "
                                                      r"\[4, 8\]"):
-        ckpt_lib.load_for_inference(str(runs[0] / "a"), which=5)
+        load(str(runs[0] / "a"), checkpoint=5)
     with pytest.raises(ValueError, match="'latest', 'best' or a step number"):
-        ckpt_lib.load_for_inference(str(runs[0] / "a"), which="newest")
+        load(str(runs[0] / "a"), checkpoint="newest")
 
 
 def test_a_chosen_checkpoint_step_is_the_one_evaluated(runs, capsys):
@@ -337,6 +339,6 @@ def test_restore_common_params_keeps_new_leaves_and_names_misfits(tmp_path):
     np.testing.assert_array_equal(params["body"]["w"], np.arange(4))
     np.testing.assert_array_equal(params["new_head"]["w"], [7.0, 7.0])
     assert fresh == ["['new_head']['w']"] and "old_head" not in params
-    with pytest.raises(ckpt_lib.WorkdirError, match=r"\['body'\]\['w'\] \(4,\) vs \(5,\)"):
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"\['body'\]\['w'\] \(4,\) vs \(5,\)"):
         ck.restore_common_params({"body": {"w": jnp.zeros(5)}}, 5)
     ck.close()

@@ -1,6 +1,7 @@
 """Config loading and overrides: every experiment builds, and bad input fails clearly."""
 
 import pytest
+
 from solo.experiments import (
     ConfigError,
     apply_overrides,

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+
 from solo.data import pipeline as P
 from solo.data import transforms as T
 from solo.data.sources import load_records

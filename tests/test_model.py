@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from solo.model import ModelConfig, Transformer, attention_core, flops_per_token, init_cache
 from solo.model.layers import gelu
 from solo.model.sharding import DEFAULT_RULES, param_shardings
@@ -35,13 +36,6 @@ def _apply_fn(cfg, heads, deterministic):
         p, batch, heads, deterministic=deterministic, rngs=rngs))
 
 
-@functools.cache
-def _decode_fn(cfg):
-    return jax.jit(lambda p, tokens, cache, n, enc, seg: Transformer(cfg).apply(
-        p, tokens, cache, num_valid_B=n, encoded=enc, src_segment_ids=seg,
-        method=Transformer.decode))
-
-
 def init(cfg, batch, heads=("lm",), seed=0):
     return _init_fn(cfg, tuple(heads))(jax.random.key(seed), batch)
 
@@ -49,10 +43,6 @@ def init(cfg, batch, heads=("lm",), seed=0):
 def run(cfg, params, batch, heads=("lm",), deterministic=True, rngs=None):
     """Jitted (and cached per config) apply: repeated shapes compile once."""
     return _apply_fn(cfg, tuple(heads), deterministic)(params, batch, rngs)
-
-
-def decode(cfg, params, tokens, cache, num_valid_B=None, encoded=None, src_segment_ids=None):
-    return _decode_fn(cfg)(params, tokens, cache, num_valid_B, encoded, src_segment_ids)
 
 
 def rand_tokens(shape, seed=0):
@@ -178,66 +168,100 @@ def test_encoder_decoder_cross_mask_ignores_src_padding():
 # ---------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(scan_layers=False, positions="learned"),
-                                dict(num_kv_heads=2)])
-def test_decoder_cache_matches_full_recompute(kw):
-    cfg = make_cfg(**kw)
-    tokens = rand_tokens((2, 9))
-    params = init(cfg, dict(tokens=tokens))
-    full = run(cfg, params, dict(tokens=tokens))["logits"]
-    cache = init_cache(cfg, 2, 12)
-    logits, cache = decode(cfg, params, tokens[:, :4], cache)
-    np.testing.assert_allclose(logits, full[:, :4], rtol=1e-4, atol=1e-5)
-    for t in range(4, 9):
-        logits, cache = decode(cfg, params, tokens[:, t:t + 1], cache)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(cache["end"], [9, 9])
-    assert cache["k"].shape == (2, 2, 12, cfg.num_kv_heads, cfg.head_dim)
+# Every model option decoding could get wrong. `_pairwise` picks few option sets such that every
+# pair of values of two options appears together in at least one of them.
+DECODE_OPTIONS = dict(kind=["decoder", "encoder_decoder"], positions=["rope", "learned"],
+                      norm=["rmsnorm", "layernorm"], mlp=["swiglu", "gelu"],
+                      tie_embeddings=[True, False], num_kv_heads=[4, 2, 1],
+                      type_vocab_size=[0, 2], scan_layers=[False, True], head_dim=[0, 12])
 
 
-def test_encoder_decoder_cache_matches_full_recompute():
-    cfg = make_cfg(kind="encoder_decoder", num_decoder_layers=1)
+def _pairwise(options: dict) -> list[dict]:
+    """Greedy pairwise covering array (deterministic): each round starts from the first
+    uncovered pair and fills every other option with the value covering most uncovered pairs."""
+    keys = list(options)
+    todo = {(a, va, b, vb) for i, a in enumerate(keys) for b in keys[i + 1:]
+            for va in options[a] for vb in options[b]}
+    rows = []
+    while todo:
+        a, va, b, vb = min(todo, key=lambda p: (keys.index(p[0]), keys.index(p[2]), str(p)))
+        row = {a: va, b: vb}
+        for k in keys:
+            if k not in row:
+                row[k] = max(options[k], key=lambda v, k=k: sum(
+                    (x, row[x], k, v) in todo or (k, v, x, row[x]) in todo for x in row))
+        todo -= {(x, row[x], y, row[y]) for i, x in enumerate(keys) for y in keys[i + 1:]}
+        rows.append(row)
+    return rows
+
+
+DECODE_VARIANTS = _pairwise(DECODE_OPTIONS)
+
+
+def test_the_pairwise_variants_cover_every_pair():
+    assert 6 <= len(DECODE_VARIANTS) <= 16
+    keys = list(DECODE_OPTIONS)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            seen = {(r[a], r[b]) for r in DECODE_VARIANTS}
+            assert seen == {(x, y) for x in DECODE_OPTIONS[a] for y in DECODE_OPTIONS[b]}
+
+
+@pytest.mark.parametrize("kw", DECODE_VARIANTS, ids=lambda kw: ",".join(
+    f"{k}={v}" for k, v in kw.items() if v != DECODE_OPTIONS[k][0]) or "default")
+def test_decode_equals_full_recompute_for_every_option_pair(kw):
+    """Left-padded batched prefill, then cached steps, against the full forward pass of each row
+    alone (token types included). Both are float32 with different reduction orders; a logit's
+    error is a few ulps per reduction, so we allow 1e-5 (~100 ulps) of the logits' scale."""
+    cfg = make_cfg(num_layers=2, **kw)
+    rng = np.random.default_rng(0)
+    lens, new = [5, 2], 3
+    seqs = [rng.integers(10, V, size=n + new) for n in lens]
+    types = [rng.integers(0, 2, size=n + new) * (cfg.type_vocab_size > 0) for n in lens]
     src = rand_tokens((2, 6), seed=1)
     src_seg = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], jnp.int32)
-    tgt = rand_tokens((2, 5), seed=2)
-    batch = dict(tokens=tgt, src_tokens=src, src_segment_ids=src_seg)
-    params = init(cfg, batch)
-    full = run(cfg, params, batch)["logits"]
+    width = max(lens)
+    pad = lambda rows, n: jnp.asarray([[0] * (width - n_) + list(r[:n_]) for r, n_ in
+                                       zip(rows, lens, strict=True)], jnp.int32)
+    full_batch = dict(tokens=jnp.asarray([s for s in seqs[:1]], jnp.int32), src_tokens=src[:1])
+    params = init(cfg, full_batch)
     model = Transformer(cfg)
-    encoded = model.apply(params, batch, method=Transformer.encode)
-    cache = init_cache(cfg, 2, 8)
-    assert cache["k"].shape[0] == 1
-    logits, cache = decode(cfg, params, tgt[:, :2], cache, encoded=encoded,
-                           src_segment_ids=src_seg)
-    np.testing.assert_allclose(logits, full[:, :2], rtol=1e-4, atol=1e-5)
-    for t in range(2, 5):
-        logits, cache = decode(cfg, params, tgt[:, t:t + 1], cache, encoded=encoded,
-                               src_segment_ids=src_seg)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+    enc = {}
+    if cfg.kind == "encoder_decoder":
+        enc = dict(encoded=model.apply(params, dict(src_tokens=src, src_segment_ids=src_seg),
+                                       method=Transformer.encode), src_segment_ids=src_seg)
+    cache = init_cache(cfg, 2, width + new, offset_B=[width - n for n in lens])
+    step = jax.jit(lambda p, tok, typ, c, e: model.apply(p, tok, c, token_types_BT=typ,
+                                                         method=Transformer.decode, **e))
+    logits, cache = step(params, pad(seqs, None), pad(types, None), cache, enc)
+    got = [[logits[b, width - n:]] for b, n in enumerate(lens)]
+    for t in range(new):
+        tok = jnp.asarray([[s[n + t]] for s, n in zip(seqs, lens, strict=True)], jnp.int32)
+        typ = jnp.asarray([[ty[n + t]] for ty, n in zip(types, lens, strict=True)], jnp.int32)
+        logits, cache = step(params, tok, typ, cache, enc)
+        for b in range(2):
+            got[b].append(logits[b])
+    assert int(cache.slot) == width + new
+    for b, n in enumerate(lens):
+        batch = dict(tokens=jnp.asarray(seqs[b][None], jnp.int32),
+                     token_types=jnp.asarray(types[b][None], jnp.int32),
+                     src_tokens=src[b:b + 1], src_segment_ids=src_seg[b:b + 1])
+        ref = run(cfg, params, batch)["logits"][0]
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(jnp.concatenate(got[b]), ref, rtol=0,
+                                   atol=1e-5 * scale, err_msg=f"row {b}")
 
 
-@pytest.mark.parametrize("positions", ["rope", "learned"])
-def test_right_padded_batched_prefill(positions):
-    cfg = make_cfg(positions=positions)
-    prompts = [np.asarray(rand_tokens((1, 5), seed=3))[0], np.asarray(rand_tokens((1, 2),
-                                                                                  seed=4))[0]]
-    lens = jnp.asarray([5, 2], jnp.int32)
-    padded = jnp.asarray(np.stack([prompts[0], np.r_[prompts[1], [0, 0, 0]]]), jnp.int32)
-    params = init(cfg, dict(tokens=padded))
-    nxt = rand_tokens((2, 3), seed=5)
-    cache = init_cache(cfg, 2, 10)
-    logits, cache = decode(cfg, params, padded, cache, num_valid_B=lens)
-    steps = []
-    for t in range(3):
-        lg, cache = decode(cfg, params, nxt[:, t:t + 1], cache)
-        steps.append(lg[:, 0])
-    np.testing.assert_array_equal(cache["end"], [8, 5])
-    for b, p in enumerate(prompts):
-        seq = jnp.asarray(np.r_[p, np.asarray(nxt[b])], jnp.int32)[None]
-        ref = run(cfg, params, dict(tokens=seq))["logits"][0]
-        np.testing.assert_allclose(logits[b, : len(p)], ref[: len(p)], rtol=1e-4, atol=1e-5)
-        for t in range(3):
-            np.testing.assert_allclose(steps[t][b], ref[len(p) + t], rtol=1e-4, atol=1e-5)
+def test_decode_without_token_types_is_the_forward_without_them():
+    """A model with token-type embeddings decodes with type 0, as its forward pass without
+    token_types does (the removed fast path silently dropped the embedding)."""
+    cfg = make_cfg(type_vocab_size=2)
+    tokens = rand_tokens((1, 6))
+    params = init(cfg, dict(tokens=tokens))
+    ref = run(cfg, params, dict(tokens=tokens))["logits"]
+    logits, _ = Transformer(cfg).apply(params, tokens, init_cache(cfg, 1, 6),
+                                       method=Transformer.decode)
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
 # ---------------------------------------------------------------- layer stacking / remat

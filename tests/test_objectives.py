@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
 from solo.data.masking import mask_tokens
 from solo.objectives import (
     OBJECTIVES,

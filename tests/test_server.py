@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import openai
 import pytest
 import uvicorn
+
 from solo.agent.chat import CHAT_STOP_IDS, ChatSession
 from solo.agent.guards import GuardConfig, Guards
 from solo.agent.sampler import Sampler

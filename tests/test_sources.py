@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from ml_collections import ConfigDict
+
 from solo.data import sources
 from solo.data.sources import SourceError, load_records, parse_source
 from solo.data.tfds_io import write_tfds_dataset

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from solo.experiments import ConfigError
-from solo.train.sweep import format_table, parse_grid, point_name, points, run_sweep, summarize
 
 from solo.cli import main
+from solo.experiments import ConfigError
+from solo.train.sweep import format_table, parse_grid, point_name, points, run_sweep, summarize
 
 FAST = ["--config.train.steps=6", "--config.train.eval_every=3", "--config.train.log_every=3",
         "--config.train.ckpt_every=3", "--config.train.eval_batches=2"]

@@ -5,6 +5,7 @@ import pickle
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from solo.data import chat
 from solo.data.tokenizer import (
     ASSISTANT_ID,

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+
 from solo.experiments.base import get_config
 from solo.model import ModelConfig, Transformer
 from solo.objectives.core import OBJECTIVES

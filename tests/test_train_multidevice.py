@@ -17,7 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from solo.train import checkpoint as ckpt_lib
+
+from solo.train.inference import load
 from solo.train.loop import evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -71,8 +72,8 @@ SCRIPT = textwrap.dedent("""
     c = small_config(steps=3)
     c.train.mesh.update(dict(data=4, fsdp=2, tensor=1))
     summary = train_and_evaluate(c, sys.argv[2])
-    from solo.train.checkpoint import load_for_inference
-    loaded = load_for_inference(sys.argv[2])
+    from solo.train.inference import load
+    loaded = load(sys.argv[2])
     np.savez(sys.argv[2] + "/../ref_params.npz",
              **{jax.tree_util.keystr(p): np.asarray(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]})
@@ -109,7 +110,7 @@ def test_checkpoint_from_eight_devices_restores_on_one(eight_device_run):
     result, tmp = eight_device_run
     assert jax.device_count() == 1
     ref = np.load(tmp / "ref_params.npz")
-    loaded = ckpt_lib.load_for_inference(str(tmp / "wd"))
+    loaded = load(str(tmp / "wd"))
     flat = {jax.tree_util.keystr(p): x
             for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
     assert sorted(flat) == sorted(ref.files)

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+
 from solo.data import world as W
 from solo.data.world import ATTRIBUTES, BIO_TEMPLATES, QUESTION_TEMPLATES, World
 

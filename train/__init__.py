@@ -1,6 +1,6 @@
-"""Training: state, optimizer, steps (jit / pmap), checkpoints, metrics and the loop.
+"""Training: state, optimizer, steps (jit / pmap), checkpoints, metrics, the loop and sweeps.
 
-Entry points: `train.loop.train_and_evaluate(config, workdir)`, `train.loop.evaluate(workdir)`,
-`train.checkpoint.load_for_inference(workdir)`. Submodules are imported explicitly (no re-exports
-here) so that `import train.checkpoint` stays light for inference-only users.
+Entry points: `solo.train.loop.train_and_evaluate(config, workdir)`,
+`solo.train.loop.evaluate(workdir)`, `solo.train.inference.load(workdir)`. Submodules are
+imported explicitly (no re-exports here), so loading a workdir for inference stays light.
 """

@@ -21,19 +21,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 from ml_collections import ConfigDict
+
+from solo import experiments
+from solo.compile_options import train_options
 from solo.data import pipeline
 from solo.model import flops_per_token
 from solo.objectives import active_objectives, get_objective, summarize
 from solo.train import checkpoint as ckpt_lib
+from solo.train import inference, parallel, preemption
 from solo.train import metrics as metrics_lib
-from solo.train import parallel, preemption
+from solo.train import workdir as wd_lib
 from solo.train.optim import make_optimizer
 from solo.train.step import Stepper, init_state_fns, make_eval_step
-
-from solo import experiments
-from solo.compile_options import train_options
-
-# Batch keys each data.task provides (see /work/contract.md "Batches").
 
 
 class TrainConfigError(experiments.ConfigError):
@@ -116,16 +115,16 @@ def _prepare_init_from(config: Any) -> None:
     with init_experiment, a run stopped before its last step is finished first)."""
     src = str(config.train.init_from)
     exp = str(config.train.init_experiment)
-    latest = ckpt_lib.latest_step(src)
-    if latest is not None and (not exp or latest >= int(ckpt_lib.read_config(src).train.steps)):
+    latest = wd_lib.latest_step(src)
+    if latest is not None and (not exp or latest >= int(wd_lib.read_config(src).train.steps)):
         return
     if not exp:
-        raise ckpt_lib.WorkdirError(f"train.init_from={src} has no checkpoint; train it first "
+        raise wd_lib.WorkdirError(f"train.init_from={src} has no checkpoint; train it first "
                                     "or set train.init_experiment")
     if latest is not None:  # stopped before its end (e.g. preempted): finish it
         print(f"train.init_from={src} stopped at step {latest}: resuming it first",
               file=sys.stderr)
-        train_and_evaluate(ckpt_lib.read_config(src), src)
+        train_and_evaluate(wd_lib.read_config(src), src)
         return
     print(f"train.init_from={src} has no checkpoint: training {exp} into it first",
           file=sys.stderr)
@@ -136,10 +135,10 @@ def _init_from(config: Any, params: Any) -> Any:
     """`params` with every leaf that config.train.init_from's latest checkpoint has replaced by
     its value (same model shape required); leaves it lacks (a new head) keep their fresh init."""
     src = str(config.train.init_from)
-    diff = [k for k in ckpt_lib.shape_diff(ckpt_lib.read_config(src), config)
+    diff = [k for k in wd_lib.shape_diff(wd_lib.read_config(src), config)
             if k.startswith("model.")]
     if diff:
-        raise ckpt_lib.WorkdirError(f"train.init_from={src} has a different model shape "
+        raise wd_lib.WorkdirError(f"train.init_from={src} has a different model shape "
                                     f"({', '.join(diff)}); it cannot initialise this run")
     c = ckpt_lib.Checkpointer(src, read_only=True)
     try:
@@ -173,16 +172,16 @@ def _setup(config: ConfigDict, workdir: str) -> _Run:
     """Validation first (nothing written on error), then workdir, tokenizer, model, shardings."""
     mesh = parallel.make_mesh(config.train.mesh)
     validate_config(config, mesh)
-    ckpt_lib.check_workdir(config, workdir)
+    wd_lib.check_workdir(config, workdir)
     if str(config.train.init_from):
         _prepare_init_from(config)
-        if not os.path.exists(os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)):
+        if not os.path.exists(os.path.join(workdir, wd_lib.TOKENIZER_FILE)):
             config = copy.deepcopy(config)  # the init run's tokenizer, or its params are garbage
             config.data.tokenizer.path = os.path.join(str(config.train.init_from),
-                                                      ckpt_lib.TOKENIZER_FILE)
+                                                      wd_lib.TOKENIZER_FILE)
     tokenizer = pipeline.build_tokenizer(config, workdir)
-    ckpt_lib.write_config(config, workdir)
-    model = ckpt_lib.build_model(config, tokenizer.vocab_size)
+    wd_lib.write_config(config, workdir)
+    model = inference.build_model(config, tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optim, int(config.train.steps))
     init_boxed, init_state = init_state_fns(model, config, tx)
     key = jax.random.PRNGKey(int(config.seed))
@@ -289,7 +288,7 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
 def evaluate(workdir: str, which: str | int = "latest") -> dict[str, Any]:
     """Eval-split metrics of a workdir's checkpoint ('latest', 'best' or a step number), on the
     devices present."""
-    loaded = ckpt_lib.load_for_inference(workdir, which=which)
+    loaded = inference.load(workdir, which)
     config = loaded.config
     mesh = parallel.make_mesh(ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     ebs = int(config.data.eval_batch_size or config.data.batch_size)

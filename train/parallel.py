@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from solo.model import sharding as model_sharding
 from solo.train.state import TrainState
 

@@ -22,11 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from solo.objectives import active_objectives, compute_loss, denominators, forward, get_objective
-from solo.train import parallel
-from solo.train.state import TrainState
 
 from solo.compile_options import train_options
+from solo.model import init_params
+from solo.objectives import (
+    active_objectives,
+    compute_loss,
+    denominators,
+    forward,
+    get_objective,
+    model_heads,
+)
+from solo.train import parallel
+from solo.train.state import TrainState
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
@@ -35,37 +43,20 @@ def objective_names(config: Any) -> list[str]:
     return list(active_objectives(config.objectives))
 
 
-def model_heads(config: Any) -> tuple[str, ...]:
-    return tuple(sorted({h for n in objective_names(config) for h in get_objective(n).heads}))
-
-
-def dummy_batch(config: Any, model_cfg: Any) -> dict[str, jax.Array]:
-    """A 1-row batch with the keys the model reads, for shape inference and init."""
-    batch = {"tokens": jnp.zeros((1, int(config.data.seq_len)), jnp.int32)}
-    if model_cfg.type_vocab_size > 0:
-        batch["token_types"] = jnp.zeros((1, int(config.data.seq_len)), jnp.int32)
-    if model_cfg.kind == "encoder_decoder":
-        batch["src_tokens"] = jnp.zeros((1, int(config.data.src_seq_len)), jnp.int32)
-    return batch
-
-
 def init_state_fns(model: nn.Module, config: Any, tx: optax.GradientTransformation
                    ) -> tuple[Callable[[jax.Array], Any], Callable[[jax.Array], TrainState]]:
     """(boxed params init, TrainState init) from one seed key; both pure, for eval_shape/jit."""
-    heads = model_heads(config)
-    batch = dummy_batch(config, model.cfg)
+    heads = model_heads(config.objectives)
+    seq_len, src_seq_len = int(config.data.seq_len), int(config.data.src_seq_len)
 
-    def init_params(key):
-        return model.init({"params": key, "dropout": key}, batch, heads=heads)["params"]
+    def init_boxed(key):
+        return init_params(model, jax.random.split(key)[0], heads, seq_len, src_seq_len)
 
     def init_state(key):
         init_key, rng = jax.random.split(key)
-        params = nn.meta.unbox(init_params(init_key))
+        params = nn.meta.unbox(init_params(model, init_key, heads, seq_len, src_seq_len))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=rng)
-
-    def init_boxed(key):
-        return init_params(jax.random.split(key)[0])
 
     return init_boxed, init_state
 

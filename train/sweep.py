@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 from solo.experiments import ConfigError, load_config
-from solo.train import checkpoint as ckpt_lib
+from solo.train import workdir as wd_lib
 
 SUMMARY_FILE = "summary.json"
 
@@ -70,7 +70,7 @@ def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
     rows = []
     for i, (run_dir, config) in enumerate(runs, 1):
         name = os.path.basename(run_dir)
-        if (ckpt_lib.latest_step(run_dir) or 0) >= int(config.train.steps):
+        if (wd_lib.latest_step(run_dir) or 0) >= int(config.train.steps):
             print(f"sweep {i}/{len(runs)}: {name} finished earlier", flush=True)
         else:
             print(f"sweep {i}/{len(runs)}: {name}", flush=True)

@@ -1,0 +1,126 @@
+"""The work directory: its layout, the config and tokenizer files, checks before a run writes.
+
+    config.json              the run's latest resolved config (experiments.to_json)
+    config.until-step-<N>.json  an earlier launch's config, kept when a resume changed it
+    tokenizer.model          the sentencepiece model (+ tokenizer.json, its training settings)
+    checkpoints/<step>/      Orbax: state/ + data/ (train/checkpoint.py)
+    metrics.jsonl            one JSON object per log/eval step (train/metrics.py)
+    events.out.tfevents.*    TensorBoard
+
+Nothing reads the experiment file again: config.json and the tokenizer are the run's truth.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from solo import experiments
+from solo.objectives import model_heads
+from solo.train.checkpoint import CKPT_DIR, Checkpointer
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+# Model keys that do not change the parameter tree/shapes (may differ on resume).
+NON_SHAPE_MODEL_KEYS = ("dropout", "dtype", "remat")
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used; the one-line message says why and what to do."""
+
+
+def _shape_view(config: Any) -> dict[str, Any]:
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    out = {f"model.{k}": v for k, v in cfg["model"].items() if k not in NON_SHAPE_MODEL_KEYS}
+    tok = cfg["data"]["tokenizer"]
+    out.update({f"data.tokenizer.{k}": tok[k] for k in ("kind", "vocab_size")})
+    try:  # the objectives' heads decide which head params exist
+        out["objectives (model heads)"] = list(model_heads(cfg["objectives"]))
+    except ValueError:
+        pass  # unknown objective names are reported by config validation
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def shape_diff(old: Any, new: Any) -> list[str]:
+    a, b = _shape_view(old), _shape_view(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def read_config(workdir: str) -> ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise WorkdirError(f"{workdir}: not a solo workdir (no {CONFIG_FILE}); train into it first")
+    with open(path) as f:
+        return experiments.from_json(f.read())
+
+
+def tokenizer_path(workdir: str) -> str:
+    return os.path.join(workdir, TOKENIZER_FILE)
+
+
+def check_workdir(config: Any, workdir: str) -> None:
+    """Fails (WorkdirError, one line) before anything is written if the workdir is unusable."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"--workdir {workdir} is not writable ({e.strerror or e}); "
+                           "choose another --workdir") from None
+    if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+        diff = shape_diff(read_config(workdir), config)
+        if diff:
+            raise WorkdirError(
+                f"--workdir {workdir} holds a run with a different model shape "
+                f"({', '.join(diff)}); pass a new --workdir to start a fresh run")
+
+
+def _latest_step_on_disk(workdir: str) -> int:
+    d = os.path.join(workdir, CKPT_DIR)
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    return max(steps, default=0)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_config(config: Any, workdir: str) -> None:
+    """Writes the resolved config to config.json, so it always describes the latest launch.
+
+    A resume whose config differs (more steps, another learning rate; the model shape is checked
+    by check_workdir) first keeps the previous file as config.until-step-<N>.json, N = the newest
+    checkpoint it produced: the workdir records every config that trained it, and config.json
+    exists at every instant (archive written before the atomic replace)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    text = experiments.to_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old == text:
+            return
+        stem = os.path.join(workdir, f"config.until-step-{_latest_step_on_disk(workdir)}")
+        archive, n = stem + ".json", 1
+        while os.path.exists(archive):  # relaunched with new configs and no new checkpoint
+            archive, n = f"{stem}.{n}.json", n + 1
+        _write_atomic(archive, old)
+    _write_atomic(path, text)
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest checkpoint step in workdir (None if it has none); reads no arrays."""
+    if not os.path.isdir(os.path.join(workdir, CKPT_DIR)):
+        return None
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
