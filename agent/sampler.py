@@ -37,7 +37,7 @@ from solo.agent.sampling import (  # noqa: F401  (re-exported: the sampler's pub
 from solo.agent.streaming import Generation, RowText  # noqa: F401  (Generation: re-exported)
 from solo.compile_options import compiler_options
 from solo.data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
-from solo.model import DecodeCache, Transformer, init_cache
+from solo.model import DecodeCache, Transformer, init_cache, unstack_layers
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -90,8 +90,10 @@ class Sampler:
         if overflow not in ("error", "truncate_left"):
             raise ValueError(f"overflow must be 'error' or 'truncate_left', got {overflow!r}")
         params = nn.meta.unbox(params)
-        self.variables = params if "params" in params else {"params": params}
-        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        params = params["params"] if "params" in params else params
+        cfg, params = unstack_layers(cfg, params)  # decoding runs unrolled layers
+        self.variables = {"params": params}
+        self.model, self.cfg, self.tokenizer = Transformer(cfg), cfg, tokenizer
         self.cache_len = int(cache_len or cfg.max_len)
         if cfg.positions == "learned" and self.cache_len > cfg.max_len:
             raise ValueError(f"cache_len={self.cache_len} > max_len={cfg.max_len} (learned "

@@ -3,7 +3,7 @@
 from solo.model.config import ModelConfig, flops_per_token
 from solo.model.kvcache import DecodeCache, LayerCache
 from solo.model.layers import attention_core
-from solo.model.transformer import Transformer, init_cache, init_params
+from solo.model.transformer import Transformer, init_cache, init_params, unstack_layers
 
 __all__ = ["Transformer", "ModelConfig", "DecodeCache", "LayerCache", "init_cache", "init_params",
-           "flops_per_token", "attention_core"]
+           "unstack_layers", "flops_per_token", "attention_core"]

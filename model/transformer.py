@@ -15,7 +15,9 @@ keys and values come from the cache when decoding.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -96,23 +98,37 @@ class Stack(nn.Module):
                         prevent_cse=not self.cfg.scan_layers)
 
     def _decode(self, x_BLD, ctx, cache: tuple):
-        """Layer by layer, each with its own cache. Scanned params (a leading layer axis) run
-        their layer-i slice through the same Block, so there is one decode for both layouts."""
-        cfg = self.cfg
+        """Layer by layer, each with its own cache (updated in place)."""
+        if self.cfg.scan_layers:
+            raise ValueError("decode runs unrolled layers; convert a scanned model once with "
+                             "solo.model.unstack_layers(cfg, params)")
         new = []
-        if cfg.scan_layers:
-            stacked = nn.meta.unbox(self.variables["params"]["layers"])
-            block = Block(cfg, self.cross, True, parent=None)
-            for i, layer_cache in enumerate(cache):
-                p_i = jax.tree.map(lambda p, i=i: p[i], stacked)
-                x_BLD, layer_cache = block.apply({"params": p_i}, x_BLD, layer_cache, ctx)
-                new.append(layer_cache)
-        else:
-            for i, layer_cache in enumerate(cache):
-                x_BLD, layer_cache = Block(cfg, self.cross, True, name=f"layers_{i}")(
-                    x_BLD, layer_cache, ctx)
-                new.append(layer_cache)
+        for i, layer_cache in enumerate(cache):
+            x_BLD, layer_cache = Block(self.cfg, self.cross, True, name=f"layers_{i}")(
+                x_BLD, layer_cache, ctx)
+            new.append(layer_cache)
         return x_BLD, tuple(new)
+
+
+def unstack_layers(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+    """The same model with its layers unrolled (what `Transformer.decode` runs; both layouts
+    compute the same function): a scanned stack's params [layers, ...] become layers_0,
+    layers_1, ... Done once, not per decode step, where slicing the stack would cost a copy."""
+    if not cfg.scan_layers:
+        return cfg, params
+
+    def convert(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {k: convert(v) for k, v in tree.items() if k != "layers"}
+        if isinstance(tree.get("layers"), dict):  # a scanned Stack
+            stacked = tree["layers"]
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                        for i in range(n)})
+        return out
+
+    return dataclasses.replace(cfg, scan_layers=False), convert(nn.meta.unbox(params))
 
 
 class MlmHead(nn.Module):

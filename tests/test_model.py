@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from solo.model import ModelConfig, Transformer, attention_core, flops_per_token, init_cache
+from solo.model import (
+    ModelConfig,
+    Transformer,
+    attention_core,
+    flops_per_token,
+    init_cache,
+    unstack_layers,
+)
 from solo.model.layers import gelu
 from solo.model.sharding import DEFAULT_RULES, param_shardings
 
@@ -225,24 +232,25 @@ def test_decode_equals_full_recompute_for_every_option_pair(kw):
                                        zip(rows, lens, strict=True)], jnp.int32)
     full_batch = dict(tokens=jnp.asarray([s for s in seqs[:1]], jnp.int32), src_tokens=src[:1])
     params = init(cfg, full_batch)
-    model = Transformer(cfg)
+    dec_cfg, dec_params = unstack_layers(cfg, params["params"])  # decode runs unrolled layers
+    model, dec_params = Transformer(dec_cfg), {"params": dec_params}
     enc = {}
     if cfg.kind == "encoder_decoder":
-        enc = dict(encoded=model.apply(params, dict(src_tokens=src, src_segment_ids=src_seg),
+        enc = dict(encoded=model.apply(dec_params, dict(src_tokens=src, src_segment_ids=src_seg),
                                        method=Transformer.encode), src_segment_ids=src_seg)
     cache = init_cache(cfg, 2, width + new, offset_B=[width - n for n in lens])
     step = jax.jit(lambda p, tok, typ, c, e: model.apply(p, tok, c, token_types_BT=typ,
                                                          method=Transformer.decode, **e))
-    logits, cache = step(params, pad(seqs, None), pad(types, None), cache, enc)
+    logits, cache = step(dec_params, pad(seqs, None), pad(types, None), cache, enc)
     got = [[logits[b, width - n:]] for b, n in enumerate(lens)]
     for t in range(new):
         tok = jnp.asarray([[s[n + t]] for s, n in zip(seqs, lens, strict=True)], jnp.int32)
         typ = jnp.asarray([[ty[n + t]] for ty, n in zip(types, lens, strict=True)], jnp.int32)
-        logits, cache = step(params, tok, typ, cache, enc)
+        logits, cache = step(dec_params, tok, typ, cache, enc)
         for b in range(2):
             got[b].append(logits[b])
     assert int(cache.slot) == width + new
-    for b, n in enumerate(lens):
+    for b in range(2):
         batch = dict(tokens=jnp.asarray(seqs[b][None], jnp.int32),
                      token_types=jnp.asarray(types[b][None], jnp.int32),
                      src_tokens=src[b:b + 1], src_segment_ids=src_seg[b:b + 1])
@@ -255,7 +263,7 @@ def test_decode_equals_full_recompute_for_every_option_pair(kw):
 def test_decode_without_token_types_is_the_forward_without_them():
     """A model with token-type embeddings decodes with type 0, as its forward pass without
     token_types does (the removed fast path silently dropped the embedding)."""
-    cfg = make_cfg(type_vocab_size=2)
+    cfg = make_cfg(type_vocab_size=2, scan_layers=False)
     tokens = rand_tokens((1, 6))
     params = init(cfg, dict(tokens=tokens))
     ref = run(cfg, params, dict(tokens=tokens))["logits"]
@@ -292,6 +300,10 @@ def test_scan_equals_loop(kind):
     assert jax.tree.map(jnp.shape, scan_params) == expect
     np.testing.assert_allclose(run(loop_cfg, loop_params, batch)["logits"],
                                run(scan_cfg, scan_params, batch)["logits"], rtol=1e-5, atol=1e-5)
+    # unstack_layers (what decoding runs) is the exact inverse of the stacking
+    unrolled_cfg, unrolled = unstack_layers(scan_cfg, scan_params)
+    assert unrolled_cfg == loop_cfg
+    jax.tree.map(np.testing.assert_array_equal, unrolled, loop_params)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

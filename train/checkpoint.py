@@ -132,8 +132,8 @@ class Checkpointer:
         bad = [f"{n} {saved[n]} vs {tuple(x.shape)}" for n, (_, x) in zip(names, flat, strict=True)
                if n in saved and saved[n] != tuple(x.shape)]
         if bad:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} params do not fit this model: "
-                               + "; ".join(bad[:5]))
+            raise CheckpointError(f"checkpoint {self.directory}/{step} params do not fit this "
+                                  "model: " + "; ".join(bad[:5]))
         keep = [n for n in names if n not in saved]
         target = _subtree(params, lambda path: jax.tree_util.keystr(path) in saved)
         abstract = jax.tree.map(
