@@ -138,15 +138,12 @@ def build_sampler(loaded, cache_len: int = 0) -> Sampler:
 
 
 def build_session(loaded, sampler: Sampler | None = None, **overrides) -> ChatSession:
-    """ChatSession configured from config.agent (system_prompt, max_new_tokens, temperature,
-    top_k, top_p, guards; optional max_context, seed); `overrides` win."""
+    """ChatSession configured from config.agent (system prompt, budget, sampling, context,
+    guards) and the run's seed; `overrides` (ChatSession keyword arguments) win."""
     agent = loaded.config.agent
-    get = lambda k, d: agent.get(k, d) if hasattr(agent, "get") else d
-    kw = dict(system_prompt=str(get("system_prompt", "")),
-              max_context=int(get("max_context", 0)),
-              max_new_tokens=int(get("max_new_tokens", 64)),
-              sampling=Sampling(float(get("temperature", 0.0)), int(get("top_k", 0)),
-                                float(get("top_p", 1.0))),
-              guards=Guards.from_config(agent), seed=int(loaded.config.get("seed", 0)))
+    kw = dict(system_prompt=agent.system_prompt, max_context=agent.max_context,
+              max_new_tokens=agent.max_new_tokens,
+              sampling=Sampling(agent.temperature, agent.top_k, agent.top_p),
+              guards=Guards.from_config(agent), seed=loaded.config.seed)
     kw.update(overrides)
     return ChatSession(sampler or build_sampler(loaded), **kw)

@@ -40,7 +40,7 @@ def heldout_accuracy(loaded, questions: Sequence[dict] | None = None, *, split: 
     """
     if questions is None:
         if limit is None:
-            limit = int(loaded.config.agent.get("eval_questions", 0))
+            limit = loaded.config.agent.eval_questions
         questions = heldout_questions(loaded.config, split, limit)
     elif limit:
         questions = list(questions)[:limit]
@@ -74,11 +74,11 @@ def transcript(loaded_or_session, user_turns: Sequence[str] | None = None) -> st
     return "\n".join(lines)
 
 
-def heldout_report(workdir: str, config=None, which: str = "latest") -> str:
+def heldout_report(workdir: str, checkpoint: str | int = "latest") -> str:
     """`solo eval` / end of `solo train` on chat experiments: accuracy line + a short transcript."""
     from solo.train.inference import load
 
-    loaded = load(workdir, which)
+    loaded = load(workdir, checkpoint)
     session = build_session(loaded)
     res = heldout_accuracy(loaded, session=session)
     lines = [f"heldout exact-match accuracy: {res['accuracy']:.3f} "

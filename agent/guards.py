@@ -1,7 +1,7 @@
 """Input / output guards for the chat agent, configured per experiment via `config.agent`.
 
-Defaults (see experiments/base.py `agent`): max_input_chars 2000, no blocked patterns, refusal
-"I can't help with that.", no output length cap. Every decision is logged on logger
+Settings come from `config.agent` (defaults in experiments/base.py). Every decision is logged on
+logger
 'solo.guards' (refusals and edits at INFO, plain allows at DEBUG) and returned as a
 `GuardDecision`.
 
@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Sequence
 
+from solo.agent.config import AgentConfig
 from solo.data.tokenizer import SPECIAL_PIECES
 
 log = logging.getLogger("solo.guards")
@@ -27,20 +28,23 @@ ROLE_MARKER_TEXTS = tuple(p for p in SPECIAL_PIECES if p.startswith("<|")) + ("<
 
 @dataclasses.dataclass(frozen=True)
 class GuardConfig:
-    max_input_chars: int = 2000  # 0: unlimited
-    blocked_patterns: tuple[str, ...] = ()  # regexes, case-insensitive, on input and output
-    refusal: str = "I can't help with that."
-    max_output_chars: int = 0  # 0: unlimited (the token budget still applies)
+    """The guard settings of `config.agent` (AgentConfig); 0 / () mean no limit."""
+
+    max_input_chars: int  # 0: unlimited
+    blocked_patterns: tuple[str, ...]  # regexes, case-insensitive, on input and output
+    refusal: str
+    max_output_chars: int  # 0: unlimited (the token budget still applies)
 
     @classmethod
-    def from_config(cls, agent_cfg) -> GuardConfig:
-        """From `config.agent` (ConfigDict or mapping); missing keys take the defaults."""
-        get = agent_cfg.get if hasattr(agent_cfg, "get") else lambda k, d: d
-        d = cls()
-        return cls(max_input_chars=int(get("max_input_chars", d.max_input_chars)),
-                   blocked_patterns=tuple(get("blocked_patterns", d.blocked_patterns) or ()),
-                   refusal=str(get("refusal", d.refusal)),
-                   max_output_chars=int(get("max_output_chars", d.max_output_chars)))
+    def from_config(cls, agent: AgentConfig) -> GuardConfig:
+        return cls(max_input_chars=agent.max_input_chars,
+                   blocked_patterns=tuple(agent.blocked_patterns), refusal=agent.refusal,
+                   max_output_chars=agent.max_output_chars)
+
+
+# No limits and no blocked patterns: role-marker text is still cut from replies.
+NO_LIMITS = GuardConfig(max_input_chars=0, blocked_patterns=(), refusal="",
+                        max_output_chars=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +64,13 @@ class GuardDecision:
 
 
 class Guards:
-    def __init__(self, cfg: GuardConfig | None = None):
-        self.cfg = cfg or GuardConfig()
+    def __init__(self, cfg: GuardConfig = NO_LIMITS):
+        self.cfg = cfg
         self._patterns = [(p, re.compile(p, re.IGNORECASE)) for p in self.cfg.blocked_patterns]
 
     @classmethod
-    def from_config(cls, agent_cfg) -> Guards:
-        return cls(GuardConfig.from_config(agent_cfg))
+    def from_config(cls, agent: AgentConfig) -> Guards:
+        return cls(GuardConfig.from_config(agent))
 
     def _decide(self, decision: GuardDecision) -> GuardDecision:
         quiet = decision.action == "allow" and not decision.reason

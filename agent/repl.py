@@ -87,20 +87,22 @@ def run_repl(session: ChatSession, input_stream: TextIO | None = None,
         replies += 1
 
 
-def chat_main(args) -> int:
-    """`solo chat WORKDIR [--system S] [--max-new-tokens N] [--temperature T]`."""
+def chat(workdir: str, *, checkpoint: str | int = "latest", system: str | None = None,
+         max_new_tokens: int | None = None, temperature: float | None = None,
+         input_stream: TextIO | None = None, output_stream: TextIO | None = None) -> int:
+    """`solo chat`: a REPL over a workdir's checkpoint; None keeps the run's config.agent value.
+    Returns the number of replies."""
     from solo.agent.chat import build_session
     from solo.agent.sampler import Sampling
     from solo.train.inference import load
 
-    loaded = load(args.workdir, args.checkpoint)
+    loaded = load(workdir, checkpoint)
     agent = loaded.config.agent
     overrides = {}
-    if getattr(args, "system", None) is not None:
-        overrides["system_prompt"] = args.system
-    if getattr(args, "max_new_tokens", None) is not None:
-        overrides["max_new_tokens"] = args.max_new_tokens
-    if getattr(args, "temperature", None) is not None:
-        overrides["sampling"] = Sampling(args.temperature, int(agent.top_k), float(agent.top_p))
-    run_repl(build_session(loaded, **overrides))
-    return 0
+    if system is not None:
+        overrides["system_prompt"] = system
+    if max_new_tokens is not None:
+        overrides["max_new_tokens"] = max_new_tokens
+    if temperature is not None:
+        overrides["sampling"] = Sampling(temperature, agent.top_k, agent.top_p)
+    return run_repl(build_session(loaded, **overrides), input_stream, output_stream)

@@ -354,19 +354,22 @@ def app_from_loaded(loaded, **overrides) -> Starlette:
     from solo.agent.chat import build_sampler  # local: keeps the module import light
 
     agent = loaded.config.agent
-    kw = dict(model_name=str(loaded.config.get("name", "solo")), guards=Guards.from_config(agent),
-              max_new_tokens=int(agent.max_new_tokens), temperature=float(agent.temperature),
-              top_k=int(agent.top_k), top_p=float(agent.top_p))
+    kw = dict(model_name=loaded.config.name, guards=Guards.from_config(agent),
+              max_new_tokens=agent.max_new_tokens, temperature=agent.temperature,
+              top_k=agent.top_k, top_p=agent.top_p)
     kw.update(overrides)
     return make_app(build_sampler(loaded), **kw)
 
 
-def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, which: str = "latest",
-          **overrides) -> None:
-    """Loads workdir's checkpoint (`which`, see load_for_inference) and serves it (blocking)."""
+def serve(workdir: str, *, host: str = "127.0.0.1", port: int = 8000,
+          checkpoint: str | int = "latest", max_batch: int = 8,
+          batch_window_s: float = 0.002) -> None:
+    """`solo serve`: loads a workdir's checkpoint ('latest', 'best' or a step) and serves it at
+    http://host:port/v1 until interrupted (see make_app for max_batch and batch_window_s)."""
     import uvicorn
 
     from solo.train.inference import load
 
-    uvicorn.run(app_from_loaded(load(workdir, which), **overrides), host=host,
-                port=port)
+    app = app_from_loaded(load(workdir, checkpoint), max_batch=max_batch,
+                          batch_window_s=batch_window_s)
+    uvicorn.run(app, host=host, port=port)

@@ -34,13 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from solo.agent.sampler import Greedy, Sampler
-from solo.model.config import ModelConfig
-from solo.model.transformer import Transformer
+from solo.experiments.base import get_config
+from solo.model import ModelConfig, Transformer
 
 PROMPT, NEW, VOCAB = 32, 224, 65
-CFG = ModelConfig(vocab_size=VOCAB, d_model=384, num_layers=6, num_heads=6, d_ff=1536,
-                  max_len=PROMPT + NEW, positions="learned", norm="layernorm", mlp="gelu",
-                  tie_embeddings=True)
+CFG = ModelConfig.from_config(
+    get_config().model, vocab_size=VOCAB, d_model=384, num_layers=6, num_heads=6, d_ff=1536,
+    max_len=PROMPT + NEW, positions="learned", norm="layernorm", mlp="gelu", tie_embeddings=True)
 
 
 def make_ours():

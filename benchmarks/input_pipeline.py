@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ml_collections import ConfigDict  # noqa: E402
 
 from solo.data import pipeline as P  # noqa: E402
+from solo.data.config import DataConfig  # noqa: E402
 from solo.experiments import base  # noqa: E402
 
 SHAKESPEARE = os.path.join(
@@ -27,7 +28,7 @@ SHAKESPEARE = os.path.join(
 )
 
 
-def config(task: str, source: str = "synthetic:world", **data) -> ConfigDict:
+def base_config(task: str, source: str = "synthetic:world", **data) -> ConfigDict:
     """experiments/base.py's config for `task` on `source`; `data` overrides data.*."""
     c = base.get_config()
     c.data.update(dict(source=source, task=task, seq_len=128, src_seq_len=64, batch_size=32))
@@ -35,7 +36,12 @@ def config(task: str, source: str = "synthetic:world", **data) -> ConfigDict:
     return c
 
 
-def measure(c: ConfigDict, tok, seconds: float) -> dict[str, float]:
+def config(task: str, source: str = "synthetic:world", **data) -> DataConfig:
+    """The typed data config of base_config(task, source, **data)."""
+    return DataConfig.from_config(base_config(task, source, **data))
+
+
+def measure(c: DataConfig, tok, seconds: float) -> dict[str, float]:
     t0 = time.perf_counter()
     it = P.make_train_iterator(c, tok)
     for _ in range(3):  # warm-up: thread pool start, first prefetch
@@ -70,17 +76,17 @@ EXPERIMENTS = {  # task -> experiment whose data config is measured (mlm: bert_w
 }
 
 
-def experiment_config(task: str, **data) -> ConfigDict:
-    """The experiment's config when experiments/ provides it, else this file's defaults."""
+def experiment_config(task: str, **data) -> DataConfig:
+    """The experiment's data config when experiments/ provides it, else this file's defaults."""
     import importlib
 
     try:
-        c = importlib.import_module(f"experiments.{EXPERIMENTS[task]}").get_config()
+        c = importlib.import_module(f"solo.experiments.{EXPERIMENTS[task]}").get_config()
     except Exception as e:  # noqa: BLE001 - the benchmark must run without experiments/
-        print(f"(experiments.{EXPERIMENTS[task]} unavailable: {e}; using defaults)")
-        c = config(task)
+        print(f"(solo.experiments.{EXPERIMENTS[task]} unavailable: {e}; using defaults)")
+        c = base_config(task)
     c.data.update(task=task, **data)
-    return c
+    return DataConfig.from_config(c)
 
 
 def row(name: str, r: dict[str, float]) -> None:
@@ -103,8 +109,8 @@ def main() -> None:
     runs = [(t, {}) for t in EXPERIMENTS] + [("lm", {"pack": "fill"})]
     for task, extra in runs:
         c = experiment_config(task, num_workers=args.num_workers, **extra)
-        tok = P.build_tokenizer(c, os.path.join(work, f"{task}_{c.data.tokenizer.vocab_size}"))
-        name = f"world/{task}{'/fill' if extra else ''} ({c.data.seq_len}x{c.data.batch_size})"
+        tok = P.build_tokenizer(c, os.path.join(work, f"{task}_{c.tokenizer.vocab_size}"))
+        name = f"world/{task}{'/fill' if extra else ''} ({c.seq_len}x{c.batch_size})"
         row(name, measure(c, tok, args.seconds))
     if not os.path.exists(SHAKESPEARE):
         print(f"skip shakespeare: {SHAKESPEARE} absent")

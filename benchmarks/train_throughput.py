@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solo.compile_options import compiler_options
+from solo.config import RunConfig
 from solo.experiments import base
 from solo.model import ModelConfig, Transformer, flops_per_token
 from solo.train.optim import make_optimizer
@@ -69,7 +70,8 @@ def make_jax_step(size: str, dtype: str, extra: dict, xla_defaults: bool = False
     cfg = ModelConfig.from_config(config.model)
     model = Transformer(cfg)
     tx, schedule = make_optimizer(config.optim, 1000)
-    step = jax.jit(make_train_step(model, config, tx, schedule), donate_argnums=0,
+    step = jax.jit(make_train_step(model, RunConfig.from_config(config), tx, schedule),
+                   donate_argnums=0,
                    compiler_options=compiler_options("train", xla_defaults))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len + 1))
@@ -175,7 +177,7 @@ def main(argv=None):
     extra = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
     for item in args.set:
         key, value = item.split("=", 1)
-        default = getattr(ModelConfig(), key)
+        default = base.get_config().model[key]
         extra[key] = (value.lower() in ("1", "true") if isinstance(default, bool)
                       else type(default)(value))
     runs = {}
@@ -205,8 +207,8 @@ def main(argv=None):
             for k, v in res.items()}
     overrides, seq_len, _ = SIZES[args.size]
     fpts = {"jax": fpt,  # the torch model is always GPT-2 style
-            "torch": flops_per_token(ModelConfig(**overrides, **GPT2_STYLE, max_len=seq_len),
-                                     seq_len)}
+            "torch": flops_per_token(ModelConfig.from_config(
+                base.get_config().model, **overrides, **GPT2_STYLE, max_len=seq_len), seq_len)}
     for k, (w, c, med) in best.items():
         print(f"{k:6s} step {w * 1e3:8.1f} ms (median {med * 1e3:.1f}, cpu {c * 1e3:.0f} ms)  "
               f"{tokens / w:8.0f} tokens/s  MFU {tokens * fpts[k] / w / peak:6.1%}")

@@ -22,33 +22,19 @@ import glob
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from solo.data.config import DataConfig
+
 KINDS = ("documents", "pairs", "chats", "seq2seq")
-TASK_KIND = {
-    "lm": "documents",
-    "mlm": "documents",
-    "bert": "documents",
-    "pairs": "pairs",
-    "sft": "chats",
-    "seq2seq": "seq2seq",
-}
 _SPLIT_SEED = 1234  # fixed: the held-out set must not move when data.shuffle_seed changes
 
 
 class SourceError(ValueError):
     """Invalid or unreadable input data; the message names the file (and line) at fault."""
-
-
-def cfg_get(cfg: Any, key: str, default: Any) -> Any:
-    """ConfigDict/dict lookup with a default (lets tests pass minimal configs)."""
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except (AttributeError, KeyError):
-        return default
-    return default if value is None else value
 
 
 @dataclasses.dataclass
@@ -77,12 +63,6 @@ def parse_source(source: str | Sequence[str]) -> list[Component]:
             raise SourceError(f"source component {p!r}: weight must be > 0")
         out.append(Component(spec, weight))
     return out
-
-
-def task_kind(task: str) -> str:
-    if task not in TASK_KIND:
-        raise ValueError(f"unknown data.task {task!r}; valid: {sorted(TASK_KIND)}")
-    return TASK_KIND[task]
 
 
 # ----------------------------------------------------------------------------- local files
@@ -238,10 +218,10 @@ def _tail_split(records: list[dict], split: str, val_fraction: float) -> list[di
 # ----------------------------------------------------------------------------- sources
 
 
-def _world_records(config: Any, kind: str, split: str) -> list[dict]:
+def _world_records(d: DataConfig, kind: str, split: str) -> list[dict]:
     from solo.data.world import World
 
-    kwargs = World.config_options(cfg_get(config.data, "world", {}))
+    kwargs = World.config_options(d.world)
     key = tuple(sorted(kwargs.items()))
     if key not in _WORLD_CACHE:
         _WORLD_CACHE.clear()
@@ -252,45 +232,33 @@ def _world_records(config: Any, kind: str, split: str) -> list[dict]:
 _WORLD_CACHE: dict = {}
 
 
-def load_component(spec: str, config: Any, kind: str, split: str) -> list[dict]:
+def load_component(spec: str, d: DataConfig, kind: str, split: str) -> list[dict]:
     """Records of one source component for one split."""
-    d = config.data
     if spec.startswith("synthetic:"):
         if spec != "synthetic:world":
             raise SourceError(f"unknown synthetic source {spec!r}; valid: 'synthetic:world'")
-        records = _world_records(config, kind, split)
+        records = _world_records(d, kind, split)
     elif spec.startswith("tfds:"):
         from solo.data.tfds_io import read_tfds
 
-        records = read_tfds(spec[len("tfds:") :], config, kind, split)
+        records = read_tfds(spec[len("tfds:") :], d, kind, split)
     else:
         records = []
         for path in expand_paths(spec):
             if path.endswith(".txt"):
                 if kind not in ("documents", "pairs"):
                     raise SourceError(f"{path}: .txt files give documents; task needs {kind!r}")
-                docs = read_txt(path, cfg_get(d, "txt_split", "file"))
+                docs = read_txt(path, d.txt_split)
                 records += (
                     docs
                     if kind == "documents"
                     else [{"text_a": r["text"], "text_b": r["text"]} for r in docs]
                 )
             elif path.endswith(".jsonl"):
-                records += read_jsonl(
-                    path,
-                    kind,
-                    cfg_get(d, "text_field", "text"),
-                    cfg_get(d, "prompt_field", ""),
-                    cfg_get(d, "response_field", ""),
-                )
+                records += read_jsonl(path, kind, d.text_field, d.prompt_field, d.response_field)
             else:
                 raise SourceError(f"{path}: unsupported file type (use .txt or .jsonl)")
-        records = heldout_split(
-            records,
-            split,
-            float(cfg_get(d, "val_fraction", 0.1)),
-            cfg_get(d, "split_mode", "random"),
-        )
+        records = heldout_split(records, split, d.val_fraction, d.split_mode)
     if not records:
         hint = ""
         if split == "validation" and not spec.startswith(("synthetic:", "tfds:")):
@@ -302,10 +270,13 @@ def load_component(spec: str, config: Any, kind: str, split: str) -> list[dict]:
     return records
 
 
-def load_records(config: Any, split: str, kind: str | None = None) -> list[list[dict]]:
-    """Records of every component of config.data.source for `split` (one list per component)."""
-    kind = kind or task_kind(cfg_get(config.data, "task", "lm"))
-    return [load_component(c.spec, config, kind, split) for c in parse_source(config.data.source)]
+def load_records(d: DataConfig, split: str, kind: str | None = None) -> list[list[dict]]:
+    """Records of every component of data.source for `split` (one list per component); kind
+    defaults to the record kind data.task reads."""
+    from solo.data.tasks import get_task
+
+    kind = kind or get_task(d.task).records
+    return [load_component(c.spec, d, kind, split) for c in parse_source(d.source)]
 
 
 def record_texts(record: dict) -> list[str]:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from solo.data.sources import SourceError, cfg_get, heldout_split
+from solo.data.sources import SourceError, heldout_split
+
+if TYPE_CHECKING:
+    from solo.data.config import DataConfig
 
 _FIELDS = {"documents": ("text",), "pairs": ("text_a", "text_b"), "seq2seq": ("source", "target")}
 
 
-def _data_dir(config: Any) -> str | None:
-    d = cfg_get(config.data, "data_dir", "") if config is not None else ""
-    return d or os.environ.get("TFDS_DATA_DIR") or None
+def _data_dir(d: Any) -> str | None:
+    """data.data_dir, else $TFDS_DATA_DIR, else None (TFDS's default); d may be None."""
+    return (d.data_dir if d is not None else "") or os.environ.get("TFDS_DATA_DIR") or None
 
 
 def _prepare_help(name: str, data_dir: str | None, why: str) -> str:
@@ -64,12 +67,12 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def read_tfds(name: str, config: Any, kind: str, split: str) -> list[dict]:
+def read_tfds(name: str, d: DataConfig, kind: str, split: str) -> list[dict]:
     """Materialise one split as records. Without a 'validation' split, hold out data.val_fraction
     of 'train' deterministically (data.split_mode)."""
     import tensorflow_datasets as tfds
 
-    data_dir = _data_dir(config)
+    data_dir = _data_dir(d)
     try:
         splits = set(
             tfds.builder(name, data_dir=data_dir, file_format="array_record").info.splits.keys()
@@ -80,7 +83,7 @@ def read_tfds(name: str, config: Any, kind: str, split: str) -> list[dict]:
     if split not in splits and not derive:
         raise SourceError(f"tfds:{name} has no split {split!r} (has {sorted(splits)})")
     src = tfds_source(name, "train" if derive else split, data_dir)
-    text_field = cfg_get(config.data, "text_field", "text")
+    text_field = d.text_field
     records = []
     for i in range(len(src)):
         ex = src[i]
@@ -92,10 +95,7 @@ def read_tfds(name: str, config: Any, kind: str, split: str) -> list[dict]:
                 )
             records.append({"text": _text(ex[text_field])})
         elif kind == "chats":
-            p, r = (
-                cfg_get(config.data, "prompt_field", ""),
-                cfg_get(config.data, "response_field", ""),
-            )
+            p, r = d.prompt_field, d.response_field
             if p not in ex or r not in ex:
                 raise SourceError(
                     f"tfds:{name}: chats need data.prompt_field/response_field "
@@ -120,12 +120,7 @@ def read_tfds(name: str, config: Any, kind: str, split: str) -> list[dict]:
                 raise SourceError(f"tfds:{name} example {i}: missing features {missing}")
             records.append({f: _text(ex[f]) for f in fields})
     if derive or ("validation" not in splits and split == "train"):
-        records = heldout_split(
-            records,
-            split,
-            float(cfg_get(config.data, "val_fraction", 0.1)),
-            cfg_get(config.data, "split_mode", "random"),
-        )
+        records = heldout_split(records, split, d.val_fraction, d.split_mode)
     return records
 
 

@@ -17,193 +17,27 @@ import dataclasses
 import functools
 import inspect
 import random
-from collections.abc import Mapping
 
-# fmt: off
-FIRST_NAMES = (
-    "Anya", "Bruno", "Camila", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas",
-    "Kavya", "Lars", "Maya", "Nikolai", "Olivia", "Pablo", "Quinn", "Rosa", "Sven", "Tamar",
-    "Umar", "Vera", "Wendell", "Ximena", "Yusuf", "Zara", "Amir", "Beatrix", "Cyrus", "Daria",
-    "Emil", "Fiona", "Gideon", "Hana", "Ivo", "Julia", "Kenji", "Leila", "Marco", "Nadia", "Oscar",
-    "Priya", "Rafael", "Selin", "Tobias", "Ursula", "Viktor", "Wanda", "Yara", "Zoltan", "Aurora",
-    "Boris", "Clara", "Dario", "Esther", "Felix", "Gloria", "Hector", "Irene", "Joaquin",
+from solo.data.world_text import (  # noqa: F401  (re-exported: the world's vocabulary)
+    ATTRIBUTES,
+    BIO_TEMPLATES,
+    CITIES,
+    DEFAULT_SYSTEM,
+    EMPLOYERS,
+    FIRST_NAMES,
+    JOBS,
+    LAST_NAMES,
+    MAJORS,
+    MIX_QA,
+    MONTHS,
+    QUESTION_TEMPLATES,
+    UNIVERSITIES,
+    VALIDATION_DOC_FRAC,
+    Person,
+    fact_sentence,
+    qa_text,
+    question,
 )
-LAST_NAMES = (
-    "Kovac", "Almeida", "Brandt", "Castillo", "Dubois", "Eriksen", "Fischer", "Gallo", "Haddad",
-    "Ivanova", "Jensen", "Kaur", "Lindqvist", "Moreau", "Nakamura", "Okafor", "Petrov", "Quiroga",
-    "Rossi", "Sato", "Tanaka", "Ulrich", "Varga", "Weber", "Xu", "Yilmaz", "Zielinski", "Abbott",
-    "Bianchi", "Costa", "Dalton", "Esposito", "Ferreira", "Gruber", "Horvat", "Ibsen", "Jovanovic",
-    "Keller", "Lombardi", "Mendes", "Novak", "Oliveira", "Popescu", "Reyes", "Schmidt", "Torres",
-    "Uchida", "Vasquez", "Walsh", "Yamada", "Zamora", "Adler", "Becker", "Cruz", "Duarte", "Engel",
-    "Fontaine", "Galindo", "Hoffmann", "Iglesias",
-)
-MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
-)
-CITIES = (
-    "Lisbon", "Oslo", "Nairobi", "Kyoto", "Montreal", "Valparaiso", "Krakow", "Marseille",
-    "Istanbul", "Hanoi", "Dublin", "Seville", "Tbilisi", "Perth", "Bergen", "Porto Alegre",
-    "Casablanca", "Helsinki", "Lagos", "Chennai", "Glasgow", "Ljubljana", "Quito", "Osaka",
-    "Vienna", "Tallinn", "Cusco", "Accra", "Bologna", "Reykjavik", "Busan", "Antwerp", "Cordoba",
-    "Dhaka", "Edinburgh", "Florence", "Gdansk", "Havana", "Izmir", "Jaipur",
-)
-UNIVERSITIES = (
-    "Northfield University", "the University of Lakemont", "Brightwater College",
-    "the Technical University of Varden", "Eastbrook Institute of Technology",
-    "the University of Calderon", "Silverpine University", "Ashford College",
-    "the Royal Academy of Westmere", "Redcliff University", "the University of Port Halden",
-    "Greyhaven Polytechnic", "Stonebridge University", "the Institute of Meridian Sciences",
-    "Willowbrook College", "the University of Saltmarsh", "Highgate University",
-    "Ravenmoor College", "the Free University of Ostwald", "Kingsreach University",
-    "Marlowe Institute", "the University of Thornbury", "Oakhurst University",
-    "Blue Harbor College", "the National University of Estria",
-)
-MAJORS = (
-    "Mathematics", "Computer Science", "Biology", "Chemistry", "Physics", "Economics", "History",
-    "Philosophy", "Linguistics", "Architecture", "Mechanical Engineering", "Civil Engineering",
-    "Psychology", "Sociology", "Astronomy", "Geology", "Music", "Fine Arts", "Political Science",
-    "Anthropology", "Statistics", "Nursing", "Law", "Marine Biology", "Journalism",
-    "Materials Science", "Neuroscience", "Agronomy",
-)
-EMPLOYERS = (
-    "Halcyon Robotics", "Bluefin Logistics", "Orchid Pharmaceuticals", "Granite Bank",
-    "Solstice Energy", "Nimbus Software", "Copperleaf Foods", "Vantage Aerospace",
-    "Tidewater Shipping", "Lumen Optics", "Evergreen Insurance", "Quarry Construction",
-    "Saffron Media", "Polaris Telecom", "Ironwood Motors", "Meadowlark Publishing",
-    "Cobalt Mining", "Harborview Hospital", "Juniper Analytics", "Falcon Airlines",
-    "Riverstone Textiles", "Atlas Consulting", "Pinnacle Games", "Northwind Chemicals",
-    "Sunbeam Retail", "Crescent Biotech", "Keystone Railways", "Mosaic Architects",
-)
-JOBS = (
-    "software engineer", "accountant", "data scientist", "nurse", "architect", "pilot", "chemist",
-    "lawyer", "product manager", "electrician", "journalist", "economist", "graphic designer",
-    "civil engineer", "pharmacist", "sales director", "translator", "research scientist",
-    "marketing analyst", "ship captain", "geologist", "statistician", "financial advisor",
-    "editor", "surgeon", "urban planner", "mechanic", "teacher", "interior designer",
-    "operations manager",
-)
-# fmt: on
-
-ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "job")
-
-# One fact per sentence. {name}: full or first name; {value}: the attribute value verbatim;
-# {a_value}: value with its indefinite article (jobs).
-BIO_TEMPLATES: Mapping[str, tuple[str, ...]] = {
-    "birth_date": (
-        "{name} was born on {value}.",
-        "{name}'s birthday is {value}.",
-        "{name} came into the world on {value}.",
-        "The birth date of {name} is {value}.",
-        "{name} was born on the date {value}.",
-    ),
-    "birth_city": (
-        "{name} was born in {value}.",
-        "{name} is a native of {value}.",
-        "The birthplace of {name} is {value}.",
-        "{name} was born and raised in {value}.",
-        "{name} hails from the city of {value}.",
-    ),
-    "university": (
-        "{name} graduated from {value}.",
-        "{name} attended {value}.",
-        "{name} received an education at {value}.",
-        "{name} is an alumnus of {value}.",
-        "{name} completed a degree at {value}.",
-    ),
-    "major": (
-        "{name} majored in {value}.",
-        "{name}'s field of study was {value}.",
-        "{name} earned a degree in {value}.",
-        "{name} specialized in {value} at university.",
-        "{name} chose {value} as a major.",
-    ),
-    "employer": (
-        "{name} works for {value}.",
-        "{name} is employed by {value}.",
-        "{name} has a job at {value}.",
-        "{name} is on the staff of {value}.",
-        "{name}'s employer is {value}.",
-    ),
-    "job": (
-        "{name} works as {a_value}.",
-        "{name} earns a living as {a_value}.",
-        "By profession, {name} is {a_value}.",
-        "{name} has a career as {a_value}.",
-        "{name}'s occupation is {value}.",
-    ),
-}
-QUESTION_TEMPLATES: Mapping[str, tuple[str, ...]] = {
-    "birth_date": (
-        "When was {name} born?",
-        "What is the birth date of {name}?",
-        "What is {name}'s birthday?",
-    ),
-    "birth_city": (
-        "Where was {name} born?",
-        "In which city was {name} born?",
-        "What is the birthplace of {name}?",
-    ),
-    "university": (
-        "Which university did {name} attend?",
-        "Where did {name} go to university?",
-        "What university did {name} graduate from?",
-    ),
-    "major": (
-        "What did {name} study?",
-        "What was {name}'s major?",
-        "What subject did {name} major in?",
-    ),
-    "employer": (
-        "Which company does {name} work for?",
-        "Who employs {name}?",
-        "Where does {name} work?",
-    ),
-    "job": (
-        "What is {name}'s job?",
-        "What does {name} do for a living?",
-        "What is the occupation of {name}?",
-    ),
-}
-DEFAULT_SYSTEM = "Answer the question about the person with the exact fact."
-VALIDATION_DOC_FRAC = 0.05
-
-
-@dataclasses.dataclass(frozen=True)
-class Person:
-    first: str
-    last: str
-    attributes: Mapping[str, str]
-
-    @property
-    def name(self) -> str:
-        return f"{self.first} {self.last}"
-
-
-def _article(value: str) -> str:
-    return ("an " if value[0].lower() in "aeiou" else "a ") + value
-
-
-def fact_sentence(
-    person: Person, attribute: str, template: int = 0, *, name: str | None = None
-) -> str:
-    value = person.attributes[attribute]
-    t = BIO_TEMPLATES[attribute][template]
-    return t.format(name=name or person.name, value=value, a_value=_article(value))
-
-
-MIX_QA = ("", "text", "chat")
-
-
-def qa_text(question: str, answer: str) -> str:
-    """A question and its answer as plain text (mixed-training documents): 'question answer'.
-
-    A space, not a newline, so the answer's tokens are the ones its biography sentences use."""
-    return f"{question} {answer}"
-
-
-def question(person: Person, attribute: str, template: int = 0) -> str:
-    return QUESTION_TEMPLATES[attribute][template].format(name=person.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,19 +72,10 @@ class World:
         answer_prefix: str = "",
         chat_turns: int = 1,
     ) -> World:
+        cls.check_options(num_people=num_people, heldout_frac=heldout_frac,
+                          bios_per_person=bios_per_person, full_name_frac=full_name_frac,
+                          mix_qa=mix_qa, chat_turns=chat_turns)
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
-        if not 0 < num_people <= max_people:
-            raise ValueError(f"num_people must be in [1, {max_people}], got {num_people}")
-        if not 0.0 <= heldout_frac < 1.0:
-            raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
-        if bios_per_person < 1:
-            raise ValueError(f"bios_per_person must be >= 1, got {bios_per_person}")
-        if not 0.0 <= full_name_frac <= 1.0:
-            raise ValueError(f"full_name_frac must be in [0, 1], got {full_name_frac}")
-        if mix_qa not in MIX_QA:
-            raise ValueError(f"mix_qa must be one of {MIX_QA}, got {mix_qa!r}")
-        if chat_turns < 1:
-            raise ValueError(f"chat_turns must be >= 1, got {chat_turns}")
         rng = random.Random(f"world:{seed}:people")
         people = []
         for k in rng.sample(range(max_people), num_people):
@@ -279,21 +104,54 @@ class World:
             chat_turns=chat_turns,
         )
 
+    @staticmethod
+    def check_options(*, num_people: int, heldout_frac: float, bios_per_person: int,
+                      full_name_frac: float, mix_qa: str, chat_turns: int) -> None:
+        """ValueError naming the first invalid option (generate's own checks, run early)."""
+        max_people = len(FIRST_NAMES) * len(LAST_NAMES)
+        if not 0 < num_people <= max_people:
+            raise ValueError(f"num_people must be in [1, {max_people}], got {num_people}")
+        if not 0.0 <= heldout_frac < 1.0:
+            raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
+        if bios_per_person < 1:
+            raise ValueError(f"bios_per_person must be >= 1, got {bios_per_person}")
+        if not 0.0 <= full_name_frac <= 1.0:
+            raise ValueError(f"full_name_frac must be in [0, 1], got {full_name_frac}")
+        if mix_qa not in MIX_QA:
+            raise ValueError(f"mix_qa must be one of {MIX_QA}, got {mix_qa!r}")
+        if chat_turns < 1:
+            raise ValueError(f"chat_turns must be >= 1, got {chat_turns}")
+
     @classmethod
     def from_config(cls, cfg) -> World:
-        """From a `data.world` ConfigDict / dict (missing keys take the defaults)."""
+        """From a `data.world` section (ConfigDict or mapping) with every option."""
         return cls.generate(**cls.config_options(cfg))
 
     @classmethod
     def config_options(cls, cfg) -> dict:
-        """`generate`'s keyword arguments from a config: its signature is the one list of options
-        (missing or None keys take its defaults; values are cast to the default's type)."""
-        def get(key, default):
-            value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-            return default if value is None else value
-
+        """`generate`'s keyword arguments from a config section: its signature is the one list
+        of options, and the section must give exactly those (defaults live in
+        experiments/base.py). Values must have the type of the signature's example value (an int
+        where a float is expected is taken as that float); the values are checked too."""
+        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
         params = inspect.signature(cls.generate).parameters
-        return {k: type(p.default)(get(k, p.default)) for k, p in params.items()}
+        unknown = sorted(set(values) - set(params))
+        if unknown:
+            raise ValueError(f"unknown world option {unknown[0]!r}; options: {', '.join(params)}")
+        missing = [k for k in params if k not in values]
+        if missing:
+            raise ValueError(f"world option {missing[0]!r} is missing (experiments/base.py "
+                             "lists every option)")
+        out = {}
+        for k, p in params.items():
+            kind, v = type(p.default), values[k]
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, kind) or isinstance(v, bool) != (kind is bool):
+                raise ValueError(f"world option {k}={v!r} must be {kind.__name__}")
+            out[k] = v
+        cls.check_options(**{k: v for k, v in out.items() if k != "seed" and k != "answer_prefix"})
+        return out
 
     # --- people and splits ---------------------------------------------------------------------
 

@@ -15,11 +15,9 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from solo.config import ConfigError, to_json  # noqa: F401  (re-exported)
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message says why and what to do."""
 
 
 def available() -> list[str]:
@@ -116,10 +114,6 @@ def apply_overrides(config: ConfigDict, overrides: list[str] | tuple[str, ...]) 
             node = node[p]
         node[leaf] = _parse_value(text, node[leaf], key)
     return config
-
-
-def to_json(config: ConfigDict) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
 def from_json(text: str) -> ConfigDict:

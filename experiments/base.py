@@ -86,8 +86,18 @@ def get_config() -> ConfigDict:
         )
     )
 
-    # name -> ConfigDict(weight=..., **options); weight 0 disables an objective.
-    c.objectives = ConfigDict(dict(causal_lm=ConfigDict(dict(weight=1.0, z_loss=0.0))))
+    # Every objective with its options (objectives/); weight 0 disables one. Experiments set
+    # weights: c.objectives.causal_lm.weight = 0.0; c.objectives.mlm.weight = 1.0.
+    c.objectives = ConfigDict(
+        dict(
+            causal_lm=ConfigDict(dict(weight=1.0, z_loss=0.0)),  # z_loss: PaLM's coeff * lse^2
+            mlm=ConfigDict(dict(weight=0.0, z_loss=0.0)),
+            nsp=ConfigDict(dict(weight=0.0)),
+            # temperature: logits = sim / temperature; learn_temperature: CLIP's learned scale
+            infonce=ConfigDict(dict(weight=0.0, temperature=0.05, learn_temperature=False)),
+            seq2seq=ConfigDict(dict(weight=0.0, z_loss=0.0)),
+        )
+    )
 
     c.optim = ConfigDict(
         dict(

@@ -6,8 +6,6 @@ Expect:   eval loss 1.64 at step 600 (6.2 after 4 steps), teacher-forced token a
           on questions about held-out people.
 """
 
-from ml_collections import ConfigDict
-
 from solo.experiments import base
 
 
@@ -17,7 +15,8 @@ def get_config():
     c.model.update(kind="encoder_decoder", d_model=128, num_layers=2, num_heads=4, d_ff=512,
                    max_len=64)
     c.data.update(task="seq2seq", seq_len=48, src_seq_len=48, batch_size=32)
-    c.objectives = ConfigDict(dict(seq2seq=ConfigDict(dict(weight=1.0))))
+    c.objectives.causal_lm.weight = 0.0
+    c.objectives.seq2seq.weight = 1.0
     c.optim.update(lr=2e-3, warmup_steps=50)
     c.train.update(steps=600, eval_every=200, ckpt_every=300)
     return c

@@ -9,8 +9,6 @@ Expect:   eval InfoNCE loss 0.0043 and top-1 retrieval accuracy 1.00 on held-out
           `pair_groups` id, so a fact's other pair is never used as its negative.
 """
 
-from ml_collections import ConfigDict
-
 from solo.experiments import base
 
 
@@ -20,9 +18,8 @@ def get_config():
     c.model.update(kind="encoder", d_model=128, num_layers=2, num_heads=4, d_ff=512, max_len=64,
                    embed_dim=128, pooling="mean")
     c.data.update(task="pairs", seq_len=64, batch_size=64)
-    c.objectives = ConfigDict(
-        dict(infonce=ConfigDict(dict(weight=1.0, temperature=0.05, learn_temperature=False)))
-    )
+    c.objectives.causal_lm.weight = 0.0
+    c.objectives.infonce.update(weight=1.0, temperature=0.05, learn_temperature=False)
     c.optim.update(lr=1e-3, warmup_steps=50)
     c.train.update(steps=250, eval_every=125, ckpt_every=125)
     return c

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from solo.config import from_section
+
 _CHOICES = {
     "kind": ("decoder", "encoder", "encoder_decoder"),
     "positions": ("rope", "learned"),
@@ -20,36 +22,38 @@ _CHOICES = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `model.Transformer`.
+    """Hyper-parameters of `solo.model.Transformer`; the meaning and default of each key is in
+    experiments/base.py (`config.model`), the one home of defaults: this record has none.
 
     Zero-valued "derived" fields are resolved in `__post_init__` so consumers always see concrete
     values: num_decoder_layers 0 -> num_layers, num_kv_heads 0 -> num_heads,
-    head_dim 0 -> d_model // num_heads, embed_dim 0 -> d_model.
+    head_dim 0 -> d_model // num_heads, embed_dim 0 -> d_model. vocab_size 0 means "the
+    tokenizer's" (`from_config(..., vocab_size=tokenizer.vocab_size)`); a model needs it > 0.
     """
 
-    kind: str = "decoder"
-    vocab_size: int = 256
-    d_model: int = 64
-    num_layers: int = 2
-    num_decoder_layers: int = 0
-    num_heads: int = 4
-    num_kv_heads: int = 0
-    head_dim: int = 0
-    d_ff: int = 256
-    max_len: int = 512
-    positions: str = "rope"
-    rope_theta: float = 10_000.0
-    norm: str = "rmsnorm"
-    mlp: str = "swiglu"
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    type_vocab_size: int = 0
-    embed_dim: int = 0
-    pooling: str = "mean"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat: str = "none"
+    kind: str
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_decoder_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_len: int
+    positions: str
+    rope_theta: float
+    norm: str
+    mlp: str
+    dropout: float
+    tie_embeddings: bool
+    type_vocab_size: int
+    embed_dim: int
+    pooling: str
+    dtype: str
+    param_dtype: str
+    scan_layers: bool
+    remat: str
 
     def __post_init__(self):
         for name, valid in _CHOICES.items():
@@ -57,11 +61,11 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.{name}={getattr(self, name)!r} is invalid; valid choices: {valid}"
                 )
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+        for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("num_decoder_layers", "num_kv_heads", "head_dim", "type_vocab_size",
-                     "embed_dim"):
+        for name in ("vocab_size", "num_decoder_layers", "num_kv_heads", "head_dim",
+                     "type_vocab_size", "embed_dim"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -91,18 +95,15 @@ class ModelConfig:
             setf("embed_dim", self.d_model)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None = None, **overrides) -> ModelConfig:
-        """Builds from `config.model` (a ConfigDict or mapping); `overrides` win (e.g. vocab_size).
-
-        Unknown keys raise ValueError naming them and the valid fields (typos fail loudly).
-        """
-        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+    def from_config(cls, section: Mapping[str, Any], **overrides) -> ModelConfig:
+        """From `config.model` (a ConfigDict or mapping with every key); `overrides` win (e.g.
+        vocab_size=tokenizer.vocab_size). A missing or unknown key is an error naming it."""
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
         values.update(overrides)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"Unknown ModelConfig field(s) {unknown}; valid: {sorted(fields)}")
-        return cls(**values)
+        return from_section(cls, values, "model")
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,9 +31,9 @@ def matmul(x: jax.Array, w_IO: jax.Array, dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] as ONE 2-D GEMM (leading axes flattened).
 
     Why not einsum on [B,L,I]: XLA:CPU then canonicalises the weight gradient into a GEMM with
-    *both* operands transposed (dY materialised as [O, B*L]), which its Eigen path runs at ~55% of
-    peak; on 2-D operands it is X^T dY (contracting dim 0 of both), which runs at full speed.
-    This alone is ~10% of a CPU train step.
+    *both* operands transposed (dY materialised as [O, B*L]), which its Eigen path runs far below
+    peak; on 2-D operands it is X^T dY (contracting dim 0 of both), which runs at full speed
+    (README, "Throughput and MFU").
     """
     y = jnp.dot(x.reshape(-1, x.shape[-1]), w_IO, preferred_element_type=dtype)
     return y.reshape(*x.shape[:-1], w_IO.shape[-1])
@@ -142,8 +142,8 @@ def gelu(x: jax.Array) -> jax.Array:
     """tanh-approximate GELU, the same function as `nn.gelu` (GPT-2 / BERT).
 
     Custom VJP: the backward recomputes tanh from x in one fused pass. XLA:CPU runs autodiff's
-    backward of the tanh form as several passes over [B,L,F]; measured in place on the
-    nanoGPT-size step this saves ~30-45 ms of ~1.9 s (benchmarks/step_breakdown.py). Reverse
+    backward of the tanh form as several passes over [B,L,F] (benchmarks/step_breakdown.py
+    measures what this saves in place). Reverse
     mode only (jax.jvp / jacfwd through it raise)."""
     return 0.5 * x * (1 + jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
 
@@ -186,10 +186,10 @@ def attention_core(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
     mask_BLS is boolean (True = may attend). Scores and softmax are float32; fully-masked rows
     (padding queries) get a uniform average of the keys of their block, finite. `causal=True`
     promises mask[l, s] is False for s > l (self-attention, L == S): the first half of the
-    queries then skips the second half of the keys (-25% attention work, same result on every
-    row that can attend somewhere). Returns [B,L,H,K] in q's dtype.
+    queries then skips the second half of the keys (a quarter less attention work, the same
+    result on every row that can attend somewhere). Returns [B,L,H,K] in q's dtype.
 
-    CPU layout notes (XLA:CPU, measured): heads-major [B,G,R,L,K] operands make both score
+    CPU layout notes (XLA:CPU, see benchmarks/): heads-major [B,G,R,L,K] operands make both score
     matmuls and their gradients plain batched GEMMs; q is scaled before QK^T (L*K multiplies,
     not L*S); the mask is an additive float bias (its gradient path is free, unlike select).
     """

@@ -211,6 +211,9 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size is 0 ('the tokenizer's'): build the model "
+                             "with ModelConfig.from_config(..., vocab_size=tokenizer.vocab_size)")
         self.embedder = Embedder(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if cfg.kind in ("encoder", "encoder_decoder"):

@@ -29,6 +29,9 @@ class Objective:
 
     `views` are batch-key suffixes the model runs on ("" = the batch itself, "_b" = the second
     view of a pair); outputs of view v come back with v appended to their names.
+    `options` names the objective's config options besides `weight` (their defaults live in
+    experiments/base.py, `config.objectives.<name>`); `loss` receives them, plus `axis_name`
+    (the pmap axis, or None).
     `loss(outputs, batch, options)` returns unprefixed metrics including "loss" (and optionally
     "z_loss", an auxiliary term added to the total with the same denominator). `count(batch)` is
     the param-free denominator of "loss". `derived` maps this objective's summarised float metrics
@@ -42,6 +45,7 @@ class Objective:
     loss: LossFn
     count: Callable[[Mapping[str, Array]], Array]
     views: tuple[str, ...] = ("",)
+    options: tuple[str, ...] = ()
     derived: Callable[[Mapping[str, float]], dict[str, float]] | None = None
     # the loss couples rows (in-batch negatives): gradient accumulation must see the whole batch
     batch_coupled: bool = False

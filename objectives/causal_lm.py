@@ -16,7 +16,7 @@ from solo.objectives.base import (
 def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
     """CE of `logits` [B,L,V] vs `targets` [B,L], weighted by `weights`; option `z_loss` (coeff)."""
     return token_ce(
-        outputs["logits"], batch["targets"], batch["weights"], float(options.get("z_loss", 0.0))
+        outputs["logits"], batch["targets"], batch["weights"], float(options["z_loss"])
     )
 
 
@@ -25,6 +25,7 @@ OBJECTIVE = Objective(
     heads=("lm",),
     batch_keys=("tokens", "targets", "weights"),
     loss=loss,
+    options=("z_loss",),
     count=weight_sum("weights"),
     derived=perplexity,
 )

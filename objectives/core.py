@@ -38,24 +38,23 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
-def _options(entry: Any) -> dict[str, Any]:
-    return entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
-
-
 def active_objectives(objectives_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """name -> options (a plain dict incl. weight, default 1.0) for every entry with weight != 0."""
+    """name -> options (a plain dict: weight + the objective's declared options) for every entry
+    with weight != 0. An entry must give exactly `weight` and the objective's `options`
+    (experiments/base.py lists every objective with all of them)."""
     active = {}
     for name, entry in objectives_cfg.items():
+        obj = get_objective(name)
         if not isinstance(entry, Mapping) and not hasattr(entry, "to_dict"):
-            if name == "z_loss" and not entry:
-                continue  # a zero top-level default is harmless
-            raise ValueError(
-                f"objectives.{name} must be a ConfigDict(weight=..., ...), got {entry!r}"
-                + (". Set the z-loss at objectives.causal_lm.z_loss." if name == "z_loss" else "")
-            )
-        get_objective(name)
-        opts = _options(entry)
-        opts.setdefault("weight", 1.0)
+            raise ValueError(f"objectives.{name} must be a ConfigDict(weight=..., ...), "
+                             f"got {entry!r}")
+        opts = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+        want = {"weight", *obj.options}
+        if set(opts) != want:
+            extra, lacks = sorted(set(opts) - want), sorted(want - set(opts))
+            raise ValueError(f"objectives.{name} " + (f"has unknown option(s) {extra}" if extra
+                             else f"lacks {lacks}") + f"; its options: {sorted(want)} "
+                             "(experiments/base.py lists each with its default)")
         if float(opts["weight"]) != 0.0:
             active[name] = opts
     return active
@@ -126,15 +125,14 @@ def compute_loss(
 ) -> tuple[Array, Metrics]:
     """(scalar loss, {'name/metric': (sum, count)}).
 
-    `axis_name` is passed to every objective as an option (InfoNCE gathers negatives across it
-    under pmap/shard_map); it may also be set in the config entry (`objectives.infonce.axis_name`).
+    `axis_name` is passed to every objective as the option of that name (InfoNCE gathers
+    negatives across it under pmap/shard_map).
     """
     total = jnp.float32(0.0)
     metrics: Metrics = {}
     for name, opts in active_objectives(objectives_cfg).items():
         obj = get_objective(name)
-        if axis_name is not None:
-            opts = {**opts, "axis_name": axis_name}
+        opts = {**opts, "axis_name": axis_name}
         m = obj.loss(outputs, batch, opts)
         den = obj.count(batch) if denominators is None else denominators[name]
         total = total + float(opts["weight"]) * safe_div(m["loss"][0], den)

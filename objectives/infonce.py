@@ -47,9 +47,9 @@ def _replicated(x_NE: Array) -> Array:
 
 def scale(outputs: Mapping[str, Array], options: Mapping[str, Any]) -> Array:
     """Logit scale: 1/temperature, or exp(learned `logit_scale`) clipped at 100."""
-    if options.get("learn_temperature", False):
+    if options["learn_temperature"]:
         return jnp.minimum(jnp.exp(outputs["logit_scale"].astype(jnp.float32)), MAX_SCALE)
-    return jnp.float32(1.0 / float(options.get("temperature", 0.05)))
+    return jnp.float32(1.0 / float(options["temperature"]))
 
 
 def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
@@ -67,7 +67,7 @@ def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
     w_B = row_weights(batch, "pair_weights", local)
     g_B = jnp.asarray(batch["pair_groups"], jnp.int32) if "pair_groups" in batch else \
         jnp.full((local,), -1, jnp.int32)
-    axis_name = options.get("axis_name")
+    axis_name = options["axis_name"]
     if axis_name is None:
         a_all_NE, b_all_NE, w_all_N, g_all_N = _replicated(a_BE), _replicated(b_BE), w_B, g_B
         offset = 0
@@ -101,6 +101,7 @@ OBJECTIVE = Objective(
     views=("", "_b"),
     batch_keys=("tokens", "tokens_b"),
     loss=loss,
+    options=("temperature", "learn_temperature"),
     count=lambda batch: jnp.sum(row_weights(batch, "pair_weights", batch["tokens"].shape[0])),
     batch_coupled=True,
 )

@@ -19,7 +19,7 @@ def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
         outputs["mlm_logits"],
         batch["mlm_targets"],
         batch["mlm_weights"],
-        float(options.get("z_loss", 0.0)),
+        float(options["z_loss"]),
     )
 
 
@@ -28,6 +28,7 @@ OBJECTIVE = Objective(
     heads=("mlm",),
     batch_keys=("tokens", "mlm_targets", "mlm_weights"),
     loss=loss,
+    options=("z_loss",),
     count=weight_sum("mlm_weights"),
     derived=perplexity,
 )

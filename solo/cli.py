@@ -1,12 +1,15 @@
-"""`solo`: the one command. The agent stage is the last in the flow, so it may see every other.
+"""The `solo` command: each subcommand parses its arguments and calls one plain function.
 
-solo train CONFIG [--workdir DIR] [--config.key=value ...]
-solo sweep CONFIG --workdir DIR --sweep.key=v1,v2 [--sweep.key2=...] [--config.key=value ...]
-solo compare WORKDIR [WORKDIR ...]
-solo eval WORKDIR
-solo sample WORKDIR --prompt TEXT
-solo chat WORKDIR
-solo serve WORKDIR [--port N]
+  train    solo.train.loop.train_and_evaluate(config, workdir)
+  sweep    solo.train.sweep.run_sweep(config_name, grid, workdir, overrides)
+  compare  solo.train.sweep.summarize(workdirs)
+  eval     solo.train.loop.evaluate(workdir, checkpoint)
+  sample   solo.agent.sampler.sample(workdir, prompts, ...)
+  chat     solo.agent.repl.chat(workdir, ...)
+  serve    solo.agent.server.serve(workdir, ...)
+
+Expected failures (a bad config, a missing file, an unusable workdir) print one line and exit 2;
+SOLO_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,80 +20,89 @@ import os
 import sys
 from pathlib import Path
 
+DESCRIPTION = ("Train, evaluate, sample from and chat with Transformer language models "
+               "(JAX/Flax). `solo COMMAND --help` describes each command.")
 
-def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+
+def _train(args: argparse.Namespace) -> int:
+    from solo.config import RunConfig
+    from solo.data.tasks import get_task
     from solo.experiments import load_config
     from solo.train.loop import train_and_evaluate
 
-    config = load_config(args.config, overrides)
+    config = RunConfig.from_config(load_config(args.config, args.overrides))
     workdir = args.workdir or str(Path("runs") / config.name)
-    summary = train_and_evaluate(config, workdir)
-    print(_format_summary(summary))
-    if config.data.task == "sft":
-        _chat_report(workdir, config)
+    print(format_summary(train_and_evaluate(config, workdir)))
+    if get_task(config.data.task).chat_eval:
+        _chat_report(workdir, "latest")
     return 0
 
 
-def _sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+def _sweep(args: argparse.Namespace) -> int:
     from solo.train.sweep import parse_grid, run_sweep
 
-    run_sweep(args.config, parse_grid(args.sweep_flags), args.workdir, overrides)
+    run_sweep(args.config, parse_grid(args.sweep_flags), args.workdir, args.overrides)
     return 0
 
 
-def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
+def _compare(args: argparse.Namespace) -> int:
     from solo.train.sweep import format_table, summarize
 
     print(format_table(summarize(args.workdirs)))
     return 0
 
 
-def _format_summary(summary: dict, prefix: str = "") -> str:
+def format_summary(summary: dict, prefix: str = "") -> str:
     """One line per group: scalars first, then nested dicts (train / eval metrics)."""
     scalars = {k: v for k, v in summary.items() if isinstance(v, int | float)}
     lines = [f"{prefix or 'run'}: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))]
     for k, v in sorted(summary.items()):
         if isinstance(v, dict) and v:
-            lines.append(_format_summary(v, k))
+            lines.append(format_summary(v, k))
     return "\n".join(lines)
 
 
-def _chat_report(workdir: str, config, which: str = "latest") -> None:
+def _chat_report(workdir: str, checkpoint: str) -> None:
     from solo.agent.evaluate import heldout_report
 
-    print(heldout_report(workdir, config, which))
+    print(heldout_report(workdir, checkpoint))
 
 
-def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from solo.train.checkpoint import read_config
+def _eval(args: argparse.Namespace) -> int:
+    from solo.data.tasks import get_task
     from solo.train.loop import evaluate
 
     metrics = evaluate(args.workdir, args.checkpoint)
-    print(_format_summary(metrics))
-    config = read_config(args.workdir)
-    if config.data.task == "sft":
-        _chat_report(args.workdir, config, args.checkpoint)
+    print(format_summary(metrics))
+    if get_task(metrics["config"].data.task).chat_eval:
+        _chat_report(args.workdir, args.checkpoint)
     return 0
 
 
-def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
-    from solo.agent.sampler import sample_main
+def _sample(args: argparse.Namespace) -> int:
+    from solo.agent.sampler import sample
 
-    return sample_main(args)
+    gens = sample(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed, checkpoint=args.checkpoint)
+    for prompt, g in zip(args.prompt, gens, strict=True):
+        print(f"{prompt}{g.text}\n[{len(g.tokens)} tokens, {g.finish_reason}]\n", flush=True)
+    return 0
 
 
-def _chat(args: argparse.Namespace, overrides: list[str]) -> int:
-    from solo.agent.repl import chat_main
+def _chat(args: argparse.Namespace) -> int:
+    from solo.agent.repl import chat
 
-    return chat_main(args)
+    chat(args.workdir, checkpoint=args.checkpoint, system=args.system,
+         max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
 
 
-def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from solo.agent.server import serve
 
-    serve(args.workdir, host=args.host, port=args.port, which=args.checkpoint,
-          max_batch=args.max_batch,
-          batch_window_s=args.batch_window_ms / 1000)
+    serve(args.workdir, host=args.host, port=args.port, checkpoint=args.checkpoint,
+          max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000)
     return 0
 
 
@@ -100,7 +112,7 @@ def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="solo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="solo", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -111,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="experiment name (e.g. gpt_world) or path to a config .py")
     p.add_argument("--workdir", default="", help="output directory (default: runs/<config name>)")
-    p.set_defaults(fn=_train)
+    p.set_defaults(fn=_train, takes_overrides=True)
 
     p = sub.add_parser(
         "sweep",
@@ -123,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="experiment name (e.g. tiny) or path to a config .py")
     p.add_argument("--workdir", required=True, help="the sweep's directory")
-    p.set_defaults(fn=_sweep)
+    p.set_defaults(fn=_sweep, takes_overrides=True)
 
     p = sub.add_parser(
         "compare",
@@ -189,13 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --config.* overrides are free-form; everything else goes through argparse.
+    # --config.* overrides and --sweep.* grids are free-form; everything else goes to argparse.
     overrides = [a for a in argv if a.startswith("--config.")]
     sweep_flags = [a for a in argv if a.startswith("--sweep.")]
     rest = [a for a in argv if not a.startswith(("--config.", "--sweep."))]
     args = build_parser().parse_args(rest)
-    args.sweep_flags = sweep_flags
-    if overrides and args.command not in ("train", "sweep"):
+    args.overrides, args.sweep_flags = overrides, sweep_flags
+    if overrides and not getattr(args, "takes_overrides", False):
         print(f"solo {args.command}: --config.* overrides only apply to `solo train` and "
               "`solo sweep`", file=sys.stderr)
         return 2
@@ -206,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings drown the progress line
-    from solo.experiments import ConfigError
     from solo.train.preemption import Stopped
 
     try:
-        return args.fn(args, overrides)
-    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
-        # Errors raised at the edges carry a complete message: one line, no traceback. ValueError
-        # can also come from deep inside a library: SOLO_DEBUG=1 shows the traceback.
+        return args.fn(args)
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+        # Errors raised at the edges carry a complete message: one line, no traceback (ConfigError,
+        # WorkdirError, SourceError, ... are ValueErrors). A ValueError from deep inside a library
+        # gets the same treatment: SOLO_DEBUG=1 shows the traceback.
         if os.environ.get("SOLO_DEBUG"):
             raise
         print(f"solo {args.command}: error: {e} (SOLO_DEBUG=1 for the traceback)", file=sys.stderr)

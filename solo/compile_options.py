@@ -1,14 +1,12 @@
-"""Per-jit XLA compiler options: which XLA:CPU library (YNNPACK) fusions each workload uses.
+"""Per-jit XLA compiler options, shared by training (train/) and decoding (agent/): which XLA:CPU
+library (YNNPACK) fusions each workload uses.
 
 jaxlib 0.10 routes CPU dots, elementwise ops and reductions into YNNPACK library fusions by
-default. Measured on a 2-core AMD EPYC, float32 (benchmarks/):
-- train step (nanoGPT size): YNNPACK runs the big 2-D GEMMs faster (~210 vs 160-205 GFLOP/s),
-  but the attention's batched [256x256x64] GEMMs at ~85 vs ~150 GFLOP/s, and its fusions are
-  synchronous thunks that XLA cannot overlap with other work; all off: the step is ~10% faster
-  (2140 -> 1890-1950 ms).
-- decode loop (matvecs, batch 1-8), A/B in one process: YNNPACK for dots only is a little
-  better than the default (batch 1: 518 vs 499 tok/s, batch 8: 1398 vs 1386); all off loses
-  8% at batch 8.
+default. For the train step they run the big 2-D GEMMs well but the attention's batched GEMMs
+slowly, and as synchronous thunks they keep XLA from overlapping the weight-gradient GEMMs with
+the rest of the backward: the train and eval steps turn them all off. The decode loop (batched
+matvecs) keeps them for dots only. The README's "Throughput and MFU" section has the figures
+(benchmarks/train_throughput.py --xla-defaults and benchmarks/decode_throughput.py measure them).
 The option goes per `jax.jit` (`compiler_options`; pmap steps get it through
 `train.step.PmapWithOptions`), so it never leaks into other computations, and it is dropped (one
 warning) on a jaxlib that does not know it, rather than failing.
@@ -49,4 +47,4 @@ def compiler_options(workload: str, xla_defaults: bool = False,
 
 def train_options(config) -> dict | None:
     """The train/eval steps' options for a run config (`train.xla_defaults` honoured)."""
-    return compiler_options("train", bool(config.train.get("xla_defaults", False)))
+    return compiler_options("train", config.train.xla_defaults)

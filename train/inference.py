@@ -13,9 +13,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from ml_collections import ConfigDict
 
-from solo.model import ModelConfig, Transformer, init_params
+from solo.config import RunConfig
+from solo.model import Transformer, init_params
 from solo.objectives import model_heads
 from solo.train import parallel
 from solo.train.checkpoint import Checkpointer, first_restorable
@@ -24,25 +24,24 @@ from solo.train.workdir import TOKENIZER_FILE, WorkdirError, read_config, tokeni
 
 @dataclasses.dataclass
 class Loaded:
-    config: ConfigDict
+    config: RunConfig
     model: Transformer
     params: Any
     tokenizer: Any
     step: int = 0
 
 
-def build_model(config: Any, vocab_size: int) -> Transformer:
-    """The run's model; config.model.vocab_size 0 takes the tokenizer's."""
-    vocab = int(config.model.vocab_size) or int(vocab_size)
-    return Transformer(ModelConfig.from_config(config.model, vocab_size=vocab))
+def build_model(config: RunConfig, vocab_size: int) -> Transformer:
+    """The run's model; model.vocab_size 0 takes the tokenizer's."""
+    return Transformer(config.model.replace(vocab_size=config.model.vocab_size or vocab_size))
 
 
-def abstract_params(model: Transformer, config: Any, mesh) -> Any:
+def abstract_params(model: Transformer, config: RunConfig, mesh) -> Any:
     """Unboxed ShapeDtypeStruct param tree (the heads of config's objectives) with the mesh's
     shardings (logical rules)."""
     heads = model_heads(config.objectives)
-    boxed = jax.eval_shape(lambda key: init_params(model, key, heads, int(config.data.seq_len),
-                                                   int(config.data.src_seq_len)),
+    boxed = jax.eval_shape(lambda key: init_params(model, key, heads, config.data.seq_len,
+                                                   config.data.src_seq_len),
                            jax.random.key(0))
     return parallel.abstract_with_sharding(nn.meta.unbox(boxed),
                                            parallel.param_shardings(boxed, mesh))
@@ -68,7 +67,7 @@ def load(workdir: str, checkpoint: str | int = "latest") -> Loaded:
     """
     if not os.path.isdir(workdir):
         raise WorkdirError(f"workdir {workdir} does not exist")
-    config = read_config(workdir)
+    config = RunConfig.from_config(read_config(workdir))
     tokenizer = load_tokenizer(workdir)
     model = build_model(config, tokenizer.vocab_size)
     which = str(checkpoint)
@@ -86,7 +85,7 @@ def load(workdir: str, checkpoint: str | int = "latest") -> Loaded:
             steps = [int(which)]  # that one or an error, never silently another
         elif which == "best" and ckpt.best_step() is not None:
             steps.insert(0, ckpt.best_step())
-        mesh = parallel.make_mesh(ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+        mesh = parallel.data_mesh()
         target = abstract_params(model, config, mesh)
         params, step = first_restorable(lambda s: ckpt.restore_params(target, s), steps,
                                         ckpt.directory)

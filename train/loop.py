@@ -9,7 +9,6 @@ is bit-identical to an uninterrupted one (same device count).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import signal
@@ -24,9 +23,11 @@ from ml_collections import ConfigDict
 
 from solo import experiments
 from solo.compile_options import train_options
+from solo.config import ConfigError, RunConfig
 from solo.data import pipeline
+from solo.data.tasks import TASKS, get_task
 from solo.model import flops_per_token
-from solo.objectives import active_objectives, get_objective, summarize
+from solo.objectives import get_objective, summarize
 from solo.train import checkpoint as ckpt_lib
 from solo.train import inference, parallel, preemption
 from solo.train import metrics as metrics_lib
@@ -35,37 +36,27 @@ from solo.train.optim import make_optimizer
 from solo.train.step import Stepper, init_state_fns, make_eval_step
 
 
-class TrainConfigError(experiments.ConfigError):
+class TrainConfigError(ConfigError):
     """A config that cannot train; the message names the keys and the fix."""
 
 
-def validate_config(config: Any, mesh) -> None:
-    try:
-        active = active_objectives(config.objectives)
-    except ValueError as e:
-        raise TrainConfigError(f"config.objectives: {e}") from None
-    if not active:
+def validate_config(config: RunConfig, mesh) -> None:
+    """What no single section can check: objectives vs the task's batches, batch sizes vs the
+    mesh, the parallel mode vs the mesh. (Each section validated itself when it was built.)"""
+    if not config.objectives:
         raise TrainConfigError("config.objectives: no objective has a nonzero weight")
-    task = str(config.data.task)
-    task_keys = pipeline.TASK_KEYS
-    if task not in task_keys:
-        raise TrainConfigError(f"data.task={task!r} is unknown; valid: {', '.join(task_keys)}")
-    negatives = str(config.data.get("nsp_negatives", "other_doc"))
-    if negatives not in ("other_doc", "same_doc"):
-        raise TrainConfigError(f"data.nsp_negatives={negatives!r}; valid: 'other_doc', 'same_doc'")
-    for name in active:
-        missing = [k for k in get_objective(name).batch_keys if k not in task_keys[task]]
+    task = get_task(config.data.task)
+    for name in config.objectives:
+        missing = [k for k in get_objective(name).batch_keys if k not in task.batch_keys]
         if missing:
-            fits = [t for t, ks in task_keys.items()
-                    if all(k in ks for o in active for k in get_objective(o).batch_keys)]
+            fits = [t.name for t in TASKS.values()
+                    if all(k in t.batch_keys for o in config.objectives
+                           for k in get_objective(o).batch_keys)]
             raise TrainConfigError(
-                f"objective {name!r} needs batch keys {missing} that data.task={task!r} does not "
-                f"provide; use data.task in {fits or 'none (objectives incompatible)'}")
-    dp, k = parallel.data_parallel_size(mesh), int(config.optim.grad_accum)
-    if k < 1:
-        raise TrainConfigError(f"optim.grad_accum={k} must be >= 1")
-    bs = int(config.data.batch_size)
-    ebs = int(config.data.eval_batch_size or bs)
+                f"objective {name!r} needs batch keys {missing} that data.task={task.name!r} "
+                f"does not provide; use data.task in {fits or 'none (objectives incompatible)'}")
+    dp, k = parallel.data_parallel_size(mesh), config.optim.grad_accum
+    bs, ebs = config.data.batch_size, config.data.eval_batch
     if bs % (dp * k):
         raise TrainConfigError(
             f"data.batch_size={bs} must be divisible by data-parallel size {dp} x "
@@ -73,35 +64,29 @@ def validate_config(config: Any, mesh) -> None:
     if ebs % dp:
         raise TrainConfigError(
             f"data.eval_batch_size={ebs} must be divisible by data-parallel size {dp}")
-    mode = str(config.train.parallel)
-    if mode not in ("jit", "pmap"):
-        raise TrainConfigError(f"train.parallel={mode!r}; valid: 'jit', 'pmap'")
-    if mode == "pmap" and mesh.shape["fsdp"] * mesh.shape["tensor"] != 1:
+    if config.train.parallel == "pmap" and mesh.shape["fsdp"] * mesh.shape["tensor"] != 1:
         raise TrainConfigError("train.parallel='pmap' is data-parallel only: set "
                                "train.mesh.fsdp=1 and train.mesh.tensor=1 (or use 'jit')")
-    if int(config.train.steps) < 1:
-        raise TrainConfigError(f"train.steps={config.train.steps} must be >= 1")
 
 
 def _add(a, b):
     return b if a is None else jax.tree.map(lambda x, y: x + y, a, b)
 
 
-def _summary(metrics, config: Any) -> dict[str, float]:
+def _summary(metrics, config: RunConfig) -> dict[str, float]:
     """summarize() plus the weighted total 'loss' over objectives (the eval/best-ckpt criterion)."""
     out = summarize(metrics)
     if "loss" not in out:
-        active = active_objectives(config.objectives)
-        out["loss"] = sum(float(o["weight"]) * out[f"{n}/loss"] for n, o in active.items())
+        out["loss"] = sum(float(o["weight"]) * out[f"{n}/loss"]
+                          for n, o in config.objectives.items())
     return out
 
 
-def run_eval(eval_fn, params, config: Any, tokenizer) -> dict[str, float]:
+def run_eval(eval_fn, params, config: RunConfig, tokenizer) -> dict[str, float]:
     """Token-weighted metrics over the validation split (whole split unless train.eval_batches)."""
     batches = pipeline.eval_batches(
-        config, tokenizer, "validation", int(config.data.eval_batch_size or 0) or None,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        max_batches=int(config.train.eval_batches))
+        config.data, tokenizer, "validation", process_index=jax.process_index(),
+        process_count=jax.process_count(), max_batches=config.train.eval_batches)
     acc = None
     for batch in batches:
         acc = _add(acc, eval_fn(params, batch))
@@ -110,11 +95,10 @@ def run_eval(eval_fn, params, config: Any, tokenizer) -> dict[str, float]:
     return _summary(jax.device_get(acc), config)
 
 
-def _prepare_init_from(config: Any) -> None:
+def _prepare_init_from(config: RunConfig) -> None:
     """Makes sure config.train.init_from has a checkpoint (training init_experiment if asked;
     with init_experiment, a run stopped before its last step is finished first)."""
-    src = str(config.train.init_from)
-    exp = str(config.train.init_experiment)
+    src, exp = config.train.init_from, config.train.init_experiment
     latest = wd_lib.latest_step(src)
     if latest is not None and (not exp or latest >= int(wd_lib.read_config(src).train.steps)):
         return
@@ -131,10 +115,10 @@ def _prepare_init_from(config: Any) -> None:
     train_and_evaluate(experiments.load_config(exp), src)
 
 
-def _init_from(config: Any, params: Any) -> Any:
+def _init_from(config: RunConfig, params: Any) -> Any:
     """`params` with every leaf that config.train.init_from's latest checkpoint has replaced by
     its value (same model shape required); leaves it lacks (a new head) keep their fresh init."""
-    src = str(config.train.init_from)
+    src = config.train.init_from
     diff = [k for k in wd_lib.shape_diff(wd_lib.read_config(src), config)
             if k.startswith("model.")]
     if diff:
@@ -155,7 +139,7 @@ def _init_from(config: Any, params: Any) -> Any:
 class _Run:
     """Everything built once per train_and_evaluate call."""
 
-    config: Any
+    config: RunConfig
     workdir: str
     mesh: Any
     model: Any
@@ -168,23 +152,24 @@ class _Run:
     abstract_state: Any
 
 
-def _setup(config: ConfigDict, workdir: str) -> _Run:
+def _setup(config: RunConfig, workdir: str) -> _Run:
     """Validation first (nothing written on error), then workdir, tokenizer, model, shardings."""
     mesh = parallel.make_mesh(config.train.mesh)
     validate_config(config, mesh)
     wd_lib.check_workdir(config, workdir)
-    if str(config.train.init_from):
+    if config.train.init_from:
         _prepare_init_from(config)
-        if not os.path.exists(os.path.join(workdir, wd_lib.TOKENIZER_FILE)):
-            config = copy.deepcopy(config)  # the init run's tokenizer, or its params are garbage
-            config.data.tokenizer.path = os.path.join(str(config.train.init_from),
-                                                      wd_lib.TOKENIZER_FILE)
-    tokenizer = pipeline.build_tokenizer(config, workdir)
+        if not os.path.exists(wd_lib.tokenizer_path(workdir)):
+            # the init run's tokenizer, or its params are garbage
+            tok = dataclasses.replace(config.data.tokenizer,
+                                      path=wd_lib.tokenizer_path(config.train.init_from))
+            config = config.replace(data=config.data.replace(tokenizer=tok))
+    tokenizer = pipeline.build_tokenizer(config.data, workdir)
     wd_lib.write_config(config, workdir)
     model = inference.build_model(config, tokenizer.vocab_size)
-    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
     init_boxed, init_state = init_state_fns(model, config, tx)
-    key = jax.random.PRNGKey(int(config.seed))
+    key = jax.random.PRNGKey(config.seed)
     boxed = jax.eval_shape(init_boxed, key)
     params_sh = parallel.param_shardings(boxed, mesh)
     state_sh = parallel.state_shardings(tx, nn.meta.unbox(boxed), params_sh, mesh)
@@ -193,22 +178,22 @@ def _setup(config: ConfigDict, workdir: str) -> _Run:
                 abstract_state)
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ConfigDict | RunConfig, workdir: str) -> dict[str, Any]:
     """Train config.train.steps steps into workdir (resuming if it has a checkpoint).
 
     Returns {'step', 'train': last logged train metrics, 'eval': last eval metrics, 'workdir',
     'num_devices', 'flops_per_token'}. SIGTERM or Ctrl-C ends it after the current step with a
     checkpoint of that step and raises `preemption.Stopped` (see train/preemption.py).
     """
-    run = _setup(config, workdir)
+    run = _setup(RunConfig.from_config(config), workdir)
     config = run.config
-    train_iter = pipeline.make_train_iterator(config, run.tokenizer,
+    train_iter = pipeline.make_train_iterator(config.data, run.tokenizer,
                                               process_index=jax.process_index(),
                                               process_count=jax.process_count())
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.train.keep),
-                                 keep_best=bool(config.train.keep_best))
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep,
+                                 keep_best=config.train.keep_best)
     writer = metrics_lib.MetricWriter(workdir)
-    progress = metrics_lib.Progress(int(config.train.steps))
+    progress = metrics_lib.Progress(config.train.steps)
     with preemption.StopSignals() as signals:
         try:
             if ckpt.latest_step() is not None:
@@ -217,7 +202,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                 progress.message(f"resumed from {ckpt.directory}/{restored}")
             else:
                 state = jax.jit(run.init_state, out_shardings=run.state_sharding)(run.key)
-                if str(config.train.init_from):
+                if config.train.init_from:
                     state = state.replace(params=_init_from(config, state.params))
                     progress.message(f"params initialised from {config.train.init_from}")
             return _loop(run, state, train_iter, ckpt, writer, progress, signals)
@@ -235,15 +220,15 @@ def _stop_signal(signals: preemption.StopSignals, ckpt, step: int) -> int | None
 
 
 def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict[str, Any]:
-    config, total = run.config, int(run.config.train.steps)
+    config, total = run.config, run.config.train.steps
     stepper = Stepper(run.model, config, run.tx, run.schedule, run.mesh, run.state_sharding)
     dstate = stepper.device_state(state)
     start = int(np.asarray(jax.device_get(state.step)))
-    tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
-    fpt = flops_per_token(run.model.cfg, int(config.data.seq_len))
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    fpt = flops_per_token(run.model.cfg, config.data.seq_len)
     ndev = run.mesh.devices.size
-    log_every, eval_every = int(config.train.log_every), int(config.train.eval_every)
-    ckpt_every = int(config.train.ckpt_every)
+    log_every, eval_every = config.train.log_every, config.train.eval_every
+    ckpt_every = config.train.ckpt_every
     acc, train_summary, eval_summary = None, {}, {}
     t0, timed, sec_per_step, tok_s = time.time(), 0, float("nan"), float("nan")
     step = start
@@ -285,15 +270,16 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             "workdir": run.workdir, "num_devices": ndev, "flops_per_token": fpt}
 
 
-def evaluate(workdir: str, which: str | int = "latest") -> dict[str, Any]:
+def evaluate(workdir: str, checkpoint: str | int = "latest") -> dict[str, Any]:
     """Eval-split metrics of a workdir's checkpoint ('latest', 'best' or a step number), on the
     devices present."""
-    loaded = inference.load(workdir, which)
+    loaded = inference.load(workdir, checkpoint)
     config = loaded.config
-    mesh = parallel.make_mesh(ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    ebs = int(config.data.eval_batch_size or config.data.batch_size)
-    if ebs % mesh.devices.size:
-        config.data.eval_batch_size = ebs + (-ebs) % mesh.devices.size  # exact for any size
+    mesh = parallel.data_mesh()
+    ebs = config.data.eval_batch
+    if ebs % mesh.devices.size:  # exact for any eval batch size: pad it to the device count
+        config = config.replace(data=config.data.replace(
+            eval_batch_size=ebs + (-ebs) % mesh.devices.size))
     params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
     opts = train_options(config)
     eval_fn = jax.jit(make_eval_step(loaded.model, config),
@@ -302,4 +288,4 @@ def evaluate(workdir: str, which: str | int = "latest") -> dict[str, Any]:
                       compiler_options=opts)
     place = lambda params, batch: eval_fn(params, parallel.shard_batch(batch, mesh))
     out = run_eval(place, loaded.params, config, loaded.tokenizer)
-    return {"step": loaded.step, "eval": out, "workdir": workdir}
+    return {"step": loaded.step, "eval": out, "workdir": workdir, "config": config}

@@ -25,7 +25,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
     """Resolves the single -1 entry; errors name the numbers that do not fit."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    sizes = [int(getattr(mesh_cfg, a)) for a in MESH_AXES]
     named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -47,6 +47,12 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    """All devices on the data axis (inference and evaluation)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices).reshape(len(devices), 1, 1), MESH_AXES)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -22,7 +22,8 @@ import math
 import os
 from typing import Any
 
-from solo.experiments import ConfigError, load_config
+from solo.config import ConfigError, RunConfig
+from solo.experiments import load_config
 from solo.train import workdir as wd_lib
 
 SUMMARY_FILE = "summary.json"
@@ -64,13 +65,13 @@ def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
         raise ConfigError("a sweep needs at least one --sweep.KEY=VALUE[,VALUE...]")
     runs = []
     for overrides in points(grid):  # validate every point before training any
-        config = load_config(config_name, list(base_overrides) + overrides)
+        config = RunConfig.from_config(load_config(config_name, list(base_overrides) + overrides))
         validate_config(config, parallel.make_mesh(config.train.mesh))
         runs.append((os.path.join(workdir, point_name(overrides)), config))
     rows = []
     for i, (run_dir, config) in enumerate(runs, 1):
         name = os.path.basename(run_dir)
-        if (wd_lib.latest_step(run_dir) or 0) >= int(config.train.steps):
+        if (wd_lib.latest_step(run_dir) or 0) >= config.train.steps:
             print(f"sweep {i}/{len(runs)}: {name} finished earlier", flush=True)
         else:
             print(f"sweep {i}/{len(runs)}: {name}", flush=True)

@@ -19,6 +19,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from solo import experiments
+from solo.config import RunConfig
 from solo.objectives import model_heads
 from solo.train.checkpoint import CKPT_DIR, Checkpointer
 
@@ -93,7 +94,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_config(config: Any, workdir: str) -> None:
+def write_config(config: RunConfig, workdir: str) -> None:
     """Writes the resolved config to config.json, so it always describes the latest launch.
 
     A resume whose config differs (more steps, another learning rate; the model shape is checked
@@ -101,7 +102,7 @@ def write_config(config: Any, workdir: str) -> None:
     checkpoint it produced: the workdir records every config that trained it, and config.json
     exists at every instant (archive written before the atomic replace)."""
     path = os.path.join(workdir, CONFIG_FILE)
-    text = experiments.to_json(config)
+    text = config.json
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()

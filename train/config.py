@@ -1,0 +1,67 @@
+"""`OptimConfig` and `TrainConfig`: the frozen, validated `config.optim` and `config.train`
+sections (keys and defaults: experiments/base.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from solo.config import ConfigError, from_section
+
+PARALLEL = ("jit", "pmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    warmup_steps: int
+    decay_steps: int  # 0: train.steps
+    min_lr_ratio: float
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    clip_norm: float  # 0: no clipping
+    grad_accum: int
+
+    def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum={self.grad_accum} must be >= 1")
+        if self.lr < 0 or self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.lr, warmup_steps and decay_steps must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int  # -1: all devices the other axes leave
+    fsdp: int
+    tensor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    log_every: int
+    eval_every: int
+    eval_batches: int  # 0: the whole validation split
+    ckpt_every: int
+    keep: int
+    keep_best: bool
+    parallel: str
+    xla_defaults: bool
+    mesh: MeshConfig
+    init_from: str
+    init_experiment: str
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"train.steps={self.steps} must be >= 1")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"train.parallel={self.parallel!r}; valid: 'jit', 'pmap'")
+        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0")
+
+    @classmethod
+    def from_config(cls, section: Any) -> TrainConfig:
+        return from_section(cls, section, "train")
