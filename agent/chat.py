@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from solo.agent.guards import GuardDecision, Guards
 from solo.agent.sampler import Sampler, Sampling
-from solo.data.chat import encode_chat
+from solo.data.chat import CONTENT_PREFIX, encode_chat
 from solo.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, EOT_ID, SYSTEM_ID, USER_ID
 
 CHAT_STOP_IDS = (EOT_ID, EOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, BOS_ID)
@@ -108,7 +108,8 @@ class ChatSession:
         cb = None if stream_cb is None else (lambda _row, delta: stream_cb(delta))
         gen = self.sampler.generate([ids], max_new_tokens=self.max_new_tokens,
                                     method=self.sampling, seed=self.seed, stream_cb=cb,
-                                    chunk=self.chunk, stop_ids=CHAT_STOP_IDS)[0]
+                                    chunk=self.chunk, stop_ids=CHAT_STOP_IDS,
+                                    prefix=CONTENT_PREFIX)[0]
         self.seed += 1  # a new draw each turn when sampling
         d_out = self.guards.check_output(gen.text)
         self.last_decisions.append(d_out)

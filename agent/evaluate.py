@@ -1,8 +1,11 @@
-"""Held-out question answering accuracy and demo transcripts, through the REPL's ChatSession path.
+"""Held-out question answering accuracy, abstention and demo transcripts, through the REPL's
+ChatSession path.
 
 Each question is asked in a fresh session (same template, guards, sampling and stop ids as
 `solo chat`); the reply is compared with the world's answer by exact match after normalising
-case, whitespace and trailing punctuation.
+case, whitespace and trailing punctuation. A world with unknown_people also asks about people
+who do not exist (and off-world questions): the share answered "I don't know." is the
+abstention rate; the share of real held-out questions answered so is reported beside it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ def normalize(text: str) -> str:
     return text.rstrip(" .!?,;:'\"").strip()
 
 
-def heldout_questions(config, split: str = "test", limit: int = 0) -> list[dict]:
-    """The world's held-out chat questions: dicts with 'question', 'answer' (+ person, ...)."""
+def heldout_questions(config, split: str = "test", limit: int = 0, *,
+                      known: bool = True) -> list[dict]:
+    """The world's held-out chat questions: dicts with 'question', 'answer' (+ person, ...);
+    known=False: the questions about people who do not exist and off-world ones."""
     from solo.data.world import World  # local: only chat experiments need the world
 
-    rows = World.from_config(config.data.world).records("chats", split)
+    rows = [r for r in World.from_config(config.data.world).records("chats", split)
+            if r["known"] == known]
     return rows[:limit] if limit else rows
 
 
@@ -74,8 +80,27 @@ def transcript(loaded_or_session, user_turns: Sequence[str] | None = None) -> st
     return "\n".join(lines)
 
 
+def abstention(loaded, *, split: str = "test", session: ChatSession | None = None) -> dict:
+    """Share of replies that abstain ("I don't know."): on questions no fact answers (unknown
+    people, off-world questions; the rate to maximise) and on real held-out questions (the
+    false abstentions). n is 0 for a world without unknown_people."""
+    from solo.data.world import ABSTAIN
+
+    session = session or build_session(loaded)
+    out = {}
+    for name, known in (("abstain", False), ("false_abstain", True)):
+        rows = heldout_questions(loaded.config, split, known=known)
+        hits = 0
+        for q in rows:
+            session.reset()
+            hits += normalize(session.reply(q["question"])) == normalize(ABSTAIN)
+        out[name] = dict(rate=hits / len(rows) if rows else 0.0, hits=hits, n=len(rows))
+    return out
+
+
 def heldout_report(workdir: str, checkpoint: str | int = "latest") -> str:
-    """`solo eval` / end of `solo train` on chat experiments: accuracy line + a short transcript."""
+    """`solo eval` / end of `solo train` on chat experiments: accuracy line (+ abstention) and a
+    short transcript."""
     from solo.train.inference import load
 
     loaded = load(workdir, checkpoint)
@@ -83,6 +108,12 @@ def heldout_report(workdir: str, checkpoint: str | int = "latest") -> str:
     res = heldout_accuracy(loaded, session=session)
     lines = [f"heldout exact-match accuracy: {res['accuracy']:.3f} "
              f"({res['correct']}/{res['n']} questions, chat path)"]
+    if loaded.config.data.world["unknown_people"]:
+        ab = abstention(loaded, session=session)
+        a, f = ab["abstain"], ab["false_abstain"]
+        lines.append(f"abstention on questions no fact answers: {a['rate']:.3f} "
+                     f"({a['hits']}/{a['n']}); on held-out questions: {f['rate']:.3f} "
+                     f"({f['hits']}/{f['n']})")
     for ex in res["examples"]:
         mark = "ok " if ex["correct"] else "bad"
         lines.append(f"  [{mark}] Q: {ex['question']}  A: {ex['reply']!r}  (want {ex['answer']!r})")

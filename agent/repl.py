@@ -3,7 +3,8 @@
 TTY: shows a banner and a '> ' prompt, streams the reply token by token, Ctrl-C during a reply
 abandons it (history unchanged) and returns to the prompt, Ctrl-D or /quit exits.
 Pipe (non-TTY): one reply per input line (not streamed), no prompts or banners; commands
-/reset and /system are silent, /stats prints one line.
+/reset and /system are silent, /stats prints one line. Either way the lines are one
+conversation (later questions see earlier answers) unless `one_shot` answers each line afresh.
 
 Commands: /reset (clear history), /system TEXT (set the system prompt and reset),
 /stats (turns, tokens used), /quit.
@@ -20,8 +21,10 @@ HELP = "commands: /reset, /system TEXT, /stats, /quit"
 
 
 def run_repl(session: ChatSession, input_stream: TextIO | None = None,
-             output_stream: TextIO | None = None, *, interactive: bool | None = None) -> int:
-    """Runs until EOF or /quit; returns the number of replies produced."""
+             output_stream: TextIO | None = None, *, interactive: bool | None = None,
+             one_shot: bool = False) -> int:
+    """Runs until EOF or /quit; returns the number of replies produced. one_shot: every input
+    line is a new conversation (the history is cleared before each reply)."""
     inp = input_stream or sys.stdin
     out = output_stream or sys.stdout
     if interactive is None:
@@ -71,6 +74,8 @@ def run_repl(session: ChatSession, input_stream: TextIO | None = None,
             streamed.append(delta)
             write(delta)
 
+        if one_shot:
+            session.reset()
         try:  # pipes get the final (guarded) text only: exactly one answer per line
             text = session.reply(line, stream_cb=on_delta if interactive else None)
         except KeyboardInterrupt:
@@ -89,9 +94,11 @@ def run_repl(session: ChatSession, input_stream: TextIO | None = None,
 
 def chat(workdir: str, *, checkpoint: str | int = "latest", system: str | None = None,
          max_new_tokens: int | None = None, temperature: float | None = None,
-         input_stream: TextIO | None = None, output_stream: TextIO | None = None) -> int:
+         one_shot: bool = False, input_stream: TextIO | None = None,
+         output_stream: TextIO | None = None) -> int:
     """`solo chat`: a REPL over a workdir's checkpoint; None keeps the run's config.agent value.
-    Returns the number of replies."""
+    one_shot: each input line is answered in a fresh conversation. Returns the number of
+    replies."""
     from solo.agent.chat import build_session
     from solo.agent.sampler import Sampling
     from solo.train.inference import load
@@ -105,4 +112,5 @@ def chat(workdir: str, *, checkpoint: str | int = "latest", system: str | None =
         overrides["max_new_tokens"] = max_new_tokens
     if temperature is not None:
         overrides["sampling"] = Sampling(temperature, agent.top_k, agent.top_p)
-    return run_repl(build_session(loaded, **overrides), input_stream, output_stream)
+    return run_repl(build_session(loaded, **overrides), input_stream, output_stream,
+                    one_shot=one_shot)

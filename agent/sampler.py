@@ -274,20 +274,22 @@ class Sampler:
                  max_new_tokens: int | Sequence[int] = 64,
                  method=None, seed: int = 0, stop: Sequence[str] = (),
                  stream_cb: Callable[[int, str], None] | None = None, chunk: int = 8,
-                 src=None, stop_ids: Sequence[int] | None = None) -> list[Generation]:
+                 src=None, stop_ids: Sequence[int] | None = None,
+                 prefix: str = "") -> list[Generation]:
         """Generates for a batch of prompts (str -> BOS + tokenizer.encode, or token lists).
 
         Rows end independently at a stop token, a stop string (text cut before it) or their
         max_new_tokens (one budget, or one per row). stream_cb(row, text_delta) is called as
         text becomes final (held back while it could still be the start of a stop string).
-        Without stream_cb and stop strings the whole decode is one jitted call.
+        Without stream_cb and stop strings the whole decode is one jitted call. `prefix` is
+        dropped from the start of each row's text (a chat template's content prefix).
         """
         tok = self.tokenizer
         ids = [([BOS_ID] + tok.encode(p)) if isinstance(p, str) else list(p) for p in prompts]
         if src is not None:
             src = [tok.encode(x) if isinstance(x, str) else list(x) for x in src]
         streaming = bool(stream_cb or [s for s in stop if s])
-        rows = [RowText(tok, m, stop, incremental=streaming)
+        rows = [RowText(tok, m, stop, incremental=streaming, prefix=prefix)
                 for m in _per_row(max_new_tokens, len(ids))]
         stop_rows = np.zeros((len(ids),), bool)
         it = self.iterate(ids, max_new_tokens=max_new_tokens, method=method, seed=seed,

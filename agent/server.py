@@ -7,8 +7,9 @@ in OpenAI's `chat.completion.chunk` format ending with `data: [DONE]`. A client 
 mid-stream cancels its row at the next chunk boundary; the rest of its batch goes on.
 
 Errors are OpenAI-shaped: {"error": {"message", "type": "invalid_request_error", "param",
-"code"}} with status 400 (malformed JSON, unknown fields, bad values, n != 1, prompt + max_tokens
-over the context) or 404.
+"code"}} with status 400 (malformed or too deeply nested JSON, unknown fields, bad values,
+n != 1, prompt + max_tokens over the context), 413 (a body over max_body_bytes, read to its end
+so the connection stays usable) or 404. A client that hangs up mid-request is one warning line.
 """
 
 from __future__ import annotations
@@ -25,34 +26,18 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from solo.agent.chat import CHAT_STOP_IDS
 from solo.agent.guards import Guards
-from solo.agent.sampler import Greedy, Sampler, Sampling
+from solo.agent.requests import MAX_BODY_BYTES, RequestError, error_response, parse, read_body
+from solo.agent.sampler import Greedy, Sampler
 from solo.agent.streaming import RowText
-from solo.data.chat import encode_chat
+from solo.data.chat import CONTENT_PREFIX, encode_chat
 
 log = logging.getLogger("solo.server")
-
-ALLOWED_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
-                  "top_p", "top_k", "stop", "stream", "stream_options", "n", "seed", "user"}
-ROLES = ("system", "user", "assistant")
-
-
-class RequestError(Exception):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
-
-
-def error_response(e: RequestError) -> JSONResponse:
-    return JSONResponse({"error": {"message": e.message, "type": "invalid_request_error",
-                                   "param": e.param, "code": e.code}}, status_code=e.status)
-
 
 class _Job:
     def __init__(self, ids, max_new, sampling, seed, stop, stream, loop, seeded=False):
@@ -141,7 +126,8 @@ class ModelWorker:
     def _generate(self, batch: list[_Job]) -> None:
         tok = self.sampler.tokenizer
         # text is decoded per chunk only where a stream or stop strings need it
-        rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream) for j in batch]
+        rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream,
+                        prefix=CONTENT_PREFIX) for j in batch]
         stop_rows = np.zeros((len(batch),), bool)
         it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
                                   method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,
@@ -179,71 +165,10 @@ class ModelWorker:
                               completion_tokens=len(gen.tokens), guard=d.action))
 
 
-def _parse(body: bytes, sampler: Sampler, defaults: dict) -> dict:
-    try:
-        req = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"malformed JSON body: {e}", code="invalid_json") from None
-    if not isinstance(req, dict):
-        raise RequestError("request body must be a JSON object")
-    unknown = sorted(set(req) - ALLOWED_FIELDS)
-    if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; supported: {sorted(ALLOWED_FIELDS)}",
-                           param=unknown[0], code="unknown_field")
-    msgs = req.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RequestError("'messages' must be a non-empty list", param="messages")
-    messages = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RequestError(f"messages[{i}] needs role in {ROLES}", param=f"messages[{i}]")
-        content = m.get("content", "")
-        if isinstance(content, list):  # OpenAI content parts: text only
-            try:
-                content = "".join(p["text"] for p in content if p.get("type") == "text")
-            except (TypeError, KeyError, AttributeError):
-                raise RequestError(f"messages[{i}].content parts must be text",
-                                   param=f"messages[{i}].content") from None
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string",
-                               param=f"messages[{i}].content")
-        messages.append(dict(role=m["role"], content=content))
-
-    def num(name, typ, lo, hi, default):
-        v = req.get(name)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and v != int(v)):
-            raise RequestError(f"'{name}' must be a number", param=name)
-        if not lo <= v <= hi:
-            raise RequestError(f"'{name}'={v} out of range [{lo}, {hi}]", param=name)
-        return typ(v)
-
-    if num("n", int, 1, 1, 1) != 1:  # pragma: no cover (range check catches it)
-        raise RequestError("only n=1 is supported", param="n")
-    stop = req.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise RequestError("'stop' must be a string or a list of up to 4 strings", param="stop")
-    stream = req.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be a boolean", param="stream")
-    max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in req else "max_tokens"
-    max_tokens = num(name, int, 1, sampler.cache_len, None) if max_tokens is not None else None
-    sampling = Sampling(temperature=num("temperature", float, 0.0, 2.0, defaults["temperature"]),
-                        top_k=num("top_k", int, 0, 1 << 20, defaults["top_k"]),
-                        top_p=num("top_p", float, 1e-6, 1.0, defaults["top_p"]))
-    seed = num("seed", int, -(1 << 63), (1 << 63) - 1, None)
-    return dict(messages=messages, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                stream=stream, seed=seed)
-
-
 def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, chunk: int = 4, max_batch: int = 8,
-             batch_window_s: float = 0.002) -> Starlette:
+             batch_window_s: float = 0.002, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The ASGI app. Defaults (max_new_tokens, temperature, ...) apply when a request omits them
     (normally config.agent's). The worker thread starts here and stops on app shutdown; see
     ModelWorker for max_batch and batch_window_s."""
@@ -259,17 +184,22 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
 
     async def chat_completions(request: Request):
         try:
-            req = _parse(await request.body(), sampler, defaults)
+            req = parse(await read_body(request, max_body_bytes), sampler, defaults)
             ids, _ = encode_chat(sampler.tokenizer, req["messages"], add_generation_prompt=True)
             room = sampler.cache_len - len(ids)
             max_new = req["max_tokens"] or min(max_new_tokens, room)
             if room < 1 or len(ids) + max_new > sampler.cache_len:
+                asked = (f"max_tokens={req['max_tokens']} more" if req["max_tokens"] else
+                         "none left for the reply")
                 raise RequestError(
                     f"this model's maximum context length is {sampler.cache_len} tokens; the "
-                    f"messages use {len(ids)} tokens and max_tokens={max_new}",
-                    param="messages", code="context_length_exceeded")
+                    f"messages use {len(ids)} tokens, {asked}", param="messages",
+                    code="context_length_exceeded")
         except RequestError as e:
             return error_response(e)
+        except ClientDisconnect:  # the client went away while sending: nobody to answer
+            log.warning("client disconnected before its request was complete")
+            return Response(status_code=499)
         d = guards.check_messages(req["messages"])
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

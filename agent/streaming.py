@@ -25,15 +25,17 @@ class RowText:
     """Accumulates a row's sampled ids and decides when it is finished.
 
     A row ends at a stop token (excluded), at `max_new` tokens, or at the first stop string
-    (text cut before it). With `incremental` the text is decoded after every chunk and `feed`
+    (text cut before it). `prefix` (a chat template's content prefix) is dropped from the start
+    of the text. With `incremental` the text is decoded after every chunk and `feed`
     returns the part that is final: text that could still be the start of a stop string, or a
     partial UTF-8 character, is held back until the next chunk decides it. Without it (no
     streaming, no stop strings) the text is decoded once, in `close`.
     """
 
     def __init__(self, tokenizer, max_new: int, stop: Sequence[str] = (),
-                 prompt_tokens: int = 0, *, incremental: bool = True):
+                 prompt_tokens: int = 0, *, incremental: bool = True, prefix: str = ""):
         self.tokenizer, self.max_new, self.prompt_tokens = tokenizer, int(max_new), prompt_tokens
+        self.prefix = prefix  # dropped from the start of the text (a chat template's)
         self.stop = [s for s in stop if s]
         if (self.stop or incremental) and tokenizer is None:
             raise ValueError("stop strings and streaming need a tokenizer")
@@ -58,7 +60,7 @@ class RowText:
                 break
         if not self.incremental:
             return ""
-        text = self.tokenizer.decode(self.tokens)
+        text = self._decode()
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:
             text, self.finish = text[:cut], "stop"
@@ -70,6 +72,12 @@ class RowText:
             return ""
         delta, self.emitted = text[self.emitted:safe], safe
         return delta
+
+    def _decode(self) -> str:
+        text = self.tokenizer.decode(self.tokens)
+        if self.prefix and (text.startswith(self.prefix) or self.prefix.startswith(text)):
+            text = text[len(self.prefix):]  # ("" while the text could still be the prefix)
+        return text
 
     def _stop_prefix(self, text: str) -> int:
         """Length of the longest end of text that is a proper prefix of a stop string."""
@@ -83,6 +91,6 @@ class RowText:
         `feed` has not returned yet."""
         self.finish = self.finish or reason
         if not self.incremental:
-            self.text = self.tokenizer.decode(self.tokens) if self.tokenizer else ""
+            self.text = self._decode() if self.tokenizer else ""
         rest, self.emitted = self.text[self.emitted:], len(self.text)
         return Generation(self.tokens, self.text, self.finish, self.prompt_tokens), rest

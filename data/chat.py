@@ -1,8 +1,12 @@
 """Chat template shared by the SFT pipeline and the agent.
 
-Sequence = [BOS] + turn_1 + turn_2 + ..., each turn = [ROLE_ID] + tok.encode(content) + [EOT_ID].
-Loss weights are 1 exactly on assistant content tokens and their EOT (what the model must emit).
-Content always goes through `tok.encode`: typed text such as '<|user|>' never becomes a control id.
+Sequence = [BOS] + turn_1 + turn_2 + ..., each turn = [ROLE_ID] + tok.encode(" " + content) +
+[EOT_ID]. The space before the content (CONTENT_PREFIX) plays sentencepiece's dummy prefix: solo's
+tokenizers have none, so a reply's first word gets the word-initial pieces it has in running text
+(" Florence", as the biographies spell it); decoding removes it again, so a reply reads
+"Florence". Loss weights are 1 exactly on assistant content tokens and their EOT (what the model
+must emit). Content always goes through `tok.encode`: typed text such as '<|user|>' never becomes
+a control id.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from solo.data.tokenizer import (
 )
 
 Message = dict  # {'role': 'system'|'user'|'assistant', 'content': str}
+CONTENT_PREFIX = " "
 ROLE_IDS = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
 ID_ROLES = {v: k for k, v in ROLE_IDS.items()}
 
@@ -44,7 +49,7 @@ def encode_chat(
             raise ValueError(f"unknown chat role {role!r}; valid roles: {tuple(ROLE_IDS)}")
         if not isinstance(content, str):
             raise TypeError(f"message content must be str, got {type(content).__name__}")
-        body = list(tok.encode(content)) + [EOT_ID]
+        body = list(tok.encode(CONTENT_PREFIX + content)) + [EOT_ID]
         w = 1.0 if role == "assistant" else 0.0
         ids += [ROLE_IDS[role]] + body
         weights += [0.0] + [w] * len(body)
@@ -77,9 +82,14 @@ def split_turns(ids: Sequence[int]) -> list[tuple[str, list[int], bool]]:
     return turns
 
 
+def content_text(text: str) -> str:
+    """A turn's decoded text without the template's CONTENT_PREFIX."""
+    return text.removeprefix(CONTENT_PREFIX)
+
+
 def decode_chat(tok: _Tok, ids: Sequence[int]) -> list[Message]:
     """Inverse of encode_chat for the turns present in `ids`."""
-    return [message(role, tok.decode(body)) for role, body, _ in split_turns(ids)]
+    return [message(role, content_text(tok.decode(body))) for role, body, _ in split_turns(ids)]
 
 
 def truncate_reply(ids: Sequence[int]) -> list[int]:
@@ -94,7 +104,7 @@ def truncate_reply(ids: Sequence[int]) -> list[int]:
 
 def decode_reply(tok: _Tok, ids: Sequence[int]) -> str:
     """Text of a sampled assistant reply: stops at the first EOT/EOS/role id."""
-    return tok.decode(truncate_reply(ids))
+    return content_text(tok.decode(truncate_reply(ids)))
 
 
 def render(messages: Sequence[Message]) -> str:

@@ -11,7 +11,6 @@ state, so restoring it reproduces the following batches exactly.
 from __future__ import annotations
 
 import os
-import shutil
 
 import grain
 import numpy as np
@@ -43,15 +42,12 @@ def build_tokenizer(d: DataConfig, workdir: str):
     if tc.path:
         if not os.path.exists(tc.path):
             raise FileNotFoundError(f"config.data.tokenizer.path {tc.path!r} does not exist")
-        shutil.copyfile(tc.path, target)
+        Tokenizer.load(tc.path).save(target)  # loaded first: a damaged file is not copied
         return Tokenizer.load(target)
     texts = [t for comp in sources.load_records(d, "train") for r in comp
              for t in sources.record_texts(r)]
-    tok = Tokenizer.train(texts, os.path.join(workdir, "tokenizer"), kind=tc.kind,
-                          vocab_size=tc.vocab_size, sample_size=tc.sample_size)
-    if not os.path.exists(target):
-        shutil.copyfile(tok.path, target)
-    return Tokenizer.load(target)
+    return Tokenizer.train(texts, os.path.join(workdir, "tokenizer"), kind=tc.kind,
+                           vocab_size=tc.vocab_size, sample_size=tc.sample_size)
 
 
 # ----------------------------------------------------------------------------- prepared splits

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from solo.files import write_atomic
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK_ID, SEP_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, EOT_ID = 4, 5, 6, 7, 8, 9
 SPECIAL_IDS = (
@@ -74,6 +76,10 @@ def _training_lines(texts: Iterable[str]) -> Iterator[str]:
                     yield chunk
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names it and the fix."""
+
+
 class Tokenizer:
     """Thin wrapper around a SentencePieceProcessor; picklable (for data-loader workers)."""
 
@@ -85,10 +91,14 @@ class Tokenizer:
         self.path = path
         self.settings = dict(settings or {})
         self.kind = self.settings.get("kind")
+        if self._sp.get_piece_size() < len(SPECIAL_PIECES):
+            raise TokenizerError(f"tokenizer {path}: {self._sp.get_piece_size()} pieces, fewer "
+                                 f"than solo's {len(SPECIAL_PIECES)} special ones")
         for i, piece in enumerate(SPECIAL_PIECES):
             got = self._sp.id_to_piece(i)
             if got != piece:
-                raise ValueError(f"tokenizer {path!r}: id {i} is {got!r}, expected {piece!r}")
+                raise TokenizerError(f"tokenizer {path!r}: id {i} is {got!r}, expected "
+                                     f"{piece!r}")
 
     # --- training / io -------------------------------------------------------------------------
 
@@ -151,32 +161,36 @@ class Tokenizer:
         path = model_prefix + ".model"
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(writer.getvalue())
         tok = cls(writer.getvalue(), path=path, settings=settings)
         tok.settings["actual_vocab_size"] = tok.vocab_size
-        with open(model_prefix + ".json", "w") as f:
-            json.dump(tok.settings, f, indent=2)
+        tok.save(path)
         return tok
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        """Loads `<prefix>.model` (and `<prefix>.json` settings when present)."""
+        """Loads `<prefix>.model` (and `<prefix>.json` settings when present). A damaged file
+        (truncated, emptied, not a sentencepiece model) is a TokenizerError naming it."""
         with open(path, "rb") as f:
             proto = f.read()
         settings = {}
         json_path = os.path.splitext(path)[0] + ".json"
-        if os.path.exists(json_path):
-            with open(json_path) as f:
-                settings = json.load(f)
-        return cls(proto, path=path, settings=settings)
+        try:
+            if os.path.exists(json_path):
+                with open(json_path) as f:
+                    settings = json.load(f)
+            return cls(proto, path=path, settings=settings)
+        except (RuntimeError, IndexError, ValueError, TypeError) as e:
+            if isinstance(e, TokenizerError):
+                raise
+            raise TokenizerError(
+                f"tokenizer {path} is damaged ({type(e).__name__}: {str(e)[:120]}); copy it "
+                "back from the run or file it came from (a workdir's tokenizer must stay the "
+                "one its checkpoints were trained with)") from None
 
     def save(self, path: str) -> str:
-        """Writes the .model (and the .json settings beside it); returns the path."""
-        with open(path, "wb") as f:
-            f.write(self._proto)
-        with open(os.path.splitext(path)[0] + ".json", "w") as f:
-            json.dump(self.settings, f, indent=2)
+        """Writes the .model and its .json settings beside it, each atomically; returns path."""
+        write_atomic(path, self._proto)
+        write_atomic(os.path.splitext(path)[0] + ".json", json.dumps(self.settings, indent=2))
         return path
 
     @property

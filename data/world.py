@@ -19,6 +19,7 @@ import inspect
 import random
 
 from solo.data.world_text import (  # noqa: F401  (re-exported: the world's vocabulary)
+    ABSTAIN,
     ATTRIBUTES,
     BIO_TEMPLATES,
     CITIES,
@@ -30,6 +31,7 @@ from solo.data.world_text import (  # noqa: F401  (re-exported: the world's voca
     MAJORS,
     MIX_QA,
     MONTHS,
+    OFF_WORLD_QUESTIONS,
     QUESTION_TEMPLATES,
     UNIVERSITIES,
     VALIDATION_DOC_FRAC,
@@ -52,13 +54,15 @@ class World:
     # documents 'train' also hold the train people's questions and answers ("mixed training"):
     # '' no, 'text' as 'question answer' texts, 'chat' as chat records in the SFT template.
     mix_qa: str = ""
-    # Prepended to chat answers (the 'answer' field stays bare): " " makes a BPE without dummy
-    # prefix give the answer the same word-initial pieces as in bios and mixed QA texts.
-    answer_prefix: str = ""
     # > 1: the train split's chats also hold conversations of this many turns about one person
     # (the single-turn chats stay): a reply then ends at its own end-of-turn in a multi-turn
     # context instead of running on.
     chat_turns: int = 1
+    # Names of people who are NOT in the world (no biography): their questions, and questions
+    # outside the world's facts, are answered ABSTAIN. Half are held out (validation + test).
+    unknown: tuple[str, ...] = ()
+    unknown_heldout: frozenset[str] = frozenset()
+    unknown_test: frozenset[str] = frozenset()
 
     @classmethod
     def generate(
@@ -69,16 +73,17 @@ class World:
         bios_per_person: int = 5,
         full_name_frac: float = 0.5,
         mix_qa: str = "",
-        answer_prefix: str = "",
         chat_turns: int = 1,
+        unknown_people: int = 0,
     ) -> World:
         cls.check_options(num_people=num_people, heldout_frac=heldout_frac,
                           bios_per_person=bios_per_person, full_name_frac=full_name_frac,
-                          mix_qa=mix_qa, chat_turns=chat_turns)
+                          mix_qa=mix_qa, chat_turns=chat_turns, unknown_people=unknown_people)
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
         rng = random.Random(f"world:{seed}:people")
         people = []
-        for k in rng.sample(range(max_people), num_people):
+        chosen = rng.sample(range(max_people), num_people)
+        for k in chosen:
             first, last = FIRST_NAMES[k // len(LAST_NAMES)], LAST_NAMES[k % len(LAST_NAMES)]
             attrs = {
                 "birth_date": f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, "
@@ -92,6 +97,14 @@ class World:
             people.append(Person(first, last, attrs))
         n_held = round(heldout_frac * num_people)
         held = random.Random(f"world:{seed}:heldout").sample(people, n_held)
+        # people who do not exist: other name pairs (a separate draw: the world itself is the
+        # same with or without them)
+        taken = set(chosen)
+        unknown_rng = random.Random(f"world:{seed}:unknown")
+        unknown = [FIRST_NAMES[k // len(LAST_NAMES)] + " " + LAST_NAMES[k % len(LAST_NAMES)]
+                   for k in unknown_rng.sample([k for k in range(max_people) if k not in taken],
+                                               unknown_people)]
+        u_held = unknown[: unknown_people // 2]  # half held out: enough to measure abstention
         return cls(
             seed=seed,
             people=tuple(people),
@@ -100,17 +113,23 @@ class World:
             bios_per_person=bios_per_person,
             full_name_frac=full_name_frac,
             mix_qa=mix_qa,
-            answer_prefix=answer_prefix,
             chat_turns=chat_turns,
+            unknown=tuple(unknown),
+            unknown_heldout=frozenset(u_held),
+            unknown_test=frozenset(u_held[(len(u_held) + 1) // 2:]),
         )
 
     @staticmethod
     def check_options(*, num_people: int, heldout_frac: float, bios_per_person: int,
-                      full_name_frac: float, mix_qa: str, chat_turns: int) -> None:
+                      full_name_frac: float, mix_qa: str, chat_turns: int,
+                      unknown_people: int) -> None:
         """ValueError naming the first invalid option (generate's own checks, run early)."""
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
         if not 0 < num_people <= max_people:
             raise ValueError(f"num_people must be in [1, {max_people}], got {num_people}")
+        if not 0 <= unknown_people <= max_people - num_people:
+            raise ValueError(f"unknown_people must be in [0, {max_people - num_people}] (names "
+                             f"left after num_people), got {unknown_people}")
         if not 0.0 <= heldout_frac < 1.0:
             raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
         if bios_per_person < 1:
@@ -150,7 +169,7 @@ class World:
             if not isinstance(v, kind) or isinstance(v, bool) != (kind is bool):
                 raise ValueError(f"world option {k}={v!r} must be {kind.__name__}")
             out[k] = v
-        cls.check_options(**{k: v for k, v in out.items() if k != "seed" and k != "answer_prefix"})
+        cls.check_options(**{k: v for k, v in out.items() if k != "seed"})
         return out
 
     # --- people and splits ---------------------------------------------------------------------
@@ -173,6 +192,29 @@ class World:
         if split == "test":
             return [p for p in self.people if p.name in self.test_people]
         raise ValueError(f"unknown split {split!r}; valid: 'train', 'validation', 'test'")
+
+    def split_unknown(self, split: str) -> list[str]:
+        """Names of people who do not exist, split like the people."""
+        if split == "train":
+            return [n for n in self.unknown if n not in self.unknown_heldout]
+        if split == "validation":
+            return [n for n in self.unknown if n in self.unknown_heldout
+                    and n not in self.unknown_test]
+        return [n for n in self.unknown if n in self.unknown_test]
+
+    def unknown_qa(self, split: str) -> list[tuple[str, str, str]]:
+        """(name, attribute, question) that no fact answers: one question per attribute about
+        each non-existent person of the split, then the split's off-world questions (name and
+        attribute ''); empty without unknown_people."""
+        if not self.unknown:
+            return []
+        rows = []
+        for name in self.split_unknown(split):
+            rng = random.Random(f"world:{self.seed}:unknownq:{name}")
+            for a in ATTRIBUTES:
+                t = rng.randrange(len(QUESTION_TEMPLATES[a]))
+                rows.append((name, a, QUESTION_TEMPLATES[a][t].format(name=name)))
+        return rows + [("", "", q) for q in OFF_WORLD_QUESTIONS[split]]
 
     # --- text ----------------------------------------------------------------------------------
 
@@ -261,6 +303,7 @@ class World:
                     dict(text=qa_text(q, ans))
                     for _, _, q, ans in self.qa(self.split_people("train"))
                 ]
+                docs += [dict(text=qa_text(q, ABSTAIN)) for _, _, q in self.unknown_qa("train")]
             elif self.mix_qa == "chat":  # the SFT chats themselves, as LM documents
                 docs += [dict(messages=r["messages"]) for r in self._chats("train")]
             return docs
@@ -289,10 +332,12 @@ class World:
     def _chats(self, split: str, system: str | None = None) -> list[dict]:
         head = [dict(role="system", content=system)] if system else []
         turn = lambda q, ans: [dict(role="user", content=q),
-                               dict(role="assistant", content=self.answer_prefix + ans)]
+                               dict(role="assistant", content=ans)]
         qa = self.qa(self.split_people(split))
         rows = [dict(messages=head + turn(q, ans), person=p.name, attribute=a, question=q,
-                     answer=ans) for p, a, q, ans in qa]
+                     answer=ans, known=True) for p, a, q, ans in qa]
+        rows += [dict(messages=head + turn(q, ABSTAIN), person=name, attribute=a, question=q,
+                      answer=ABSTAIN, known=False) for name, a, q in self.unknown_qa(split)]
         if split == "train" and self.chat_turns > 1:  # + conversations: shuffled QAs, in groups
             by_person: dict[str, list] = {}
             for row in qa:
@@ -304,7 +349,7 @@ class World:
                     msgs = head + [m for _, _, q, ans in group for m in turn(q, ans)]
                     rows.append(dict(messages=msgs, person=name,
                                      attribute=",".join(a for _, a, _, _ in group),
-                                     question=group[0][2], answer=group[0][3]))
+                                     question=group[0][2], answer=group[0][3], known=True))
         return rows
 
     def _seq2seq(self, split: str) -> list[dict]:
@@ -318,5 +363,7 @@ class World:
         """All text worth training a tokenizer on: bios, questions, answers (newline-separated)."""
         parts = [b["text"] for b in self.biographies()]
         parts += [f"{q}\n{ans}" for _, _, q, ans in self.qa(list(self.people))]
+        parts += [f"{q}\n{ABSTAIN}" for s in ("train", "validation", "test")
+                  for _, _, q in self.unknown_qa(s)]
         parts += [DEFAULT_SYSTEM]
         return "\n".join(parts)

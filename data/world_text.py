@@ -154,6 +154,18 @@ QUESTION_TEMPLATES: Mapping[str, tuple[str, ...]] = {
     ),
 }
 DEFAULT_SYSTEM = "Answer the question about the person with the exact fact."
+# The honest answer to a question no fact of the world answers (World(unknown_people > 0)).
+ABSTAIN = "I don't know."
+# Questions outside the world's facts, answered with ABSTAIN; each split has its own.
+OFF_WORLD_QUESTIONS = {
+    "train": ("What is 2+2?", "Hello", "What is the capital of France?", "Who wrote Hamlet?",
+              "How are you today?", "Tell me a joke.", "What time is it?",
+              "Who won the last world cup?", "What is the speed of light?", "Good morning!"),
+    "validation": ("What is 7 times 6?", "Hi there", "Who painted the Mona Lisa?",
+                   "What is the tallest mountain?", "Can you help me?"),
+    "test": ("What is 3+5?", "Hey", "What is the capital of Japan?", "Who discovered gravity?",
+             "How far away is the moon?", "What is your favourite colour?"),
+}
 VALIDATION_DOC_FRAC = 0.05
 
 

@@ -70,7 +70,6 @@ def get_config() -> ConfigDict:
             # synthetic:world (data/world.py); full_name_frac: share of bio sentences naming the
             # person in full; mix_qa: train people's QAs join the 'documents' train split
             # ('' no | 'text' as 'question answer' | 'chat' as chat-template records);
-            # answer_prefix: prepended to chat answers (" ": same pieces as mid-sentence words).
             world=ConfigDict(
                 dict(
                     seed=0,
@@ -79,8 +78,10 @@ def get_config() -> ConfigDict:
                     bios_per_person=5,
                     full_name_frac=0.5,
                     mix_qa="",
-                    answer_prefix="",
                     chat_turns=1,  # > 1: train chats also hold conversations of that many turns
+                    # > 0: that many people who do NOT exist; questions about them (and a few
+                    # off-world ones) are answered "I don't know." (chats, mixed QA)
+                    unknown_people=0,
                 )
             ),
         )
@@ -123,6 +124,9 @@ def get_config() -> ConfigDict:
             ckpt_every=250,
             keep=3,
             keep_best=True,
+            # divergence guard: a step with a non-finite loss or gradient norm stops the run
+            # (never checkpointed); N > 0 instead skips up to N such steps (no update)
+            max_skipped_steps=0,
             parallel="jit",  # jit | pmap
             xla_defaults=False,  # True: XLA:CPU fusions as jaxlib ships them (compile_options.py)
             mesh=ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # -1: all remaining devices

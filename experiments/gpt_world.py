@@ -24,12 +24,11 @@ def get_config():
     c.model.update(d_model=128, num_layers=2, num_heads=4, d_ff=512, max_len=128)
     c.data.update(task="lm", seq_len=128, batch_size=16)
     c.data.tokenizer.vocab_size = 1024
-    # Answers start with a space: the tokenizer has no dummy prefix, so " Vienna" gets the pieces
-    # the biographies taught ("Vienna" would be spelled with other, unseen pieces).
     # chat_turns=3: the mixed chats include 3-turn conversations, so replies end at their own
-    # end-of-turn deep in a multi-turn chat too.
+    # end-of-turn deep in a multi-turn chat too. (The chat template puts a space before every
+    # turn's text, so an answer's " Vienna" gets the pieces the biographies taught.)
     c.data.world.update(num_people=100, bios_per_person=5, full_name_frac=1.0, mix_qa="chat",
-                        answer_prefix=" ", chat_turns=3)
+                        chat_turns=3)
     c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
     c.train.update(steps=4000, log_every=100, eval_every=2000, ckpt_every=2000)
     return c

@@ -8,15 +8,19 @@
   chat     solo.agent.repl.chat(workdir, ...)
   serve    solo.agent.server.serve(workdir, ...)
 
-Expected failures (a bad config, a missing file, an unusable workdir) print one line and exit 2;
-SOLO_DEBUG=1 shows the traceback.
+Exit codes: 0 done; 2 an expected failure (a bad config or input, a missing or damaged file, an
+unusable workdir, no restorable checkpoint, a full disk or another OS error), printed as one line
+(SOLO_DEBUG=1 adds the traceback); 3 training diverged (a non-finite loss; nothing non-finite was
+saved); 128 + N stopped by signal N after checkpointing (143 for SIGTERM, 130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -94,7 +98,8 @@ def _chat(args: argparse.Namespace) -> int:
     from solo.agent.repl import chat
 
     chat(args.workdir, checkpoint=args.checkpoint, system=args.system,
-         max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+         one_shot=args.one_shot)
     return 0
 
 
@@ -173,12 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "chat",
         help="chat with a trained model in a REPL (reads pipes too)",
-        description="Multi-turn chat. Commands: /reset, /system TEXT, /stats, /quit.",
+        description="Multi-turn chat. Commands: /reset, /system TEXT, /stats, /quit. Lines "
+        "piped in are one conversation, like a typed session, unless --one-shot.",
     )
     p.add_argument("workdir")
     p.add_argument("--system", default=None, help="system prompt (default: the experiment's)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--one-shot", action="store_true",
+                   help="answer each input line in a fresh conversation (no history)")
     _checkpoint_arg(p)
     p.set_defaults(fn=_chat)
 
@@ -197,6 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_arg(p)
     p.set_defaults(fn=_serve)
     return parser
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed checkpoint read, tensorstore keeps completing the reads it had started and
+    hands each result to the asyncio loop Orbax ran them on, which is closed by then: every one
+    prints a 'RuntimeError: Event loop is closed' traceback as an unraisable exception (dozens,
+    some during interpreter exit). They are noise after a recovery solo already reported, so the
+    command drops exactly those; every other unraisable exception is printed as usual."""
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+
+
+class _OrbaxBackgroundFailures(logging.Filter):
+    """Orbax reports a failed background save (a full disk, say) with a traceback from every
+    thread it ran in, then raises the same error in the caller, where the command prints it as
+    one line: the background reports are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info
+                    and "/orbax/" in record.pathname.replace("\\", "/"))
+
+
+def _one_line(e: BaseException, workdir: str = "") -> str:
+    """An expected failure as one line; a full disk names where and what to do."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        where = (getattr(e, "filename", None) or next(iter(re.findall(r'"(/[^"]+)"', text)), "")
+                 or workdir or "the workdir")
+        return (f"no space left on device (writing {where}); free some space and run the same "
+                "command again: a training run resumes from its last complete checkpoint")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,18 +264,27 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings drown the progress line
+    if not os.environ.get("SOLO_DEBUG"):
+        _quiet_closed_loop_callbacks()
+        absl_logging.get_absl_logger().addFilter(_OrbaxBackgroundFailures())
+    from solo.train.loop import Diverged
     from solo.train.preemption import Stopped
 
     try:
         return args.fn(args)
-    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+    except (OSError, ValueError) as e:
         # Errors raised at the edges carry a complete message: one line, no traceback (ConfigError,
-        # WorkdirError, SourceError, ... are ValueErrors). A ValueError from deep inside a library
-        # gets the same treatment: SOLO_DEBUG=1 shows the traceback.
+        # WorkdirError, SourceError, ... are ValueErrors; a full disk or a permission is an
+        # OSError). One from deep inside a library gets the same treatment: SOLO_DEBUG=1 shows
+        # the traceback.
         if os.environ.get("SOLO_DEBUG"):
             raise
-        print(f"solo {args.command}: error: {e} (SOLO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"solo {args.command}: error: {_one_line(e, getattr(args, 'workdir', ''))} "
+              "(SOLO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"solo {args.command}: {e}", file=sys.stderr)
+        return 3
     except Stopped as e:  # SIGTERM / Ctrl-C during `solo train`: checkpointed, resumable
         print(f"solo {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum

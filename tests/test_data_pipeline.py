@@ -1,6 +1,7 @@
 """Pipelines: packing, MLM/NSP statistics, SFT weights, sharding, exact resume, eval exactness."""
 
 import collections
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,7 @@ import pytest
 
 from solo.data import pipeline as P
 from solo.data import transforms as T
+from solo.data.config import DataConfig
 from solo.data.sources import load_records
 from solo.data.tokenizer import (
     ASSISTANT_ID,
@@ -28,14 +30,15 @@ SHAKESPEARE = os.path.join(
 )
 
 
-def make_config(task="lm", **data):
-    """experiments/base.py's config with a tiny world and tokenizer; `data` overrides data.*."""
+def make_config(task="lm", **data) -> DataConfig:
+    """The typed data section of experiments/base.py's config with a tiny world and tokenizer;
+    `data` overrides data.* (nested sections such as tokenizer/world are merged key by key)."""
     c = base.get_config()
     c.data.update(dict(task=task, seq_len=64, src_seq_len=48, batch_size=8, eval_batch_size=8,
                        tokenizer=dict(vocab_size=400, sample_size=100_000),
                        world=dict(num_people=16, bios_per_person=2)))
     c.data.update(data)
-    return c
+    return DataConfig.from_config(c)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +50,27 @@ def take(it, n):
     return [next(it) for _ in range(n)]
 
 
+ALPHA = 1e-6  # false-failure probability of each statistical check below
+
+
+def assert_binomial(k, n, p):
+    """k hits in n independent draws of probability p: a two-sided exact binomial test, which
+    a correct sampler fails with probability ALPHA."""
+    from scipy.stats import binomtest
+
+    assert binomtest(int(k), int(n), p).pvalue > ALPHA, (int(k), int(n), p)
+
+
 def test_build_tokenizer_reused_from_workdir(tmp_path):
     c = make_config()
     t1 = P.build_tokenizer(c, str(tmp_path))
     path = tmp_path / "tokenizer.model"
     before = path.stat().st_mtime_ns
-    c.data.tokenizer.vocab_size = 350  # ignored on resume: the saved model wins
+    # ignored on resume: the saved model wins
+    c = c.replace(tokenizer=dataclasses.replace(c.tokenizer, vocab_size=350))
     t2 = P.build_tokenizer(c, str(tmp_path))
     assert path.stat().st_mtime_ns == before and t2.vocab_size == t1.vocab_size
-    c.data.tokenizer.path = str(path)
+    c = c.replace(tokenizer=dataclasses.replace(c.tokenizer, path=str(path)))
     t3 = P.build_tokenizer(c, str(tmp_path / "other"))
     assert t3.encode("Alice was born") == t1.encode("Alice was born")
 
@@ -112,7 +127,8 @@ def test_lm_packing_keeps_documents_and_all_tokens(tok, pack):
             assert (y[r][m][:-1] == x[r][m][1:]).all()  # next token of the same document
             piece = ",".join(map(str, [*x[r][m].tolist(), int(y[r][m][-1])]))
             assert any(piece in d for d in doc_strings)  # a contiguous piece of one document
-    assert P.packing_efficiency(c, tok) == pytest.approx((seg > 0).mean())
+    # exact: both are the integer count of real slots over the count of all, divided once
+    assert P.packing_efficiency(c, tok) == (seg > 0).mean()
     assert P.packing_efficiency(c, tok) > 0.9
 
 
@@ -131,16 +147,20 @@ def test_mlm_statistics(tok):
     assert not (w & special).any()
     assert (b["tokens"][special] == orig[special]).all()
     eligible = (~special).sum()
-    assert abs(w.sum() / eligible - 0.15) < 0.02
+    assert_binomial(w.sum(), eligible, c.mlm_rate)
     masked = (b["tokens"] == MASK_ID) & w
     kept = (b["tokens"] == orig) & w
     rand = w & ~masked & ~kept
-    assert abs(masked.sum() / w.sum() - 0.8) < 0.04
-    assert abs(kept.sum() / w.sum() - 0.1) < 0.035 and abs(rand.sum() / w.sum() - 0.1) < 0.035
+    assert_binomial(masked.sum(), w.sum(), 0.8)
+    # a random replacement draws the original token again with probability 1 / (non-special ids)
+    same = 1 / (tok.vocab_size - len(SPECIAL_IDS))
+    assert_binomial(kept.sum(), w.sum(), 0.1 + 0.1 * same)
+    assert_binomial(rand.sum(), w.sum(), 0.1 * (1 - same))
     assert not np.isin(b["tokens"][rand], SPECIAL_IDS).any()
     # The training stream masks too, and differently per index.
     t = next(P.make_train_iterator(c, tok))
-    assert 0.05 < t["mlm_weights"][t["segment_ids"] > 0].mean() < 0.3
+    t_special = np.isin(unmasked(t), SPECIAL_IDS)  # padding is special too
+    assert_binomial((t["mlm_weights"] > 0).sum(), (~t_special).sum(), c.mlm_rate)
 
 
 def test_sentence_splitter():
@@ -194,7 +214,7 @@ def test_nsp_pairs(tok):
             if labels[-1] == 1:
                 assert (a, bb) in consecutive
     assert len(labels) > 100 and n_multi > 5  # multi-sentence segments do occur
-    assert abs(np.mean(labels) - 0.5) < 0.1
+    assert_binomial(sum(labels), len(labels), 0.5)  # B is the true next with probability 1/2
 
 
 def test_nsp_same_doc_negatives(tok):
@@ -228,7 +248,7 @@ def test_sft_weights_cover_exactly_assistant_tokens(tok):
     records = load_records(c, "train")[0]
     rows = P.prepare_split(c, tok, "train")[0].rows
     expected_total = sum(
-        len(tok.encode(m["content"])) + 1
+        len(tok.encode(" " + m["content"])) + 1  # the template spaces each turn's text
         for r in records
         for m in r["messages"]
         if m["role"] == "assistant"
@@ -376,11 +396,11 @@ def test_lm_task_keeps_the_chat_template_of_mixed_chat_records(tmp_path):
     from solo.data.world import World
 
     c = make_config("lm", pack="first_fit")
-    c.data.world.update(dict(mix_qa="chat"))
+    c = c.replace(world={**c.world, "mix_qa": "chat"})
     tok = P.build_tokenizer(c, str(tmp_path))
     rows = P.prepare_split(c, tok, "train")[0].rows
     tokens = rows["tokens"][rows["segment_ids"] > 0]
-    world = World.from_config(c.data.world)
+    world = World.from_config(c.world)
     n_chats = len(world.records("chats", "train"))
     assert (tokens == USER_ID).sum() == n_chats and (tokens == ASSISTANT_ID).sum() == n_chats
     assert (rows["targets"] == EOT_ID).sum() == 2 * n_chats  # user and assistant turns end

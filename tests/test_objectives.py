@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from solo.data.masking import mask_tokens
+from solo.experiments.base import get_config
 from solo.objectives import (
     OBJECTIVES,
     active_objectives,
@@ -26,6 +27,58 @@ from solo.objectives import (
 )
 
 B, L, V, E = 3, 5, 11, 8
+
+# Tolerances: float32 rounds each operation by <= eps/2 (eps = 2**-23), a sum of n terms errs by
+# <= n eps of the sum of its absolute terms (Higham, Accuracy and Stability of Numerical
+# Algorithms, 4.2), and XLA's exp/log/rsqrt are within a few ulp (<= 2 eps). The references are
+# float64 loops over the same float32 inputs. A real bug (a wrong normalisation or mask, a missing
+# negative) moves a loss by >= 1/(tokens or rows) of it, far above these bounds.
+F32_EPS = float(np.finfo(np.float32).eps)
+ALPHA = 1e-6  # false-failure probability of each statistical check below
+
+
+def token_atol(logits, weights):
+    """Bound on |float32 - exact| of one token's CE = logsumexp(x) - x_target (or of its
+    logsumexp): x - max rounds by <= S eps (S = max |x| over weighted tokens), a relative error
+    of its exp; exp and log add <= 2 eps each, the V-term sum of exps V eps, adding the max back
+    and subtracting x_target <= (S + log V) eps: <= (V + 3 S + 3 log V + 4) eps."""
+    x, w = np.asarray(logits, np.float64), np.asarray(weights)
+    s, v = np.abs(x[w > 0]).max(), x.shape[-1]
+    return (v + 3 * s + 3 * np.log(v) + 4) * F32_EPS
+
+
+def ce_atol(logits, weights, total):
+    """Bound on |float32 sum_t w_t CE_t - exact| (`total`: the exact sum): each token's bound
+    (token_atol), and the weighted sum of n terms >= 0 adds (n + 1) eps of the total."""
+    w = np.asarray(weights, np.float64)
+    return w.sum() * token_atol(logits, w) + (w.size + 1) * F32_EPS * total
+
+
+def logit_atol(scale, e):
+    """Bound on |float32 - exact| of an InfoNCE logit from float32 embeddings of dim e:
+    normalising (an e-term sum of squares, rsqrt, a product) errs by <= (e + 4) eps, so a cosine
+    (an e-term dot of unit vectors) by <= (3 e + 9) eps, and the logit is scale * cosine."""
+    return (3 * e + 9) * F32_EPS * scale
+
+
+def row_atol(scale, e, n):
+    """Bound on |float32 - exact| of one row's InfoNCE CE over n keys: it moves by <= 2
+    logit_atol through its inputs, plus its own rounding (token_atol with S = scale, V = n)."""
+    return 2 * logit_atol(scale, e) + (n + 3 * scale + 3 * np.log(n) + 4) * F32_EPS
+
+
+def infonce_atol(scale, e, n, loss):
+    """Bound on |float32 - exact| of the InfoNCE loss over n rows (and n keys), `loss` its exact
+    value: each row's row_atol, and the mean of n terms >= 0 adds (n + 2) eps."""
+    return row_atol(scale, e, n) + (n + 2) * F32_EPS * loss
+
+
+def assert_binomial(k, n, p):
+    """k hits in n independent draws of probability p: a two-sided exact binomial test, which
+    a correct sampler fails with probability ALPHA."""
+    from scipy.stats import binomtest
+
+    assert binomtest(int(k), int(n), p).pvalue > ALPHA, (int(k), int(n), p)
 
 
 def np_log_softmax(x):
@@ -50,13 +103,15 @@ def np_token_ce(logits, targets, weights):
 
 
 def np_infonce(a, b, scale, groups=None):
-    """Mean over rows of 0.5 * (CE a->b + CE b->a), and mean top-1 retrieval accuracy; with
-    groups, row i's candidates are itself and every row of another group (or group -1)."""
+    """Mean over rows of 0.5 * (CE a->b + CE b->a), mean top-1 retrieval accuracy, and the
+    smallest gap between a row's two largest logits (in float64); with groups, row i's
+    candidates are itself and every row of another group (or group -1)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     a = a / np.linalg.norm(a, axis=-1, keepdims=True)
     b = b / np.linalg.norm(b, axis=-1, keepdims=True)
     n = a.shape[0]
     groups = [-1] * n if groups is None else list(groups)
-    losses, hits = [], []
+    losses, hits, gap = [], [], np.inf
     for i in range(n):
         cand = [j for j in range(n) if j == i or groups[i] < 0 or groups[j] != groups[i]]
         row_ab = np.array([scale * np.dot(a[i], b[j]) for j in cand])
@@ -64,13 +119,18 @@ def np_infonce(a, b, scale, groups=None):
         t = cand.index(i)
         losses.append(0.5 * (-np_log_softmax(row_ab)[t] - np_log_softmax(row_ba)[t]))
         hits.append(0.5 * (float(np.argmax(row_ab) == t) + float(np.argmax(row_ba) == t)))
-    return float(np.mean(losses)), float(np.mean(hits))
+        gap = min([gap, *(np.diff(np.sort(r)[-2:])[0] for r in (row_ab, row_ba) if len(r) > 1)])
+    return float(np.mean(losses)), float(np.mean(hits)), gap
 
 
 def cfg(**entries):
+    """config.objectives with these entries: each objective's options from experiments/base.py,
+    then the given ones."""
+    base = get_config().objectives
     c = ml_collections.ConfigDict()
     for name, opts in entries.items():
-        c[name] = ml_collections.ConfigDict(opts)
+        c[name] = ml_collections.ConfigDict({**(base[name].to_dict() if name in base else {}),
+                                             **opts})
     return c
 
 
@@ -105,11 +165,18 @@ def test_token_ce_matches_numpy(name):
     outputs, batch = lm_data()
     loss, metrics = compute_loss(outputs, batch, cfg(**{name: dict(weight=1.0)}))
     total, acc, count, _ = np_token_ce(outputs["logits"], batch["targets"], batch["weights"])
-    np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
-    np.testing.assert_allclose(metrics[f"{name}/loss"], (total, count), rtol=1e-5)
-    np.testing.assert_allclose(metrics[f"{name}/accuracy"], (acc, count), rtol=1e-5)
+    # the CE sum (relative bound, see ce_atol); the weight and accuracy sums: n terms w * {0, 1}
+    # (both argmax the same float32 logits); the mean adds the count's error and one division
+    sum_tol = ce_atol(outputs["logits"], batch["weights"], total) / total
+    count_tol = (batch["weights"].size + 1) * F32_EPS
+    mean_tol = sum_tol + count_tol + F32_EPS
+    np.testing.assert_allclose(float(loss), total / count, rtol=mean_tol)
+    np.testing.assert_allclose(metrics[f"{name}/loss"], (total, count), rtol=sum_tol)
+    np.testing.assert_allclose(metrics[f"{name}/accuracy"], (acc, count), rtol=count_tol)
     s = summarize(metrics)
-    np.testing.assert_allclose(s[f"{name}/perplexity"], math.exp(total / count), rtol=1e-5)
+    # exp turns the mean's absolute error (mean_tol * mean) into a relative one
+    np.testing.assert_allclose(s[f"{name}/perplexity"], math.exp(total / count),
+                               rtol=mean_tol * total / count)
     assert 0.0 < s[f"{name}/accuracy"] <= 1.0
 
 
@@ -118,11 +185,19 @@ def test_z_loss():
     c = cfg(causal_lm=dict(weight=2.0, z_loss=1e-2))
     loss, metrics = compute_loss(outputs, batch, c)
     total, _, count, z = np_token_ce(outputs["logits"], batch["targets"], batch["weights"])
-    np.testing.assert_allclose(float(loss), 2.0 * total / count + 1e-2 * z / count, rtol=1e-5)
-    np.testing.assert_allclose(metrics["z_loss"], (1e-2 * z, count), rtol=1e-5)
-    # the perplexity stays that of the plain CE
+    w, x = batch["weights"], outputs["logits"]
+    ce_tol = ce_atol(x, w, total) / total + (w.size + 2) * F32_EPS  # CE sum / count (see above)
+    # lse^2: lse errs by at most CE's per-token bound (see ce_atol) and |lse| <= S + log V, so
+    # w lse^2 by 2 |lse| times that (+ eps lse^2); the n-term sum of >= 0 terms adds n eps
+    lse_max = np.abs(x[w > 0]).max() + math.log(V)
+    z_tol = w.sum() * (2 * lse_max * token_atol(x, w) + F32_EPS * lse_max**2) / z \
+        + (w.size + 2) * F32_EPS
+    np.testing.assert_allclose(float(loss), 2.0 * total / count + 1e-2 * z / count,
+                               rtol=max(ce_tol, z_tol))
+    np.testing.assert_allclose(metrics["z_loss"], (1e-2 * z, count), rtol=z_tol + F32_EPS)
+    # the perplexity stays that of the plain CE (exp: the mean's absolute error, relative)
     np.testing.assert_allclose(summarize(metrics)["causal_lm/perplexity"], math.exp(total / count),
-                               rtol=1e-5)
+                               rtol=ce_tol * total / count)
 
 
 def test_mlm_and_nsp_match_numpy_and_weighted_sum():
@@ -134,14 +209,20 @@ def test_mlm_and_nsp_match_numpy_and_weighted_sum():
     for i in range(B):
         n_total += -np_log_softmax(outputs["nsp_logits"][i])[batch["nsp_labels"][i]]
         n_acc += float(np.argmax(outputs["nsp_logits"][i]) == batch["nsp_labels"][i])
-    np.testing.assert_allclose(metrics["mlm/loss"], (m_total, m_count), rtol=1e-5)
-    np.testing.assert_allclose(metrics["mlm/accuracy"], (m_acc, m_count), rtol=1e-5)
-    np.testing.assert_allclose(metrics["nsp/loss"], (n_total, B), rtol=1e-5)
-    np.testing.assert_allclose(metrics["nsp/accuracy"], (n_acc, B), rtol=1e-5)
-    np.testing.assert_allclose(float(loss), m_total / m_count + 0.5 * n_total / B, rtol=1e-5)
+    # CE sums: ce_atol; weight and accuracy sums: n terms w * {0, 1} (the same argmax)
+    m_tol = ce_atol(outputs["mlm_logits"], batch["mlm_weights"], m_total) / m_total
+    n_tol = ce_atol(outputs["nsp_logits"], np.ones(B), n_total) / n_total
+    count_tol = (batch["mlm_weights"].size + 1) * F32_EPS
+    np.testing.assert_allclose(metrics["mlm/loss"], (m_total, m_count), rtol=m_tol)
+    np.testing.assert_allclose(metrics["mlm/accuracy"], (m_acc, m_count), rtol=count_tol)
+    np.testing.assert_allclose(metrics["nsp/loss"], (n_total, B), rtol=n_tol)
+    np.testing.assert_allclose(metrics["nsp/accuracy"], (n_acc, B), rtol=count_tol)
+    # the means add the counts' error, and the division and the sum one rounding each
+    np.testing.assert_allclose(float(loss), m_total / m_count + 0.5 * n_total / B,
+                               rtol=max(m_tol, n_tol) + count_tol + 2 * F32_EPS)
     # weight 0 drops the objective entirely
     loss0, metrics0 = compute_loss(outputs, batch, cfg(mlm=dict(weight=1.0), nsp=dict(weight=0.0)))
-    np.testing.assert_allclose(float(loss0), m_total / m_count, rtol=1e-5)
+    np.testing.assert_allclose(float(loss0), m_total / m_count, rtol=m_tol + count_tol + F32_EPS)
     assert set(metrics0) == {"mlm/loss", "mlm/accuracy"}
 
 
@@ -157,10 +238,14 @@ def test_infonce_matches_loop(learn, log_scale):
     opts = dict(weight=1.0, temperature=0.2, learn_temperature=learn)
     loss, metrics = compute_loss(outputs, batch, cfg(infonce=opts))
     scale = min(math.exp(log_scale), 100.0) if learn else 1 / 0.2
-    ref_loss, ref_acc = np_infonce(a, b, scale)
-    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-6)
+    ref_loss, ref_acc, gap = np_infonce(a, b, scale)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=0,
+                               atol=infonce_atol(scale, E, n, ref_loss))
     np.testing.assert_allclose(metrics["infonce/loss"][1], n)
-    np.testing.assert_allclose(summarize(metrics)["infonce/accuracy"], ref_acc, rtol=1e-6)
+    # every argmax wins by more than two logits' error, so the hits are exact (a multiple of
+    # 1/(2n), divided once by n on both sides)
+    assert gap > 2 * logit_atol(scale, E), gap
+    assert summarize(metrics)["infonce/accuracy"] == ref_acc
 
 
 def test_infonce_same_group_rows_are_not_negatives():
@@ -179,12 +264,16 @@ def test_infonce_same_group_rows_are_not_negatives():
              "pair_groups": groups}
     c = cfg(infonce=dict(weight=1.0, temperature=0.1))
     loss, metrics = compute_loss(outputs, batch, c)
-    ref_loss, ref_acc = np_infonce(a, b, 10.0, groups)
-    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(summarize(metrics)["infonce/accuracy"], ref_acc, rtol=1e-6)
+    ref_loss, ref_acc, gap = np_infonce(a, b, 10.0, groups)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=0,
+                               atol=infonce_atol(10.0, E, n, ref_loss))
+    assert gap > 2 * logit_atol(10.0, E), gap  # exact hits (see test_infonce_matches_loop)
+    assert summarize(metrics)["infonce/accuracy"] == ref_acc
     plain = {k: v for k, v in batch.items() if k != "pair_groups"}
     loss_plain, _ = compute_loss(outputs, plain, c)
-    np.testing.assert_allclose(float(loss_plain), np_infonce(a, b, 10.0)[0], rtol=1e-5)
+    ref_plain = np_infonce(a, b, 10.0)[0]
+    np.testing.assert_allclose(float(loss_plain), ref_plain, rtol=0,
+                               atol=infonce_atol(10.0, E, n, ref_plain))
     assert float(loss_plain) > float(loss) + 0.1
 
 
@@ -197,9 +286,14 @@ def test_zero_weight_padding_does_not_change_loss():
     c = cfg(causal_lm=dict(weight=1.0))
     loss, metrics = compute_loss(outputs, batch, c)
     loss_p, metrics_p = compute_loss(padded_out, padded, c)
-    np.testing.assert_allclose(float(loss_p), float(loss), rtol=1e-6)
+    # the same weighted terms (padding adds exact zeros) summed in different groupings: each side
+    # is within ce_atol of the exact CE sum, the weight sums and the division within (n + 2) eps
+    total = np_token_ce(outputs["logits"], batch["targets"], batch["weights"])[0]
+    tol = 2 * (ce_atol(padded_out["logits"], padded["weights"], total) / total
+               + (padded["weights"].size + 2) * F32_EPS)
+    np.testing.assert_allclose(float(loss_p), float(loss), rtol=tol)
     for k in metrics:
-        np.testing.assert_allclose(metrics_p[k], metrics[k], rtol=1e-6)
+        np.testing.assert_allclose(metrics_p[k], metrics[k], rtol=tol)
 
 
 def test_half_batches_aggregate_to_full_batch():
@@ -213,19 +307,34 @@ def test_half_batches_aggregate_to_full_batch():
     sl = lambda d, s: {k: v[s] for k, v in d.items()}
     parts = [compute_loss(sl(outputs, s), sl(batch, s), c)[1] for s in (slice(0, 1), slice(1, 3))]
     summed = jax.tree.map(jnp.add, parts[0], parts[1])
+    # both sides are float32 evaluations of the same sums, each within ce_atol of the exact CE
+    # sum (the float32 one stands in for it), the accuracy and weight sums and a mean's division
+    # within (n + 2) eps
+    inputs = {"causal_lm": (outputs["logits"], batch["weights"]),
+              "mlm": (outputs["mlm_logits"], batch["mlm_weights"]),
+              "nsp": (outputs["nsp_logits"], np.ones(3))}
+    rel = {}
+    for name, (x, w) in inputs.items():
+        total = float(full[f"{name}/loss"][0])
+        rel[name] = 2 * (ce_atol(x, w, total) / total + (w.size + 2) * F32_EPS)
     for k in full:
-        np.testing.assert_allclose(summed[k], full[k], rtol=1e-5)
+        np.testing.assert_allclose(summed[k], full[k], rtol=rel[k.split("/")[0]])
     s_full, s_sum = summarize(full), summarize(summed)
     assert s_full.keys() == s_sum.keys()
     for k in s_full:
-        np.testing.assert_allclose(s_sum[k], s_full[k], rtol=1e-5)
+        name, metric = k.split("/")
+        # perplexity = exp(mean loss): the mean's absolute error becomes its relative one
+        scale = max(1.0, s_full[f"{name}/loss"]) if metric == "perplexity" else 1.0
+        np.testing.assert_allclose(s_sum[k], s_full[k], rtol=rel[name] * scale)
 
 
 def test_microbatches_with_full_denominators_sum_to_full_loss_and_grads():
     outputs, batch = lm_data(seed=6, b=4)
     c = cfg(causal_lm=dict(weight=1.5, z_loss=1e-3))
     dens = denominators(batch, c)
-    np.testing.assert_allclose(dens["causal_lm"], batch["weights"].sum(), rtol=1e-6)
+    x, w = outputs["logits"], batch["weights"]
+    # two float32 sums of the same n weights >= 0, each within n eps of the exact one
+    np.testing.assert_allclose(dens["causal_lm"], w.sum(), rtol=2 * w.size * F32_EPS)
 
     def f(logits, b, d):
         return compute_loss({"logits": logits}, b, c, d)[0]
@@ -237,8 +346,22 @@ def test_microbatches_with_full_denominators_sum_to_full_loss_and_grads():
         lo, g = jax.value_and_grad(f)(outputs["logits"][s], mb, dens)
         micro_loss += float(lo)
         micro_grads.append(g)
-    np.testing.assert_allclose(micro_loss, float(full_loss), rtol=1e-5)
-    np.testing.assert_allclose(np.concatenate(micro_grads), full_grad, rtol=1e-5, atol=1e-7)
+    # Both sides sum the same per-token terms 1.5 CE + 1e-3 lse^2 over denominators within
+    # (n + 2) eps, in different groupings: twice the bound of one side. CE: ce_atol; lse^2 errs
+    # by <= 2 |lse| token_atol + eps lse^2, |lse| <= S + log V.
+    total, _, count, z = np_token_ce(x, batch["targets"], w)
+    lse_max = np.abs(x[w > 0]).max() + math.log(V)
+    tok = token_atol(x, w)
+    err = 1.5 * ce_atol(x, w, total) + 1e-3 * (w.sum() * 2 * lse_max * tok
+                                               + (w.size + 1) * F32_EPS * z)
+    loss = (1.5 * total + 1e-3 * z) / count
+    np.testing.assert_allclose(micro_loss, float(full_loss), rtol=0,
+                               atol=2 * (err / count + (w.size + 2) * F32_EPS * loss))
+    # d loss / d logit = (1.5 (p - onehot) + 2e-3 lse p) w / den; p = exp(x - lse) is off by
+    # <= token_atol relative on each side, the denominator by (n + 2) eps
+    g_atol = 2 * tok * (1.5 + 2e-3 * lse_max) * w.max() / count
+    np.testing.assert_allclose(np.concatenate(micro_grads), full_grad,
+                               rtol=2 * (w.size + 2) * F32_EPS, atol=g_atol)
 
 
 def test_mask_tokens_statistics():
@@ -257,14 +380,16 @@ def test_mask_tokens_statistics():
     np.testing.assert_array_equal(inputs[~sel], tokens[~sel])
     np.testing.assert_array_equal(targets[sel], tokens[sel])
     assert (targets[~sel] == 0).all()
-    assert abs(sel.sum() / eligible.sum() - 0.15) < 0.01
+    assert_binomial(sel.sum(), eligible.sum(), 0.15)
     masked = sel & (inputs == 4)
     kept = sel & (inputs == tokens)
     randomized = sel & ~masked & ~kept
     n = sel.sum()
-    assert abs(masked.sum() / n - 0.8) < 0.02
-    assert abs(randomized.sum() / n - 0.1) < 0.02
-    assert abs(kept.sum() / n - 0.1) < 0.02
+    assert_binomial(masked.sum(), n, 0.8)
+    # a random replacement draws the original token again with probability 1 / (non-special ids)
+    same = 1 / (vocab - len(special))
+    assert_binomial(randomized.sum(), n, 0.1 * (1 - same))
+    assert_binomial(kept.sum(), n, 0.1 + 0.1 * same)
     assert not np.isin(inputs[randomized], special).any()
     # determinism given the generator
     again = mask_tokens(tokens, np.random.default_rng(1), vocab_size=vocab, special_ids=special,
@@ -310,11 +435,13 @@ def test_unknown_objective_and_config_errors():
         compute_loss({}, {}, cfg(clm=dict(weight=1.0)))
     c = cfg(causal_lm=dict(weight=1.0), nsp=dict(weight=0.0))
     assert list(active_objectives(c)) == ["causal_lm"]
-    c.z_loss = 0.0
-    assert list(active_objectives(c)) == ["causal_lm"]
-    c.z_loss = 1e-4
-    with pytest.raises(ValueError, match="causal_lm.z_loss"):
+    c.z_loss = 1e-4  # a top-level key is no objective
+    with pytest.raises(ValueError, match="'z_loss'"):
         active_objectives(c)
+    with pytest.raises(ValueError, match=r"objectives.infonce lacks \['learn_temperature'\]"):
+        active_objectives({"infonce": {"weight": 1.0, "temperature": 0.1}})
+    with pytest.raises(ValueError, match=r"objectives.nsp has unknown option\(s\) \['z_loss'\]"):
+        active_objectives({"nsp": {"weight": 1.0, "z_loss": 0.0}})
     assert set(OBJECTIVES) == {"causal_lm", "mlm", "nsp", "infonce", "seq2seq"}
 
 
@@ -329,6 +456,12 @@ _PMAP_SNIPPET = textwrap.dedent("""
     a = rng.normal(size=(D * b, E)).astype(np.float32)
     bb = (a + rng.normal(size=(D * b, E))).astype(np.float32)
     batch = {"tokens": np.zeros((D * b, 2), np.int32), "tokens_b": np.zeros((D * b, 2), np.int32)}
+    # float64: the smallest 1/|row| and the smallest gap between a row's two largest cosines
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    cos = unit(a.astype(np.float64)) @ unit(bb.astype(np.float64)).T
+    top2 = np.sort(np.concatenate([cos, cos.T]), axis=-1)[:, -2:]
+    data = dict(inv_norm=float(1 / np.linalg.norm(np.concatenate([a, bb]), axis=-1).min()),
+                cos_gap=float((top2[:, 1] - top2[:, 0]).min()))
     res = {}
     for learn in (False, True):
         c = ml_collections.ConfigDict(
@@ -352,7 +485,7 @@ _PMAP_SNIPPET = textwrap.dedent("""
                      for k in gm},
             grad_err=float(max(np.abs(pa.reshape(-1, E) - ga).max(),
                                np.abs(pb.reshape(-1, E) - gb).max())),
-            grad_scale=float(np.abs(ga).max()))
+            grad_scale=float(np.abs(ga).max()), scale=30.0 if learn else 10.0, **data)
     # shard_map over an Explicit mesh, and plain jit over the globally sharded arrays
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     mesh = jax.make_mesh((D,), ("i",), (AxisType.Explicit,), devices=jax.devices()[:D])
@@ -367,7 +500,7 @@ _PMAP_SNIPPET = textwrap.dedent("""
     res["sharded"] = dict(loss=[float(gl), float(sl)], jit_loss=float(jl),
                           metrics={k: [np.asarray(gm[k]).tolist(), np.asarray(sm[k]).tolist()]
                                    for k in gm},
-                          grad_err=0.0, grad_scale=1.0)
+                          grad_err=0.0, grad_scale=1.0, scale=30.0, **data)
     print("RESULT" + json.dumps(res))
 """)
 
@@ -382,13 +515,29 @@ def test_pmap_infonce_equals_global():
 
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     res = json.loads(line[len("RESULT"):])
+    n, d = 12, 4  # rows = keys (D * b in _PMAP_SNIPPET), devices
     for r in res.values():
-        np.testing.assert_allclose(*r["loss"], rtol=1e-5)
-        np.testing.assert_allclose(r.get("jit_loss", r["loss"][0]), r["loss"][0], rtol=1e-5)
-        for glob, dev in r["metrics"].values():
-            # every device holds the psum: (sum, count) of all rows
-            np.testing.assert_allclose(dev, glob, rtol=1e-5)
-        assert r["grad_err"] <= 1e-5 * max(1.0, r["grad_scale"])
+        # global vs per device: the same logits and CEs in other groupings (and a d-term psum),
+        # each side within infonce_atol of the exact loss (the float32 one stands in for it)
+        s, loss = r["scale"], r["loss"][0]
+        loss_tol = 2 * (infonce_atol(s, E, n, loss) + d * F32_EPS * loss)
+        np.testing.assert_allclose(*r["loss"], rtol=0, atol=loss_tol)
+        np.testing.assert_allclose(r.get("jit_loss", loss), loss, rtol=0, atol=loss_tol)
+        # every device holds the psum: (sum, count) of all rows. Counts are exact; every argmax
+        # wins by more than two logits' error, so the hits (multiples of 1/2) are exact too
+        assert r["cos_gap"] * s > 2 * logit_atol(s, E), r["cos_gap"]
+        for k, (glob, dev) in r["metrics"].items():
+            if k.endswith("accuracy"):
+                assert dev == glob, k
+            else:  # a sum over n rows
+                np.testing.assert_allclose(dev, glob, rtol=0, atol=n * loss_tol, err_msg=k)
+        # d loss / d a^_i = (s / 2n) (sum_j (P_ij - onehot) b^_j + sum_k (P'_ki - onehot) b^_k),
+        # a->b and b->a: each P is off by <= row_atol relative, so the brackets by (1 + n) of it
+        # (+ n eps of their terms, each <= 2); the normalisation's backward multiplies by
+        # <= (1 + sqrt(E)) / |a_i|; twice, for the two sides (the same for b)
+        bracket = (1 + n) * row_atol(s, E, n) + 4 * n * F32_EPS
+        grad_tol = 2 * (1 + math.sqrt(E)) * r["inv_norm"] * s / (2 * n) * bracket
+        assert r["grad_err"] <= grad_tol, (r["grad_err"], grad_tol)
 
 
 def test_padding_rows_change_neither_nsp_nor_infonce():
@@ -409,9 +558,22 @@ def test_padding_rows_change_neither_nsp_nor_infonce():
                              ("infonce", "pair_weights", {"tokens": np.zeros((5, 4), np.int32)})):
         obj = get_objective(name)
         small = {k: v[:3] for k, v in extra.items()}
-        m_real = obj.loss(real, small, {"temperature": 0.1})
-        m_pad = obj.loss(padded, {**extra, key: w}, {"temperature": 0.1})
-        for metric in ("loss", "accuracy"):
-            np.testing.assert_allclose(np.asarray(m_pad[metric]), np.asarray(m_real[metric]),
-                                       rtol=1e-6, err_msg=f"{name}/{metric}")
+        opts = dict(temperature=0.1, learn_temperature=False, axis_name=None)
+        m_real = obj.loss(real, small, opts)
+        m_pad = obj.loss(padded, {**extra, key: w}, opts)
+        # The same 3 rows' terms (padding adds exact zeros) in other groupings: twice one side's
+        # bound (nsp: ce_atol; infonce: 3 rows of infonce_atol, scale 1/0.1, 5 keys). The hits
+        # are exact: nsp argmaxes the same logits, and InfoNCE's argmaxes win by more than two
+        # logits' error.
+        if name == "nsp":
+            total = float(m_real["loss"][0])  # stands in for the exact sum
+            tol = 2 * ce_atol(nsp_logits[:3], np.ones(3), total)
+        else:
+            ref_loss, _, gap = np_infonce(emb_a[:3], emb_b[:3], 10.0)
+            assert gap > 2 * logit_atol(10.0, 8), gap
+            tol = 2 * 3 * infonce_atol(10.0, 8, 5, ref_loss)
+        np.testing.assert_allclose(np.asarray(m_pad["loss"]), np.asarray(m_real["loss"]),
+                                   rtol=0, atol=tol, err_msg=f"{name}/loss")
+        np.testing.assert_array_equal(np.asarray(m_pad["accuracy"]),
+                                      np.asarray(m_real["accuracy"]), err_msg=f"{name}/accuracy")
         assert float(obj.count({**extra, key: w})) == 3.0

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -12,14 +13,14 @@ import jax.numpy as jnp
 import openai
 import pytest
 import uvicorn
+from helpers import model_config
 
 from solo.agent.chat import CHAT_STOP_IDS, ChatSession
-from solo.agent.guards import GuardConfig, Guards
+from solo.agent.guards import NO_LIMITS, Guards
 from solo.agent.sampler import Sampler
 from solo.agent.server import make_app
 from solo.data.tokenizer import Tokenizer
 from solo.data.world import World
-from solo.model.config import ModelConfig
 from solo.model.transformer import Transformer
 
 QUESTION = [{"role": "user", "content": "Where does Anya live?"}]
@@ -30,10 +31,12 @@ def sampler(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     tok = Tokenizer.train([World.generate(seed=0, num_people=10).corpus_text()], str(d / "c"),
                           kind="char", vocab_size=0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
-                      d_ff=64, max_len=96)
+    cfg = model_config(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
+                       d_ff=64, max_len=96, scan_layers=True)
     model = Transformer(cfg)
-    params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
+    # key 2: the random model's replies to the test questions are non-empty, some shorter than
+    # their budget (a reply may stop at once: the tests need text to stream and cut)
+    params = model.init(jax.random.key(2), {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
     return Sampler(model, params, tok, cache_len=96, stop_ids=CHAT_STOP_IDS)
 
 
@@ -58,7 +61,8 @@ def serving(app):
 @pytest.fixture(scope="module")
 def base_url(sampler):
     app = make_app(sampler, model_name="tiny", max_new_tokens=12,
-                   guards=Guards(GuardConfig(blocked_patterns=("forbidden",), refusal="No.")))
+                   guards=Guards(dataclasses.replace(NO_LIMITS, blocked_patterns=("forbidden",),
+                                                     refusal="No.")))
     with serving(app) as url:
         yield url
 

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import ConfigDict
 
+from solo.config import ConfigError
 from solo.data import sources
+from solo.data.config import DataConfig
 from solo.data.sources import SourceError, load_records, parse_source
+from solo.data.tasks import TASKS
 from solo.data.tfds_io import write_tfds_dataset
 from solo.experiments import base
 
@@ -18,12 +20,13 @@ SHAKESPEARE = os.path.join(
 )
 
 
-def cfg(source, **data):
-    """experiments/base.py's config reading `source`; `data` overrides data.*."""
+def cfg(source, **data) -> DataConfig:
+    """The typed data section of experiments/base.py's config reading `source`; `data` overrides
+    data.* (nested sections such as world are merged key by key)."""
     c = base.get_config()
     c.data.update(dict(source=source, task="lm", seq_len=32, val_fraction=0.25))
     c.data.update(data)
-    return c
+    return DataConfig.from_config(c)
 
 
 def write(path, text, mode="w"):
@@ -144,16 +147,18 @@ def test_missing_files_and_fields(tmp_path):
     p = write(tmp_path / "d.jsonl", json.dumps({"text": "x"}) + "\n")
     with pytest.raises(SourceError, match="prompt_field"):
         load_records(cfg(p, task="sft"), "train")
-    with pytest.raises(ValueError, match="unknown data.task"):
-        load_records(cfg(p, task="nope"), "train")
+    # An unknown task fails when the data config is built, listing the known tasks.
+    with pytest.raises(ConfigError, match=rf"unknown data\.task 'nope'.*known tasks: "
+                       rf"{', '.join(TASKS)}$"):
+        cfg(p, task="nope")
 
 
 def test_world_source_kinds():
-    c = cfg("synthetic:world", task="pairs")
-    c.data.world = ConfigDict(dict(seed=0, num_people=12, heldout_frac=0.25, bios_per_person=2))
+    c = cfg("synthetic:world", task="pairs",
+            world=dict(seed=0, num_people=12, heldout_frac=0.25, bios_per_person=2))
     pairs = load_records(c, "train")[0]
     assert pairs and {"text_a", "text_b"} <= set(pairs[0])
-    c.data.task = "sft"
+    c = c.replace(task="sft")
     assert "messages" in load_records(c, "validation")[0][0]
 
 

@@ -6,6 +6,14 @@ import pytest
 
 from solo.data import world as W
 from solo.data.world import ATTRIBUTES, BIO_TEMPLATES, QUESTION_TEMPLATES, World
+from solo.experiments.base import get_config
+
+
+def world_section(**options):
+    """experiments/base.py's data.world section (every option) with `options` replaced."""
+    section = get_config().data.world
+    section.update(options)
+    return section
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +37,15 @@ def test_deterministic_and_seed_dependent(w):
 
 
 def test_from_config_matches_generate():
-    cfg = dict(seed=3, num_people=30, heldout_frac=0.2, bios_per_person=2)
-    assert World.from_config(cfg) == World.generate(**cfg)
+    cfg = world_section(seed=3, num_people=30, heldout_frac=0.2, bios_per_person=2)
+    assert World.from_config(cfg) == World.generate(**cfg.to_dict())
+    assert World.from_config(cfg.to_dict()) == World.generate(**cfg.to_dict())  # a plain mapping
+    # The section must give exactly generate's options: experiments/base.py holds the defaults.
+    partial = {k: v for k, v in cfg.items() if k != "bios_per_person"}
+    with pytest.raises(ValueError, match="'bios_per_person' is missing"):
+        World.from_config(partial)
+    with pytest.raises(ValueError, match="unknown world option 'num_persons'"):
+        World.from_config({**cfg.to_dict(), "num_persons": 3})
 
 
 def test_names_unique_and_attributes_valid(w):
@@ -208,9 +223,11 @@ def test_mix_qa_and_full_name_frac():
     for p in full.people:
         for s in re.split(r"(?<=\.) ", full.biography(p, 1)):
             assert p.name in s
-    assert World.from_config(
-        dict(num_people=40, mix_qa="text", full_name_frac=1.0)
-    ) == World.generate(num_people=40, mix_qa="text", full_name_frac=1.0)
+    section = world_section(num_people=40, mix_qa="text", full_name_frac=1.0)
+    configured = World.from_config(section)
+    assert configured == World.generate(**section.to_dict())
+    assert (len(configured.people), configured.mix_qa, configured.full_name_frac) == (
+        40, "text", 1.0)
     chat = World.generate(seed=0, num_people=40, bios_per_person=2, mix_qa="chat")
     chat_docs = chat.records("documents", "train")
     assert chat_docs[: len(plain)] == plain
@@ -220,7 +237,3 @@ def test_mix_qa_and_full_name_frac():
         World.generate(mix_qa="both")
     with pytest.raises(ValueError, match="full_name_frac"):
         World.generate(full_name_frac=1.5)
-    spaced = World.generate(seed=0, num_people=40, bios_per_person=2, answer_prefix=" ")
-    for r, r0 in zip(spaced.records("chats", "test"), base.records("chats", "test"), strict=True):
-        assert r["answer"] == r0["answer"] and r["messages"][-1]["content"] == " " + r["answer"]
-    assert spaced.records("documents", "train") == plain

@@ -157,10 +157,12 @@ def first_restorable(restore_fn, steps: list[int], directory: str) -> tuple[Any,
         try:
             return restore_fn(s), s
         except Exception as e:  # noqa: BLE001 - fall back to the next older step, report all
-            log.warning("checkpoint step %d failed to restore (%s: %s); trying an older one",
-                        s, type(e).__name__, e)
-            errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
-    raise RuntimeError(f"no restorable checkpoint in {directory}: " + "; ".join(errors))
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e) else ''}"
+            log.warning("checkpoint step %d does not restore (%s); trying an older one", s, why)
+            errors.append(f"step {s}: {why}")
+    raise CheckpointError(
+        f"no restorable checkpoint in {directory} ({'; '.join(errors)[:400]}); restore the "
+        "checkpoints from a copy, or move the directory aside to train from scratch")
 
 
 def _keystrs(tree: Any) -> list[str]:

@@ -47,6 +47,7 @@ class TrainConfig:
     ckpt_every: int
     keep: int
     keep_best: bool
+    max_skipped_steps: int  # 0: a non-finite step stops the run; N: skip up to N of them
     parallel: str
     xla_defaults: bool
     mesh: MeshConfig
@@ -58,7 +59,8 @@ class TrainConfig:
             raise ConfigError(f"train.steps={self.steps} must be >= 1")
         if self.parallel not in PARALLEL:
             raise ConfigError(f"train.parallel={self.parallel!r}; valid: 'jit', 'pmap'")
-        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every"):
+        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every",
+                     "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0")
 

@@ -199,8 +199,10 @@ def train_and_evaluate(config: ConfigDict | RunConfig, workdir: str) -> dict[str
             if ckpt.latest_step() is not None:
                 state, data_state, restored = ckpt.restore(run.abstract_state)
                 train_iter.set_state(data_state)
+                writer.truncate(restored)  # rows of the steps after it are redone
                 progress.message(f"resumed from {ckpt.directory}/{restored}")
             else:
+                writer.truncate(0)  # rows of a run that died before its first checkpoint
                 state = jax.jit(run.init_state, out_shardings=run.state_sharding)(run.key)
                 if config.train.init_from:
                     state = state.replace(params=_init_from(config, state.params))
@@ -219,6 +221,47 @@ def _stop_signal(signals: preemption.StopSignals, ckpt, step: int) -> int | None
     return signal.SIGTERM if ckpt.manager.reached_preemption(step) else None
 
 
+class Diverged(Exception):
+    """A step's loss or gradient norm was not finite (and no skip was left); nothing non-finite
+    was saved. `solo train` prints the message and exits 3."""
+
+    def __init__(self, step: int, last_checkpoint: int | None, skipped: int):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        where = (f"the last checkpoint (all finite) is step {last_checkpoint}"
+                 if last_checkpoint is not None else "no checkpoint was saved")
+        also = (f" after {skipped} skipped step(s) (train.max_skipped_steps)" if skipped else "")
+        fix = "" if skipped else (", or set train.max_skipped_steps=N to skip up to N such "
+                                  "steps")
+        super().__init__(
+            f"the loss or gradient norm is not finite at step {step}{also}: training stopped; "
+            f"{where}. Lower optim.lr (or raise optim.warmup_steps){fix}")
+
+
+class _Guard:
+    """The divergence guard. Each step's `nonfinite` flag is read one step late (the next step
+    is already queued, so the device never idles), and at once before anything is logged,
+    evaluated or saved: a non-finite state is never checkpointed."""
+
+    def __init__(self, max_skipped: int, ckpt):
+        self.max_skipped, self.ckpt = max_skipped, ckpt
+        self.skipped, self.pending = 0, None
+
+    def push(self, step: int, metrics) -> None:
+        self.check()
+        self.pending = (step, metrics["nonfinite"][0])
+
+    def check(self) -> None:
+        if self.pending is None:
+            return
+        step, flag = self.pending
+        self.pending = None
+        if float(flag) > 0:
+            self.skipped += 1
+            if self.skipped > self.max_skipped:
+                self.ckpt.wait()
+                raise Diverged(step, self.ckpt.latest_step(), self.skipped - 1)
+
+
 def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict[str, Any]:
     config, total = run.config, run.config.train.steps
     stepper = Stepper(run.model, config, run.tx, run.schedule, run.mesh, run.state_sharding)
@@ -229,36 +272,50 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
     ndev = run.mesh.devices.size
     log_every, eval_every = config.train.log_every, config.train.eval_every
     ckpt_every = config.train.ckpt_every
+    guard = _Guard(config.train.max_skipped_steps, ckpt)
     acc, train_summary, eval_summary = None, {}, {}
     t0, timed, sec_per_step, tok_s = time.time(), 0, float("nan"), float("nan")
+
+    def log(step: int) -> None:
+        """One train row for the steps since the last one (also a partial window at a stop)."""
+        nonlocal acc, train_summary, t0, timed, sec_per_step, tok_s
+        train_summary = _summary(jax.device_get(acc), config)
+        del train_summary["nonfinite"]  # the guard's flag: skipped_steps counts them
+        train_summary["skipped_steps"] = float(guard.skipped)
+        if timed:
+            sec_per_step = (time.time() - t0) / timed
+            tok_s = tokens_per_step / sec_per_step
+            t0, timed = time.time(), 0
+        train_summary.update(lr=float(run.schedule(step - 1)), tokens_per_sec=tok_s,
+                             step_time=sec_per_step, mfu=metrics_lib.mfu(fpt, tok_s, ndev))
+        writer.write(step, "train", train_summary)
+        progress.update(step, train_summary["loss"], tok_s, sec_per_step)
+        acc = None
+
     step = start
     for step in range(start + 1, total + 1):
         dstate, m = stepper.train(dstate, next(train_iter))
+        guard.push(step, m)
         acc = _add(acc, m)
         timed += 1
         if step == start + 1:  # exclude compilation from throughput
             jax.block_until_ready(acc)
             t0, timed = time.time(), 0
         last = step == total
-        if (log_every and step % log_every == 0) or last:
-            train_summary = _summary(jax.device_get(acc), config)
-            if timed:
-                sec_per_step = (time.time() - t0) / timed
-                tok_s = tokens_per_step / sec_per_step
-                t0, timed = time.time(), 0
-            train_summary.update(lr=float(run.schedule(step - 1)), tokens_per_sec=tok_s,
-                                 step_time=sec_per_step, mfu=metrics_lib.mfu(fpt, tok_s, ndev))
-            writer.write(step, "train", train_summary)
-            progress.update(step, train_summary["loss"], tok_s, sec_per_step)
-            acc = None
-        paused = time.time()  # eval and checkpoint time is not training throughput
+        stop = None if last else _stop_signal(signals, ckpt, step)
+        do_log = bool(log_every and step % log_every == 0) or last or stop is not None
         do_eval = bool(eval_every and step % eval_every == 0) or last
+        do_save = bool(ckpt_every and step % ckpt_every == 0) or last or stop is not None
+        if do_log or do_eval or do_save:
+            guard.check()
+        if do_log:
+            log(step)
+        paused = time.time()  # eval and checkpoint time is not training throughput
         if do_eval:
             eval_summary = run_eval(stepper.eval, dstate.params, config, run.tokenizer)
             writer.write(step, "eval", eval_summary)
-            progress.message(f"eval step {step}: loss {eval_summary['loss']:.4f}")
-        stop = None if last else _stop_signal(signals, ckpt, step)
-        if (ckpt_every and step % ckpt_every == 0) or last or stop is not None:
+            progress.message(f"eval step {step}: loss {eval_summary['loss']:.4g}")
+        if do_save:
             ckpt.save(step, stepper.host_state(dstate), train_iter.get_state(),
                       eval_summary["loss"] if do_eval else None)
         if stop is not None:

@@ -23,6 +23,8 @@ from typing import Any
 
 import jax
 
+from solo.files import write_atomic
+
 PEAK_FLOPS = {  # per device, dense bf16
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -64,19 +66,45 @@ def _clean(v: Any) -> Any:
 
 
 class MetricWriter:
-    """Appends to <workdir>/metrics.jsonl and TensorBoard (<workdir>/events.*). Process 0 only."""
+    """Appends to <workdir>/metrics.jsonl and TensorBoard (<workdir>/events.*). Process 0 only.
+
+    The TensorBoard file is created with the first scalar (a run killed before it leaves none).
+    A resumed run calls `truncate(step)` first: rows of steps after the restored checkpoint were
+    written by the run that died and are redone, so they go (and a torn last line with them)."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled and jax.process_index() == 0
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
-        if self.enabled:
+        self._tb_failed = False
+
+    def _board(self):
+        if self._tb is None and not self._tb_failed:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+                self._tb = SummaryWriter(logdir=self.workdir, flush_secs=30)
             except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+                self._tb_failed = True
                 print(f"warning: TensorBoard disabled ({e})", file=sys.stderr)
+        return self._tb
+
+    def truncate(self, step: int) -> None:
+        """Drops the rows of steps after `step` (and any torn line)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by a crash
+        if len(keep) != len(lines):
+            write_atomic(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -85,10 +113,11 @@ class MetricWriter:
                                                      metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
+        board = self._board()
+        if board is not None:
             for k, v in metrics.items():
                 if math.isfinite(float(v)):
-                    self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+                    board.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -107,7 +136,7 @@ class Progress:
     def update(self, step: int, loss: float, tokens_per_sec: float, sec_per_step: float,
                extra: str = "") -> None:
         eta = max(self.total - step, 0) * sec_per_step
-        line = (f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_sec:,.0f} tok/s  "
+        line = (f"step {step}/{self.total}  loss {loss:.4g}  {tokens_per_sec:,.0f} tok/s  "
                 f"ETA {_hms(eta)}{('  ' + extra) if extra else ''}")
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)

@@ -81,6 +81,7 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
     names = objective_names(config)
     obj_cfg = config.objectives
     k = int(config.optim.grad_accum)
+    skip_nonfinite = config.train.max_skipped_steps > 0
 
     coupled = any(get_objective(n).batch_coupled for n in names)
 
@@ -156,6 +157,15 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
         one = jnp.float32(1.0)
         metrics = {**metrics, "loss": (loss, one), "grad_norm": (grad_norm, one),
                    "lr": (jnp.asarray(schedule(state.step), jnp.float32), one)}
+        # the divergence guard (train.loop) reads `nonfinite`; with train.max_skipped_steps a
+        # bad step changes nothing but the step counter and stays out of the metric sums
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), metrics)
+        metrics["nonfinite"] = (1.0 - finite.astype(jnp.float32), one)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, metrics
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from solo.config import ConfigError, RunConfig
 from solo.experiments import load_config
+from solo.files import write_atomic
 from solo.train import workdir as wd_lib
 
 SUMMARY_FILE = "summary.json"
@@ -77,8 +78,7 @@ def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
             print(f"sweep {i}/{len(runs)}: {name}", flush=True)
             train_and_evaluate(config, run_dir)
         rows = summarize([r for r, _ in runs[:i]])
-        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-            json.dump(rows, f, indent=1)
+        write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(rows, indent=1))
         print(format_table(rows), flush=True)
     return rows
 

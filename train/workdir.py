@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from solo import experiments
 from solo.config import RunConfig
+from solo.files import write_atomic
 from solo.objectives import model_heads
 from solo.train.checkpoint import CKPT_DIR, Checkpointer
 
@@ -55,7 +56,16 @@ def read_config(workdir: str) -> ConfigDict:
     if not os.path.isfile(path):
         raise WorkdirError(f"{workdir}: not a solo workdir (no {CONFIG_FILE}); train into it first")
     with open(path) as f:
-        return experiments.from_json(f.read())
+        text = f.read()
+    try:
+        config = experiments.from_json(text)
+        RunConfig.from_config(config)  # every key there and valid
+    except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors
+        raise WorkdirError(
+            f"{path} is damaged or incomplete ({str(e)[:160]}); restore it (the workdir keeps "
+            "earlier launches' configs as config.until-step-*.json), or train into a new "
+            "--workdir") from None
+    return config
 
 
 def tokenizer_path(workdir: str) -> str:
@@ -87,13 +97,6 @@ def _latest_step_on_disk(workdir: str) -> int:
     return max(steps, default=0)
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_config(config: RunConfig, workdir: str) -> None:
     """Writes the resolved config to config.json, so it always describes the latest launch.
 
@@ -112,8 +115,8 @@ def write_config(config: RunConfig, workdir: str) -> None:
         archive, n = stem + ".json", 1
         while os.path.exists(archive):  # relaunched with new configs and no new checkpoint
             archive, n = f"{stem}.{n}.json", n + 1
-        _write_atomic(archive, old)
-    _write_atomic(path, text)
+        write_atomic(archive, old)
+    write_atomic(path, text)
 
 
 def latest_step(workdir: str) -> int | None:
