@@ -30,8 +30,11 @@ def heldout_questions(config, split: str = "test", limit: int = 0, *,
     known=False: the questions about people who do not exist and off-world ones."""
     from solo.data.world import World  # local: only chat experiments need the world
 
-    rows = [r for r in World.from_config(config.data.world).records("chats", split)
-            if r["known"] == known]
+    world = World.from_config(config.data.world)
+    if known:
+        rows = [r for r in world.records("chats", split) if r["known"]]
+    else:
+        rows = world.abstention_chats(split)
     return rows[:limit] if limit else rows
 
 

@@ -1,8 +1,8 @@
 """Chat template shared by the SFT pipeline and the agent.
 
-Sequence = [BOS] + turn_1 + turn_2 + ..., each turn = [ROLE_ID] + tok.encode(" " + content) +
-[EOT_ID]. The space before the content (CONTENT_PREFIX) plays sentencepiece's dummy prefix: solo's
-tokenizers have none, so a reply's first word gets the word-initial pieces it has in running text
+Sequence = [BOS] + turn_1 + turn_2 + ..., each turn = [ROLE_ID] + tok.encode(content) + [EOT_ID],
+an assistant's content after a space (CONTENT_PREFIX): it plays sentencepiece's dummy prefix, which
+solo's tokenizers lack, so a reply's first word gets the word-initial pieces it has in running text
 (" Florence", as the biographies spell it); decoding removes it again, so a reply reads
 "Florence". Loss weights are 1 exactly on assistant content tokens and their EOT (what the model
 must emit). Content always goes through `tok.encode`: typed text such as '<|user|>' never becomes
@@ -49,7 +49,8 @@ def encode_chat(
             raise ValueError(f"unknown chat role {role!r}; valid roles: {tuple(ROLE_IDS)}")
         if not isinstance(content, str):
             raise TypeError(f"message content must be str, got {type(content).__name__}")
-        body = list(tok.encode(CONTENT_PREFIX + content)) + [EOT_ID]
+        prefix = CONTENT_PREFIX if role == "assistant" else ""
+        body = list(tok.encode(prefix + content)) + [EOT_ID]
         w = 1.0 if role == "assistant" else 0.0
         ids += [ROLE_IDS[role]] + body
         weights += [0.0] + [w] * len(body)
@@ -83,13 +84,14 @@ def split_turns(ids: Sequence[int]) -> list[tuple[str, list[int], bool]]:
 
 
 def content_text(text: str) -> str:
-    """A turn's decoded text without the template's CONTENT_PREFIX."""
+    """An assistant turn's decoded text without the template's CONTENT_PREFIX."""
     return text.removeprefix(CONTENT_PREFIX)
 
 
 def decode_chat(tok: _Tok, ids: Sequence[int]) -> list[Message]:
     """Inverse of encode_chat for the turns present in `ids`."""
-    return [message(role, content_text(tok.decode(body))) for role, body, _ in split_turns(ids)]
+    return [message(role, content_text(text) if role == "assistant" else text)
+            for role, body, _ in split_turns(ids) for text in [tok.decode(body)]]
 
 
 def truncate_reply(ids: Sequence[int]) -> list[int]:

@@ -280,11 +280,15 @@ def load_records(d: DataConfig, split: str, kind: str | None = None) -> list[lis
 
 
 def record_texts(record: dict) -> list[str]:
-    """All text in a record of any kind (tokenizer training)."""
+    """All text in a record of any kind (tokenizer training), as the model reads it: a chat's
+    turns as the template encodes them (an assistant's after its space, data/chat.py)."""
     if "text" in record:
         return [record["text"]]
     if "messages" in record:
-        return [m["content"] for m in record["messages"]]
+        from solo.data.chat import CONTENT_PREFIX
+
+        return [(CONTENT_PREFIX if m["role"] == "assistant" else "") + m["content"]
+                for m in record["messages"]]
     if "source" in record:
         return [record["source"], record["target"]]
     return [record["text_a"], record["text_b"]]

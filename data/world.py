@@ -58,10 +58,13 @@ class World:
     # (the single-turn chats stay): a reply then ends at its own end-of-turn in a multi-turn
     # context instead of running on.
     chat_turns: int = 1
-    # Names of people who are NOT in the world (no biography): their questions, and questions
-    # outside the world's facts, are answered ABSTAIN. Half are held out (validation + test).
+    # Knowing what it does not know. (person, attribute) facts no biography states: the train
+    # split's questions about them are answered ABSTAIN (with a few off-world questions), so the
+    # model learns to abstain where its memory holds no fact, for names it has seen answered
+    # questions about as well. People who do NOT exist (no biography, no question in training):
+    # evaluation only, half in 'validation', half in 'test', with off-world questions.
+    withheld: frozenset[tuple[str, str]] = frozenset()
     unknown: tuple[str, ...] = ()
-    unknown_heldout: frozenset[str] = frozenset()
     unknown_test: frozenset[str] = frozenset()
 
     @classmethod
@@ -74,11 +77,13 @@ class World:
         full_name_frac: float = 0.5,
         mix_qa: str = "",
         chat_turns: int = 1,
+        withheld_frac: float = 0.0,
         unknown_people: int = 0,
     ) -> World:
         cls.check_options(num_people=num_people, heldout_frac=heldout_frac,
                           bios_per_person=bios_per_person, full_name_frac=full_name_frac,
-                          mix_qa=mix_qa, chat_turns=chat_turns, unknown_people=unknown_people)
+                          mix_qa=mix_qa, chat_turns=chat_turns, withheld_frac=withheld_frac,
+                          unknown_people=unknown_people)
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
         rng = random.Random(f"world:{seed}:people")
         people = []
@@ -104,7 +109,10 @@ class World:
         unknown = [FIRST_NAMES[k // len(LAST_NAMES)] + " " + LAST_NAMES[k % len(LAST_NAMES)]
                    for k in unknown_rng.sample([k for k in range(max_people) if k not in taken],
                                                unknown_people)]
-        u_held = unknown[: unknown_people // 2]  # half held out: enough to measure abstention
+        train = [p for p in people if p not in held]
+        w_rng = random.Random(f"world:{seed}:withheld")
+        withheld = {(p.name, w_rng.choice(ATTRIBUTES))
+                    for p in w_rng.sample(train, round(withheld_frac * len(train)))}
         return cls(
             seed=seed,
             people=tuple(people),
@@ -114,19 +122,21 @@ class World:
             full_name_frac=full_name_frac,
             mix_qa=mix_qa,
             chat_turns=chat_turns,
+            withheld=frozenset(withheld),
             unknown=tuple(unknown),
-            unknown_heldout=frozenset(u_held),
-            unknown_test=frozenset(u_held[(len(u_held) + 1) // 2:]),
+            unknown_test=frozenset(unknown[(len(unknown) + 1) // 2:]),
         )
 
     @staticmethod
     def check_options(*, num_people: int, heldout_frac: float, bios_per_person: int,
                       full_name_frac: float, mix_qa: str, chat_turns: int,
-                      unknown_people: int) -> None:
+                      withheld_frac: float, unknown_people: int) -> None:
         """ValueError naming the first invalid option (generate's own checks, run early)."""
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
         if not 0 < num_people <= max_people:
             raise ValueError(f"num_people must be in [1, {max_people}], got {num_people}")
+        if not 0.0 <= withheld_frac <= 1.0:
+            raise ValueError(f"withheld_frac must be in [0, 1], got {withheld_frac}")
         if not 0 <= unknown_people <= max_people - num_people:
             raise ValueError(f"unknown_people must be in [0, {max_people - num_people}] (names "
                              f"left after num_people), got {unknown_people}")
@@ -194,27 +204,35 @@ class World:
         raise ValueError(f"unknown split {split!r}; valid: 'train', 'validation', 'test'")
 
     def split_unknown(self, split: str) -> list[str]:
-        """Names of people who do not exist, split like the people."""
+        """Names of people who do not exist: none in 'train' (evaluation only)."""
         if split == "train":
-            return [n for n in self.unknown if n not in self.unknown_heldout]
-        if split == "validation":
-            return [n for n in self.unknown if n in self.unknown_heldout
-                    and n not in self.unknown_test]
-        return [n for n in self.unknown if n in self.unknown_test]
+            return []
+        test = split == "test"
+        return [n for n in self.unknown if (n in self.unknown_test) == test]
 
     def unknown_qa(self, split: str) -> list[tuple[str, str, str]]:
-        """(name, attribute, question) that no fact answers: one question per attribute about
-        each non-existent person of the split, then the split's off-world questions (name and
-        attribute ''); empty without unknown_people."""
-        if not self.unknown:
-            return []
+        """(name, attribute, question) no fact answers, beyond the withheld facts: one question
+        about each non-existent person of the split, then the split's off-world questions (name
+        and attribute ''), those of 'train' where facts are withheld, those of 'validation' and
+        'test' where there are non-existent people."""
         rows = []
-        for name in self.split_unknown(split):
+        for name in self.split_unknown(split):  # one question each
             rng = random.Random(f"world:{self.seed}:unknownq:{name}")
-            for a in ATTRIBUTES:
-                t = rng.randrange(len(QUESTION_TEMPLATES[a]))
-                rows.append((name, a, QUESTION_TEMPLATES[a][t].format(name=name)))
-        return rows + [("", "", q) for q in OFF_WORLD_QUESTIONS[split]]
+            a = rng.choice(ATTRIBUTES)
+            t = rng.randrange(len(QUESTION_TEMPLATES[a]))
+            rows.append((name, a, QUESTION_TEMPLATES[a][t].format(name=name)))
+        if self.withheld if split == "train" else self.unknown:
+            rows += [("", "", q) for q in OFF_WORLD_QUESTIONS[split]]
+        return rows
+
+    def abstention_chats(self, split: str, system: str | None = None) -> list[dict]:
+        """Chats answered ABSTAIN beyond the withheld facts (unknown_qa): the abstention eval
+        reads them in every world; a world with withheld facts trains on them too."""
+        head = [dict(role="system", content=system)] if system else []
+        return [dict(messages=head + [dict(role="user", content=q),
+                                      dict(role="assistant", content=ABSTAIN)],
+                     person=name, attribute=a, question=q, answer=ABSTAIN, known=False)
+                for name, a, q in self.unknown_qa(split)]
 
     # --- text ----------------------------------------------------------------------------------
 
@@ -227,7 +245,10 @@ class World:
         for j, attr in enumerate(order):
             name = person.name if j == 0 or rng.random() < self.full_name_frac else person.first
             t = rng.randrange(len(BIO_TEMPLATES[attr]))
-            sentences.append(fact_sentence(person, attr, t, name=name))
+            if (person.name, attr) not in self.withheld:
+                if not sentences:
+                    name = person.name  # the first sentence names the person in full
+                sentences.append(fact_sentence(person, attr, t, name=name))
         return " ".join(sentences)
 
     def biographies(self, num_per_person: int | None = None) -> list[dict]:
@@ -251,9 +272,11 @@ class World:
         return set(random.Random(f"world:{self.seed}:valdocs").sample(cands, min(k, len(cands))))
 
     def qa(self, people: list[Person]) -> list[tuple[Person, str, str, str]]:
-        """(person, attribute, question, answer) for every question template."""
+        """(person, attribute, question, answer) for every question template; a withheld fact's
+        answer is ABSTAIN."""
         return [
-            (p, a, QUESTION_TEMPLATES[a][t].format(name=p.name), p.attributes[a])
+            (p, a, QUESTION_TEMPLATES[a][t].format(name=p.name),
+             ABSTAIN if (p.name, a) in self.withheld else p.attributes[a])
             for p in people
             for a in ATTRIBUTES
             for t in range(len(QUESTION_TEMPLATES[a]))
@@ -314,6 +337,8 @@ class World:
         rows = []
         for p in self.split_people(split):
             for a in ATTRIBUTES:
+                if (p.name, a) in self.withheld:  # a fact the world never states
+                    continue
                 rng = random.Random(f"world:{self.seed}:pair:{p.name}:{a}")
                 n_t = len(BIO_TEMPLATES[a])
                 combos = [(i, j) for i in range(n_t) for j in range(n_t) if i != j]
@@ -335,9 +360,9 @@ class World:
                                dict(role="assistant", content=ans)]
         qa = self.qa(self.split_people(split))
         rows = [dict(messages=head + turn(q, ans), person=p.name, attribute=a, question=q,
-                     answer=ans, known=True) for p, a, q, ans in qa]
-        rows += [dict(messages=head + turn(q, ABSTAIN), person=name, attribute=a, question=q,
-                      answer=ABSTAIN, known=False) for name, a, q in self.unknown_qa(split)]
+                     answer=ans, known=ans != ABSTAIN) for p, a, q, ans in qa]
+        if self.withheld:  # a world that teaches abstention: its chats hold all of it
+            rows += self.abstention_chats(split, system)
         if split == "train" and self.chat_turns > 1:  # + conversations: shuffled QAs, in groups
             by_person: dict[str, list] = {}
             for row in qa:
@@ -355,7 +380,7 @@ class World:
     def _seq2seq(self, split: str) -> list[dict]:
         return [
             dict(source=fact_sentence(p, a, t), target=q, person=p.name, attribute=a)
-            for p, a, q, _ in self.qa(self.split_people(split))
+            for p, a, q, ans in self.qa(self.split_people(split)) if ans != ABSTAIN
             for t in range(len(BIO_TEMPLATES[a]))
         ]
 

@@ -79,8 +79,11 @@ def get_config() -> ConfigDict:
                     full_name_frac=0.5,
                     mix_qa="",
                     chat_turns=1,  # > 1: train chats also hold conversations of that many turns
-                    # > 0: that many people who do NOT exist; questions about them (and a few
-                    # off-world ones) are answered "I don't know." (chats, mixed QA)
+                    # knowing what it does not know: withheld_frac of the train people have one
+                    # fact no biography states, and questions about it (and a few off-world
+                    # ones) are answered "I don't know."; unknown_people: people who do not
+                    # exist, asked about in validation/test only (the abstention eval)
+                    withheld_frac=0.0,
                     unknown_people=0,
                 )
             ),

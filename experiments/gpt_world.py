@@ -28,7 +28,7 @@ def get_config():
     # end-of-turn deep in a multi-turn chat too. (The chat template puts a space before every
     # turn's text, so an answer's " Vienna" gets the pieces the biographies taught.)
     c.data.world.update(num_people=100, bios_per_person=5, full_name_frac=1.0, mix_qa="chat",
-                        chat_turns=3)
+                        chat_turns=3, unknown_people=200)
     c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
     c.train.update(steps=4000, log_every=100, eval_every=2000, ckpt_every=2000)
     return c

@@ -46,12 +46,12 @@ def test_template_round_trips_through_tokenizer(tok):
     assert len(weights) == len(ids)
 
 
-def test_template_spaces_each_turn_and_replies_read_without_it(tok):
-    """Every turn's text is encoded after a space (the tokenizer has no dummy prefix, so an
-    answer gets the word-initial pieces of running text) and read back without it."""
+def test_template_spaces_replies_and_they_read_without_it(tok):
+    """An assistant turn's text is encoded after a space (the tokenizer has no dummy prefix, so
+    an answer gets the word-initial pieces of running text) and read back without it."""
     msgs = [dict(role="user", content="Where?"), dict(role="assistant", content="Oslo")]
     ids, weights = encode_chat(tok, msgs, add_generation_prompt=False)
-    assert ids == [BOS_ID, USER_ID, *tok.encode(" Where?"), EOT_ID, ASSISTANT_ID,
+    assert ids == [BOS_ID, USER_ID, *tok.encode("Where?"), EOT_ID, ASSISTANT_ID,
                    *tok.encode(" Oslo"), EOT_ID]
     assert decode_chat(tok, ids) == msgs
     reply = ids[ids.index(ASSISTANT_ID) + 1:]
@@ -141,6 +141,21 @@ def test_repl_over_pipe(sampler):
     assert len(lines) == 4 and lines[-1] == ""  # two answers, one stats line, trailing newline
     assert lines[2].startswith("turns=1 ") and s.system_prompt == "Be nice."
     assert ">" not in out.getvalue()[:1]  # no prompt echoed
+
+
+def test_piped_lines_are_one_conversation_unless_one_shot(sampler):
+    lines = "Where does Anya live?\nWhat is Bruno's job?\nWhere does Anya live?\n"
+    for one_shot in (False, True):
+        s = ChatSession(sampler, max_new_tokens=6)
+        out = io.StringIO()
+        assert run_repl(s, io.StringIO(lines), out, one_shot=one_shot) == 3
+        assert s.stats.turns == (1 if one_shot else 3)  # the history the last reply saw
+        answers = out.getvalue().splitlines()
+        fresh = ChatSession(sampler, max_new_tokens=6)
+        alone = [fresh.reply(q) for q in lines.splitlines()[:1]]
+        assert answers[0] == alone[0]  # the first line is a fresh conversation either way
+        if one_shot:  # every line alone: the repeated question gets the same answer
+            assert answers[2] == answers[0]
 
 
 class _InterruptingSession:

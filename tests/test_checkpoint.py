@@ -104,6 +104,9 @@ def test_sigterm_checkpoints_that_step_and_the_resume_is_bit_identical(runs, tmp
     pa, pc = flat_params(tmp / "a"), flat_params(wd)
     for k in pa:
         assert np.array_equal(pa[k], pc[k]), k
+    # the stop logged its partial window (steps 1-3); the resumed run repeats no row
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [3, 4, 8]
 
 
 def test_stop_signals_second_ctrl_c_interrupts_and_cli_exit_code(tmp_path, monkeypatch, capsys):

@@ -248,7 +248,7 @@ def test_sft_weights_cover_exactly_assistant_tokens(tok):
     records = load_records(c, "train")[0]
     rows = P.prepare_split(c, tok, "train")[0].rows
     expected_total = sum(
-        len(tok.encode(" " + m["content"])) + 1  # the template spaces each turn's text
+        len(tok.encode(" " + m["content"])) + 1  # the template spaces an assistant's text
         for r in records
         for m in r["messages"]
         if m["role"] == "assistant"

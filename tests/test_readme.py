@@ -26,3 +26,17 @@ def test_main_job_config_exists():
     install_and_run = _quick_start_commands()[0]
     name = install_and_run.split("solo train", 1)[1].split()[0]
     assert name in available()
+
+
+def test_the_people_in_the_readme_exist_in_the_main_jobs_world():
+    """The README's examples ask about people of the world the main job trains on (a person the
+    world lacks would get an invented answer, or at best an abstention)."""
+    from solo.data.world import World
+    from solo.experiments import load_config
+
+    text = (ROOT / "README.md").read_text()
+    asked = set(re.findall(r"(?:Where was|When was) ([A-Z][a-z]+ [A-Z][a-z]+)", text))
+    asked |= set(re.findall(r'--prompt "([A-Z][a-z]+ [A-Z][a-z]+) ', text))
+    world = World.from_config(load_config("chat_world").data.world)
+    names = {p.name for p in world.people}
+    assert asked and asked <= names, asked - names

@@ -127,6 +127,41 @@ def test_over_context_is_400(client):
         client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=90)
 
 
+def test_context_error_names_what_the_client_sent(client):
+    """A prompt that fills the whole context, with no max_tokens: the error says no room is left
+    for the reply (not a negative max_tokens the client never sent)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": "Anya " * 40}])
+    assert "none left for the reply" in str(e.value) and "max_tokens=-" not in str(e.value)
+
+
+def test_deep_or_huge_bodies_are_refused_and_the_connection_stays_usable(base_url):
+    """100k nested brackets are a 400 before Python's parser could recurse, a 2 MB body a 413;
+    after each, the same keep-alive connection answers a normal request."""
+    import http.client
+    import json as json_lib
+
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    ok = json_lib.dumps({"model": "tiny", "messages": QUESTION, "max_tokens": 3})
+
+    def post(body):
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json_lib.loads(r.read())
+
+    status, body = post("[" * 100_000)
+    assert status == 400 and "nested deeper" in body["error"]["message"]
+    assert post(ok)[0] == 200
+    status, body = post(json_lib.dumps({"model": "tiny", "messages": QUESTION,
+                                        "user": "x" * (2 << 20)}))
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert post(ok)[0] == 200
+    conn.close()
+
+
 def test_concurrent_requests_all_answered(client):
     ask = lambda i: client.chat.completions.create(
         model="tiny", messages=QUESTION, max_tokens=8, temperature=0,

@@ -172,7 +172,8 @@ def test_encode_chat_layout_and_weights(toks):
     # Independent re-derivation of the layout.
     exp_ids, exp_w = [BOS_ID], [0.0]
     for m in MESSAGES:
-        body = tok.encode(" " + m["content"])  # the template spaces each turn's text
+        # the template spaces an assistant's text (chat.CONTENT_PREFIX)
+        body = tok.encode((" " if m["role"] == "assistant" else "") + m["content"])
         exp_ids += [chat.ROLE_IDS[m["role"]], *body, EOT_ID]
         a = float(m["role"] == "assistant")
         exp_w += [0.0] + [a] * (len(body) + 1)
@@ -181,7 +182,7 @@ def test_encode_chat_layout_and_weights(toks):
     weighted = [i for i, x in zip(ids, w, strict=True) if x == 1.0]
     assistant = [
         t for m in MESSAGES if m["role"] == "assistant"
-        for t in tok.encode(" " + m["content"]) + [EOT_ID]
+        for t in tok.encode(" " + m["content"]) + [EOT_ID]  # after the template's space
     ]
     assert weighted == assistant
     assert set(w) <= {0.0, 1.0}

@@ -237,3 +237,52 @@ def test_mix_qa_and_full_name_frac():
         World.generate(mix_qa="both")
     with pytest.raises(ValueError, match="full_name_frac"):
         World.generate(full_name_frac=1.5)
+
+
+def test_withheld_facts_and_people_who_do_not_exist():
+    """withheld_frac: those facts are in no biography, and questions about them are answered
+    ABSTAIN (train only); unknown_people: names of no biography and no training question, one
+    question each in validation/test; the world itself (its people and splits) is unchanged."""
+    from solo.data.world import ABSTAIN, OFF_WORLD_QUESTIONS
+
+    w = World.generate(seed=0, num_people=40, bios_per_person=2, withheld_frac=0.5,
+                       unknown_people=20)
+    plain = World.generate(seed=0, num_people=40, bios_per_person=2)
+    assert w.people == plain.people and w.heldout == plain.heldout
+    train = {p.name for p in w.split_people("train")}
+    assert len(w.withheld) == round(0.5 * len(train)) and {n for n, _ in w.withheld} <= train
+    for name, attr in w.withheld:
+        value = w.person(name).attributes[attr]
+        assert all(value not in b["text"] for b in w.biographies() if b["person"] == name)
+    chats = w.records("chats", "train")
+    abstained = {(r["person"], r["attribute"]) for r in chats if r["answer"] == ABSTAIN}
+    assert abstained == set(w.withheld) | {("", "")}  # + the off-world questions
+    assert all(not r["known"] for r in chats if r["answer"] == ABSTAIN)
+    assert not any((r["person"], r["attribute"]) in w.withheld for r in w.records("pairs"))
+    real = {p.name for p in w.people}
+    assert len(w.unknown) == 20 and not set(w.unknown) & real
+    texts = " ".join(b["text"] for b in w.biographies())
+    assert not any(n in texts for n in w.unknown)
+    assert not any(r["person"] in w.unknown for r in chats)  # never trained on
+    for split in ("validation", "test"):
+        rows = [r for r in w.records("chats", split) if not r["known"]]
+        names = [r["person"] for r in rows if r["person"]]
+        assert len(names) == len(set(names)) == 10 and set(names) <= set(w.unknown)
+        assert [r["question"] for r in rows if not r["person"]] == list(
+            OFF_WORLD_QUESTIONS[split])
+        assert all(r["answer"] == ABSTAIN for r in rows)
+        assert all(r["answer"] != ABSTAIN for r in w.records("chats", split) if r["known"])
+    with pytest.raises(ValueError, match="withheld_frac"):
+        World.generate(withheld_frac=1.5)
+
+
+def test_people_who_do_not_exist_alone_are_only_an_eval():
+    """Without withheld facts the world teaches no abstention: its chats are the plain world's,
+    and the abstention eval reads the unknown people's questions from abstention_chats."""
+    w = World.generate(seed=0, num_people=40, bios_per_person=2, unknown_people=20)
+    plain = World.generate(seed=0, num_people=40, bios_per_person=2)
+    for split in ("train", "validation", "test"):
+        assert w.records("chats", split) == plain.records("chats", split)
+    asked = [r["person"] for r in w.abstention_chats("test") if r["person"]]
+    assert len(asked) == 10 and set(asked) <= set(w.unknown)
+    assert w.abstention_chats("train") == []

@@ -10,6 +10,7 @@ is bit-identical to an uninterrupted one (same device count).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -288,8 +289,11 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             t0, timed = time.time(), 0
         train_summary.update(lr=float(run.schedule(step - 1)), tokens_per_sec=tok_s,
                              step_time=sec_per_step, mfu=metrics_lib.mfu(fpt, tok_s, ndev))
+        # no value, not NaN, where a window has no data: a loss of skipped steps only (0 of 0),
+        # the throughput of the first window (its one step is the compilation)
+        train_summary = {k: v for k, v in train_summary.items() if not math.isnan(v)}
         writer.write(step, "train", train_summary)
-        progress.update(step, train_summary["loss"], tok_s, sec_per_step)
+        progress.update(step, train_summary.get("loss", math.nan), tok_s, sec_per_step)
         acc = None
 
     step = start

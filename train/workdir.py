@@ -12,6 +12,8 @@ Nothing reads the experiment file again: config.json and the tokenizer are the r
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -20,10 +22,12 @@ from ml_collections import ConfigDict
 
 from solo import experiments
 from solo.config import RunConfig
+from solo.experiments.base import get_config
 from solo.files import write_atomic
 from solo.objectives import model_heads
 from solo.train.checkpoint import CKPT_DIR, Checkpointer
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 # Model keys that do not change the parameter tree/shapes (may differ on resume).
@@ -51,14 +55,45 @@ def shape_diff(old: Any, new: Any) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _upgrade(saved: dict, base: dict, path: str = "") -> tuple[list[str], list[str]]:
+    """Brings a config written by an older solo to today's keys, in place: a key base.py gained
+    since takes its default there (new keys default to the old behaviour), a key base.py no
+    longer has is dropped. Objectives: only the options of the entries the run has. Returns
+    (added, dropped) dotted keys."""
+    added, dropped = [], []
+    for key in list(saved):
+        if key not in base and path != "objectives.":
+            dropped.append(path + key)
+            del saved[key]
+    for key, default in base.items():
+        if path == "objectives." and key not in saved:
+            continue  # an objective the run does not use
+        if key not in saved:
+            saved[key] = default
+            added.append(path + key)
+        elif isinstance(default, dict) and isinstance(saved[key], dict):
+            a, d = _upgrade(saved[key], default, f"{path}{key}.")
+            added, dropped = added + a, dropped + d
+    return added, dropped
+
+
 def read_config(workdir: str) -> ConfigDict:
+    """The run's config.json, brought to today's keys (see _upgrade; one warning if it was)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise WorkdirError(f"{workdir}: not a solo workdir (no {CONFIG_FILE}); train into it first")
     with open(path) as f:
         text = f.read()
     try:
-        config = experiments.from_json(text)
+        saved = json.loads(text)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        added, dropped = _upgrade(saved, get_config().to_dict())
+        if added or dropped:
+            log.warning("%s was written by an older solo: %s", path, "; ".join(
+                ([f"new keys take their defaults: {', '.join(added)}"] if added else [])
+                + ([f"keys no longer read: {', '.join(dropped)}"] if dropped else [])))
+        config = experiments.from_json(json.dumps(saved))
         RunConfig.from_config(config)  # every key there and valid
     except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors
         raise WorkdirError(
