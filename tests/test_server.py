@@ -162,6 +162,25 @@ def test_deep_or_huge_bodies_are_refused_and_the_connection_stays_usable(base_ur
     conn.close()
 
 
+def test_a_half_sent_request_is_one_warning_line(base_url, caplog):
+    """A client that hangs up in the middle of its request body: one warning, no traceback, and
+    the server goes on answering."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with caplog.at_level("WARNING"):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                      b'{"model": "tiny", "mess')
+        deadline = time.time() + 10
+        while "disconnected" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+    assert "client disconnected before its request was complete" in caplog.text
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records
+                                                  if r.levelname == "ERROR"]
+    openai_client = openai.OpenAI(base_url=base_url + "/v1", api_key="-", max_retries=0)
+    assert openai_client.models.list().data[0].id == "tiny"
+
+
 def test_concurrent_requests_all_answered(client):
     ask = lambda i: client.chat.completions.create(
         model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
