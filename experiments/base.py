@@ -27,7 +27,13 @@ def get_config() -> ConfigDict:
             positions="rope",  # rope | learned
             rope_theta=10_000.0,
             norm="rmsnorm",  # rmsnorm | layernorm
-            mlp="swiglu",  # swiglu | gelu
+            norm_eps=1e-6,  # GPT-2 and Llama 1e-5, BERT 1e-12
+            norm_position="pre",  # pre (GPT-2, Llama) | post (BERT: norm after each residual add)
+            embed_norm=False,  # a norm right after the embeddings (BERT)
+            embed_scale=False,  # embeddings times sqrt(d_model) (Gemma)
+            mlp="swiglu",  # swiglu | gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT)
+            attn_bias=False,  # biases on the q, k, v and output projections (GPT-2, BERT)
+            mlp_bias=False,  # biases on the MLP projections (GPT-2, BERT)
             dropout=0.0,
             tie_embeddings=True,
             type_vocab_size=0,  # > 0: BERT token-type embeddings

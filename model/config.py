@@ -12,7 +12,8 @@ _CHOICES = {
     "kind": ("decoder", "encoder", "encoder_decoder"),
     "positions": ("rope", "learned"),
     "norm": ("rmsnorm", "layernorm"),
-    "mlp": ("swiglu", "gelu"),
+    "norm_position": ("pre", "post"),
+    "mlp": ("swiglu", "gelu", "gelu_exact"),
     "pooling": ("mean", "first"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32",),
@@ -44,7 +45,13 @@ class ModelConfig:
     positions: str
     rope_theta: float
     norm: str
+    norm_eps: float
+    norm_position: str
+    embed_norm: bool
+    embed_scale: bool
     mlp: str
+    attn_bias: bool
+    mlp_bias: bool
     dropout: float
     tie_embeddings: bool
     type_vocab_size: int
@@ -70,6 +77,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"ModelConfig.norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if self.rope_theta <= 0:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         setf = lambda k, v: object.__setattr__(self, k, v)  # frozen: resolve derived fields once
@@ -105,6 +114,12 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def activation(self) -> str:
+        """The GELU the MLP (and the MLM head) use: 'gelu_exact' (erf, BERT) or 'gelu' (tanh,
+        GPT-2's gelu_new; also the MLM head's of SwiGLU models)."""
+        return "gelu_exact" if self.mlp == "gelu_exact" else "gelu"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -112,7 +127,7 @@ class ModelConfig:
 def _block_matmul_params(cfg: ModelConfig, cross: bool) -> int:
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn = d * h * k * 2 + d * g * k * 2  # q, o + k, v
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff  # biases are free (see below)
     return attn * (2 if cross else 1) + mlp
 
 

@@ -44,13 +44,14 @@ def fan_in_init(in_axis, out_axis):
                                             in_axis=in_axis, out_axis=out_axis)
 
 
-def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, dtype,
+         eps: float = 1e-6) -> jax.Array:
     """LayerNorm (with bias) or RMSNorm (bias None) over the last axis, computed in float32,
     returned in `dtype`."""
     x = x.astype(F32)
     if bias is not None:
         x = x - x.mean(-1, keepdims=True)
-    x = x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+    x = x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * scale
     return (x if bias is None else x + bias).astype(dtype)
 
 
@@ -66,7 +67,7 @@ class Norm(nn.Module):
         scale = param(self, "scale", nn.initializers.ones, (d,), ("embed",), cfg)
         bias = (param(self, "bias", nn.initializers.zeros, (d,), ("embed",), cfg)
                 if cfg.norm == "layernorm" else None)
-        return norm(x_BLD, scale, bias, cfg.dtype)
+        return norm(x_BLD, scale, bias, cfg.dtype, cfg.norm_eps)
 
 
 class Dense(nn.Module):
@@ -115,6 +116,8 @@ class Embedder(nn.Module):
             if token_types_BL is None:
                 token_types_BL = jnp.zeros_like(tokens_BL)
             x_BLD = x_BLD + jnp.take(self.token_type, token_types_BL, axis=0)
+        if cfg.embed_scale:  # Gemma: the tied table serves both ends at sqrt(D) apart
+            x_BLD = x_BLD * jnp.asarray(math.sqrt(cfg.d_model), x_BLD.dtype)
         return x_BLD.astype(cfg.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
@@ -161,7 +164,15 @@ def _gelu_bwd(x, dy):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def activation(cfg: ModelConfig):
+    """The MLP's (and MLM head's) GELU: erf-exact (BERT) or the tanh approximation (`gelu`)."""
+    return (lambda x: jax.nn.gelu(x, approximate=False)) if cfg.activation == "gelu_exact" \
+        else gelu
+
+
 class Mlp(nn.Module):
+    """SwiGLU (wi_0 gate, wi_1 up, wo down) or GELU (wi, wo), with biases if cfg.mlp_bias."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -170,13 +181,20 @@ class Mlp(nn.Module):
         dt, d, f = cfg.dtype, cfg.d_model, cfg.d_ff
         init = fan_in_init(0, 1)
         x = x_BLD.astype(dt)
-        wi = lambda name: param(self, name, init, (d, f), ("embed", "mlp"), cfg).astype(dt)
+
+        def proj(x, name, shape, axes):
+            y = matmul(x, param(self, name, init, shape, axes, cfg).astype(dt))
+            if cfg.mlp_bias:
+                b = param(self, f"{name}_bias", nn.initializers.zeros, shape[1:], axes[1:], cfg)
+                y = y + b.astype(dt)
+            return y
+
         if cfg.mlp == "swiglu":
-            h_BLF = nn.silu(matmul(x, wi("wi_0"))) * matmul(x, wi("wi_1"))
+            h_BLF = nn.silu(proj(x, "wi_0", (d, f), ("embed", "mlp"))) * proj(
+                x, "wi_1", (d, f), ("embed", "mlp"))
         else:
-            h_BLF = gelu(matmul(x, wi("wi")))
-        wo = param(self, "wo", init, (f, d), ("mlp", "embed"), cfg).astype(dt)
-        return matmul(h_BLF, wo)
+            h_BLF = activation(cfg)(proj(x, "wi", (d, f), ("embed", "mlp")))
+        return proj(h_BLF, "wo", (f, d), ("mlp", "embed"))
 
 
 def attention_core(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
@@ -238,19 +256,28 @@ class Attention(nn.Module):
         wv = param(self, "v", proj_in, (d, g, k), ("embed", "heads", "kv"), cfg).astype(dt)
         wo = param(self, "o", fan_in_init((0, 1), 2), (h, k, d), ("heads", "kv", "embed"),
                    cfg).astype(dt)
+        zero = nn.initializers.zeros
+        bq = bk = bv = bo = 0.0
+        if cfg.attn_bias:
+            bq = param(self, "q_bias", zero, (h, k), ("heads", "kv"), cfg).astype(dt).reshape(-1)
+            bk = param(self, "k_bias", zero, (g, k), ("heads", "kv"), cfg).astype(dt).reshape(-1)
+            bv = param(self, "v_bias", zero, (g, k), ("heads", "kv"), cfg).astype(dt).reshape(-1)
+            bo = param(self, "o_bias", zero, (d,), ("embed",), cfg).astype(dt)
         self_attn = kv_BSD is x_BLD
         x_BLD, kv_BSD = x_BLD.astype(dt), kv_BSD.astype(dt)
         if self_attn:  # self-attention: q, k, v as one [D, (H+2G)K] GEMM
             w = jnp.concatenate([wq.reshape(d, h * k), wk.reshape(d, g * k),
                                  wv.reshape(d, g * k)], axis=1)
             qkv = matmul(x_BLD, w)
+            if cfg.attn_bias:
+                qkv = qkv + jnp.concatenate([bq, bk, bv])
             q_BLHK = qkv[..., :h * k].reshape(*x_BLD.shape[:2], h, k)
             k_BSGK = qkv[..., h * k:(h + g) * k].reshape(*x_BLD.shape[:2], g, k)
             v_BSGK = qkv[..., (h + g) * k:].reshape(*x_BLD.shape[:2], g, k)
         else:
-            q_BLHK = matmul(x_BLD, wq.reshape(d, h * k)).reshape(*x_BLD.shape[:2], h, k)
-            k_BSGK = matmul(kv_BSD, wk.reshape(d, g * k)).reshape(*kv_BSD.shape[:2], g, k)
-            v_BSGK = matmul(kv_BSD, wv.reshape(d, g * k)).reshape(*kv_BSD.shape[:2], g, k)
+            q_BLHK = (matmul(x_BLD, wq.reshape(d, h * k)) + bq).reshape(*x_BLD.shape[:2], h, k)
+            k_BSGK = (matmul(kv_BSD, wk.reshape(d, g * k)) + bk).reshape(*kv_BSD.shape[:2], g, k)
+            v_BSGK = (matmul(kv_BSD, wv.reshape(d, g * k)) + bv).reshape(*kv_BSD.shape[:2], g, k)
         if self.rope and cfg.positions == "rope":  # self-attention only: kv positions == q's
             q_BLHK = apply_rope(q_BLHK, positions_BL, cfg.rope_theta)
             k_BSGK = apply_rope(k_BSGK, positions_BL, cfg.rope_theta)
@@ -260,11 +287,14 @@ class Attention(nn.Module):
         else:
             out_BLHK = attention_core(q_BLHK, k_BSGK, v_BSGK, mask_BLS, causal=causal)
         out_BLD = matmul(out_BLHK.reshape(*out_BLHK.shape[:2], h * k), wo.reshape(h * k, d))
+        if cfg.attn_bias:
+            out_BLD = out_BLD + bo
         return out_BLD, cache
 
 
 class Block(nn.Module):
-    """Pre-norm block: self-attention [+ cross-attention] + MLP, each with residual dropout.
+    """Self-attention [+ cross-attention] + MLP, each a residual branch with dropout; pre-norm
+    (x + f(norm(x)), GPT-2/Llama) or post-norm (norm(x + f(x)), BERT) by cfg.norm_position.
 
     ctx (broadcast over layers): mask [B,L,S] bool, positions [B,L], slot (decoding: the cache
     slot of the first new token) or None, encoded [B,Ls,D] or None, cross_mask [B,L,Ls] or None.
@@ -279,15 +309,23 @@ class Block(nn.Module):
     def __call__(self, x_BLD, cache, ctx):
         cfg = self.cfg
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+
+        def residual(x, norm_name, branch):
+            if cfg.norm_position == "pre":
+                return x + drop(branch(Norm(cfg, name=norm_name)(x)))
+            return Norm(cfg, name=norm_name)(x + drop(branch(x)))
+
         causal = cfg.kind == "decoder" or self.cross  # decoder self-attention (static)
-        h_BLD = Norm(cfg, name="attn_norm")(x_BLD)
-        h_BLD, cache = Attention(cfg, name="attn")(h_BLD, h_BLD, ctx["mask"], ctx["positions"],
-                                                   cache, ctx["slot"], causal)
-        x_BLD = x_BLD + drop(h_BLD)
+        new_cache = [cache]
+
+        def self_attention(h):
+            h, new_cache[0] = Attention(cfg, name="attn")(h, h, ctx["mask"], ctx["positions"],
+                                                          cache, ctx["slot"], causal)
+            return h
+
+        x_BLD = residual(x_BLD, "attn_norm", self_attention)
         if self.cross:
-            h_BLD = Norm(cfg, name="cross_norm")(x_BLD)
-            h_BLD, _ = Attention(cfg, rope=False, name="cross_attn")(
-                h_BLD, ctx["encoded"], ctx["cross_mask"])
-            x_BLD = x_BLD + drop(h_BLD)
-        h_BLD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BLD))
-        return x_BLD + drop(h_BLD), cache
+            x_BLD = residual(x_BLD, "cross_norm", lambda h: Attention(
+                cfg, rope=False, name="cross_attn")(h, ctx["encoded"], ctx["cross_mask"])[0])
+        x_BLD = residual(x_BLD, "mlp_norm", Mlp(cfg, name="mlp"))
+        return x_BLD, new_cache[0]

@@ -26,7 +26,7 @@ import numpy as np
 
 from solo.model.config import ModelConfig
 from solo.model.kvcache import DecodeCache
-from solo.model.layers import F32, Block, Dense, Embedder, Norm, gelu, param
+from solo.model.layers import F32, Block, Dense, Embedder, Norm, activation, param
 
 HEADS = ("lm", "mlm", "nsp", "embed")
 
@@ -89,6 +89,8 @@ class Stack(nn.Module):
             for i in range(self.num_layers):
                 x_BLD, _ = block_cls(cfg, self.cross, deterministic, name=f"layers_{i}")(
                     x_BLD, None, ctx)
+        if cfg.norm_position == "post":  # each block already ends in a norm (BERT)
+            return x_BLD, cache
         return Norm(cfg, name="final_norm")(x_BLD), cache
 
     def _block_cls(self):
@@ -132,14 +134,14 @@ def unstack_layers(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
 
 
 class MlmHead(nn.Module):
-    """BERT MLM head: dense + gelu + norm, then (tied) vocab projection with bias."""
+    """BERT MLM head: dense + GELU (the model's) + norm, then (tied) vocab projection + bias."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BLD, table_VD=None):
         cfg = self.cfg
-        h = gelu(Dense(cfg, cfg.d_model, name="transform")(x_BLD))
+        h = activation(cfg)(Dense(cfg, cfg.d_model, name="transform")(x_BLD))
         h = Norm(cfg, name="norm")(h)
         if table_VD is None:
             logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
@@ -216,6 +218,8 @@ class Transformer(nn.Module):
                              "with ModelConfig.from_config(..., vocab_size=tokenizer.vocab_size)")
         self.embedder = Embedder(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
+        if cfg.embed_norm:
+            self.embed_norm = Norm(cfg)
         if cfg.kind in ("encoder", "encoder_decoder"):
             self.encoder = Stack(cfg, cfg.num_layers)
         if cfg.kind in ("decoder", "encoder_decoder"):
@@ -230,6 +234,8 @@ class Transformer(nn.Module):
 
     def _embed(self, tokens, positions, token_types, deterministic):
         x_BLD = self.embedder(tokens, positions, token_types)
+        if self.cfg.embed_norm:
+            x_BLD = self.embed_norm(x_BLD)
         return self.embed_dropout(x_BLD, deterministic=deterministic)
 
     def _lm_logits(self, x_BLD):

@@ -14,9 +14,12 @@ from solo.model import Transformer, init_cache, unstack_layers
 # Every model option decoding could get wrong. `_pairwise` picks few option sets such that every
 # pair of values of two options appears together in at least one of them.
 DECODE_OPTIONS = dict(kind=["decoder", "encoder_decoder"], positions=["rope", "learned"],
-                      norm=["rmsnorm", "layernorm"], mlp=["swiglu", "gelu"],
+                      norm=["rmsnorm", "layernorm"], mlp=["swiglu", "gelu", "gelu_exact"],
                       tie_embeddings=[True, False], num_kv_heads=[4, 2, 1],
-                      type_vocab_size=[0, 2], scan_layers=[False, True], head_dim=[0, 12])
+                      type_vocab_size=[0, 2], scan_layers=[False, True], head_dim=[0, 12],
+                      attn_bias=[False, True], mlp_bias=[False, True],
+                      norm_position=["pre", "post"], embed_norm=[False, True],
+                      embed_scale=[False, True])
 
 
 def _pairwise(options: dict) -> list[dict]:
@@ -39,6 +42,14 @@ def _pairwise(options: dict) -> list[dict]:
 
 
 DECODE_VARIANTS = _pairwise(DECODE_OPTIONS)
+
+
+def jittered(params, scale=0.1):
+    """Params plus noise, so that biases and norm parameters (initialised to 0 and 1) matter."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(42), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys, strict=True)])
 
 
 def test_the_pairwise_variants_cover_every_pair():
@@ -67,7 +78,7 @@ def test_decode_equals_full_recompute_for_every_option_pair(kw):
     pad = lambda rows, n: jnp.asarray([[0] * (width - n_) + list(r[:n_]) for r, n_ in
                                        zip(rows, lens, strict=True)], jnp.int32)
     full_batch = dict(tokens=jnp.asarray([s for s in seqs[:1]], jnp.int32), src_tokens=src[:1])
-    params = init(cfg, full_batch)
+    params = jittered(init(cfg, full_batch))
     dec_cfg, dec_params = unstack_layers(cfg, params["params"])  # decode runs unrolled layers
     model, dec_params = Transformer(dec_cfg), {"params": dec_params}
     enc = {}
