@@ -1,9 +1,10 @@
-"""Multi-turn chat on top of `Sampler`, with the exact SFT template (`data.chat.encode_chat`).
+"""Multi-turn chat on top of `Sampler`, in the tokenizer's chat template (`data.chat`): solo's
+own, or a pretrained model's, the same ids SFT trains on.
 
-The prompt is re-encoded from the message history every turn (the same ids SFT trained on).
-When history + generation budget exceed `max_context`, the oldest turns are dropped (a user turn
-together with the assistant answer that followed it); the system prompt and the newest user
-message are always kept. Generation stops at END_OF_TURN, EOS or any role marker id.
+The prompt is re-encoded from the message history every turn. When history + generation budget
+exceed `max_context`, the oldest turns are dropped (a user turn together with the assistant
+answer that followed it); the system prompt and the newest user message are always kept.
+Generation stops at the template's stop ids (end of turn, end of text, role markers).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from collections.abc import Callable
 
 from solo.agent.guards import GuardDecision, Guards
 from solo.agent.sampler import Sampler, Sampling
-from solo.data.chat import CONTENT_PREFIX, encode_chat
-from solo.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, EOT_ID, SYSTEM_ID, USER_ID
+from solo.data.chat import SoloChatTemplate, chat_template
 
-CHAT_STOP_IDS = (EOT_ID, EOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, BOS_ID)
+CHAT_STOP_IDS = SoloChatTemplate.stop_ids  # solo's own template's
 
 
 class ContextOverflow(ValueError):
@@ -42,11 +42,12 @@ class ChatSession:
                  guards: Guards | None = None, seed: int = 0, chunk: int = 4):
         self.sampler = sampler
         self.tok = sampler.tokenizer
+        self.template = chat_template(self.tok)
         self.system_prompt = system_prompt
         self.max_context = min(max_context or sampler.cache_len, sampler.cache_len)
         self.max_new_tokens = int(max_new_tokens)
         self.sampling = sampling or Sampling()
-        self.guards = guards or Guards()
+        self.guards = guards or Guards(markers=self.template.marker_texts)
         self.seed = seed
         self.chunk = chunk
         self.history: list[dict] = []
@@ -73,7 +74,7 @@ class ChatSession:
         """Template ids for history + user_text, trimming the oldest turns to fit."""
         budget = self.max_context - self.max_new_tokens
         while True:
-            ids, _ = encode_chat(self.tok, self.messages(user_text), add_generation_prompt=True)
+            ids, _ = self.template.encode(self.messages(user_text), add_generation_prompt=True)
             if len(ids) <= budget:
                 return ids
             if not self.history:
@@ -108,8 +109,8 @@ class ChatSession:
         cb = None if stream_cb is None else (lambda _row, delta: stream_cb(delta))
         gen = self.sampler.generate([ids], max_new_tokens=self.max_new_tokens,
                                     method=self.sampling, seed=self.seed, stream_cb=cb,
-                                    chunk=self.chunk, stop_ids=CHAT_STOP_IDS,
-                                    prefix=CONTENT_PREFIX)[0]
+                                    chunk=self.chunk, stop_ids=self.template.stop_ids,
+                                    prefix=self.template.reply_prefix)[0]
         self.seed += 1  # a new draw each turn when sampling
         d_out = self.guards.check_output(gen.text)
         self.last_decisions.append(d_out)
@@ -135,7 +136,8 @@ class ChatSession:
 def build_sampler(loaded, cache_len: int = 0) -> Sampler:
     """Sampler for `solo.train.inference.load(...)` (cache = model max_len)."""
     return Sampler(loaded.model, loaded.params, loaded.tokenizer,
-                   cache_len=cache_len or loaded.model.cfg.max_len, stop_ids=CHAT_STOP_IDS)
+                   cache_len=cache_len or loaded.model.cfg.max_len,
+                   stop_ids=chat_template(loaded.tokenizer).stop_ids)
 
 
 def build_session(loaded, sampler: Sampler | None = None, **overrides) -> ChatSession:
@@ -145,6 +147,7 @@ def build_session(loaded, sampler: Sampler | None = None, **overrides) -> ChatSe
     kw = dict(system_prompt=agent.system_prompt, max_context=agent.max_context,
               max_new_tokens=agent.max_new_tokens,
               sampling=Sampling(agent.temperature, agent.top_k, agent.top_p),
-              guards=Guards.from_config(agent), seed=loaded.config.seed)
+              guards=Guards.from_config(agent, chat_template(loaded.tokenizer).marker_texts),
+              seed=loaded.config.seed)
     kw.update(overrides)
     return ChatSession(sampler or build_sampler(loaded), **kw)

@@ -64,13 +64,18 @@ class GuardDecision:
 
 
 class Guards:
-    def __init__(self, cfg: GuardConfig = NO_LIMITS):
+    """cfg: limits and patterns; markers: the chat template's control-token texts (a reply is
+    cut at the first one; default solo's role markers)."""
+
+    def __init__(self, cfg: GuardConfig = NO_LIMITS, markers: Sequence[str] = ROLE_MARKER_TEXTS):
         self.cfg = cfg
+        self.markers = tuple(m for m in markers if m)
         self._patterns = [(p, re.compile(p, re.IGNORECASE)) for p in self.cfg.blocked_patterns]
 
     @classmethod
-    def from_config(cls, agent: AgentConfig) -> Guards:
-        return cls(GuardConfig.from_config(agent))
+    def from_config(cls, agent: AgentConfig, markers: Sequence[str] = ROLE_MARKER_TEXTS
+                    ) -> Guards:
+        return cls(GuardConfig.from_config(agent), markers)
 
     def _decide(self, decision: GuardDecision) -> GuardDecision:
         quiet = decision.action == "allow" and not decision.reason
@@ -94,7 +99,7 @@ class Guards:
         if pattern is not None:
             return self._decide(GuardDecision("input", "refuse", cfg.refusal, "blocked_pattern",
                                               pattern))
-        if any(m in text for m in ROLE_MARKER_TEXTS):
+        if any(m in text for m in self.markers):
             # Allowed: it is encoded as plain text, so it cannot open a new turn.
             return self._decide(GuardDecision("input", "allow", text, "role_marker_text"))
         return self._decide(GuardDecision("input", "allow", text))
@@ -102,7 +107,7 @@ class Guards:
     def check_output(self, text: str) -> GuardDecision:
         cfg = self.cfg
         reasons = []
-        cut = min((text.find(m) for m in ROLE_MARKER_TEXTS if m in text), default=-1)
+        cut = min((text.find(m) for m in self.markers if m in text), default=-1)
         if cut >= 0:  # the model wrote a role marker as text: the turn ends there
             text = text[:cut]
             reasons.append("role_marker_text")

@@ -76,13 +76,13 @@ class Sampler:
       params: the 'params' tree (or a {'params': ...} variables dict); boxed metadata is removed.
       tokenizer: `solo.data.tokenizer.Tokenizer` (needed for text in/out and stop strings).
       cache_len: the context: prompt + max_new_tokens must fit (default: model max_len).
-      stop_ids: tokens that end a row (not included in the output).
+      stop_ids: tokens that end a row (not included in the output); default the tokenizer's.
       overflow: 'error' (default: prompt + budget > cache_len raises ValueError) or 'truncate_left'
         (keep the newest prompt tokens that fit; encoder_decoder sources are right-truncated).
     """
 
     def __init__(self, model: Transformer, params, tokenizer=None, *, cache_len: int | None = None,
-                 stop_ids: Sequence[int] = (EOS_ID, EOT_ID), overflow: str = "error",
+                 stop_ids: Sequence[int] | None = None, overflow: str = "error",
                  min_bucket: int = 16):
         cfg = model.cfg
         if cfg.kind == "encoder":
@@ -98,7 +98,11 @@ class Sampler:
         if cfg.positions == "learned" and self.cache_len > cfg.max_len:
             raise ValueError(f"cache_len={self.cache_len} > max_len={cfg.max_len} (learned "
                              "positions cannot extrapolate)")
+        if stop_ids is None:  # the tokenizer's end of text (and solo's end of turn)
+            stop_ids = tokenizer.stop_ids if tokenizer is not None else (EOS_ID, EOT_ID)
         self.stop_ids = tuple(int(i) for i in stop_ids)
+        # a decoder's first token for the encoder-decoder path, and before text prompts
+        self.bos_id = tokenizer.bos_id if tokenizer is not None else BOS_ID
         self.overflow = overflow
         self.min_bucket = min_bucket
         opts = compiler_options("decode")
@@ -185,7 +189,7 @@ class Sampler:
         max_new = max(max_new_rows, default=1)
         if self.cfg.kind == "encoder_decoder":
             if src is None:  # the prompts are the sources; the decoder starts from BOS
-                src, prompts = prompts, [[BOS_ID]] * len(prompts)
+                src, prompts = prompts, [[self.bos_id]] * len(prompts)
             src = [list(map(int, x)) for x in src]
             if any(len(x) > self.cfg.max_len for x in src):
                 if self.overflow == "error":
@@ -285,7 +289,8 @@ class Sampler:
         dropped from the start of each row's text (a chat template's content prefix).
         """
         tok = self.tokenizer
-        ids = [([BOS_ID] + tok.encode(p)) if isinstance(p, str) else list(p) for p in prompts]
+        start = [self.bos_id] if self.bos_id is not None and getattr(tok, "add_bos", True) else []
+        ids = [(start + tok.encode(p)) if isinstance(p, str) else list(p) for p in prompts]
         if src is not None:
             src = [tok.encode(x) if isinstance(x, str) else list(x) for x in src]
         streaming = bool(stream_cb or [s for s in stop if s])

@@ -30,12 +30,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from solo.agent.chat import CHAT_STOP_IDS
 from solo.agent.guards import Guards
 from solo.agent.requests import MAX_BODY_BYTES, RequestError, error_response, parse, read_body
 from solo.agent.sampler import Greedy, Sampler
 from solo.agent.streaming import RowText
-from solo.data.chat import CONTENT_PREFIX, encode_chat
+from solo.data.chat import chat_template
 
 log = logging.getLogger("solo.server")
 
@@ -72,6 +71,7 @@ class ModelWorker:
     def __init__(self, sampler: Sampler, guards: Guards, chunk: int = 4, max_batch: int = 8,
                  window_s: float = 0.002):
         self.sampler, self.guards, self.chunk = sampler, guards, chunk
+        self.template = chat_template(sampler.tokenizer)
         self.max_batch, self.window_s = max(1, max_batch), window_s
         self.pending: collections.deque[_Job] = collections.deque()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
@@ -127,11 +127,11 @@ class ModelWorker:
         tok = self.sampler.tokenizer
         # text is decoded per chunk only where a stream or stop strings need it
         rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream,
-                        prefix=CONTENT_PREFIX) for j in batch]
+                        prefix=self.template.reply_prefix) for j in batch]
         stop_rows = np.zeros((len(batch),), bool)
         it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
                                   method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,
-                                  stop_rows=stop_rows, stop_ids=CHAT_STOP_IDS)
+                                  stop_rows=stop_rows, stop_ids=self.template.stop_ids)
         try:
             for new, _, info in it:
                 for i, (job, row) in enumerate(zip(batch, rows, strict=True)):
@@ -172,7 +172,8 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
     """The ASGI app. Defaults (max_new_tokens, temperature, ...) apply when a request omits them
     (normally config.agent's). The worker thread starts here and stops on app shutdown; see
     ModelWorker for max_batch and batch_window_s."""
-    guards = guards or Guards()
+    template = chat_template(sampler.tokenizer)
+    guards = guards or Guards(markers=template.marker_texts)
     worker = ModelWorker(sampler, guards, chunk=chunk, max_batch=max_batch,
                          window_s=batch_window_s)
     defaults = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -185,7 +186,7 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
     async def chat_completions(request: Request):
         try:
             req = parse(await read_body(request, max_body_bytes), sampler, defaults)
-            ids, _ = encode_chat(sampler.tokenizer, req["messages"], add_generation_prompt=True)
+            ids, _ = template.encode(req["messages"], add_generation_prompt=True)
             room = sampler.cache_len - len(ids)
             max_new = req["max_tokens"] or min(max_new_tokens, room)
             if room < 1 or len(ids) + max_new > sampler.cache_len:
@@ -284,7 +285,8 @@ def app_from_loaded(loaded, **overrides) -> Starlette:
     from solo.agent.chat import build_sampler  # local: keeps the module import light
 
     agent = loaded.config.agent
-    kw = dict(model_name=loaded.config.name, guards=Guards.from_config(agent),
+    markers = chat_template(loaded.tokenizer).marker_texts
+    kw = dict(model_name=loaded.config.name, guards=Guards.from_config(agent, markers),
               max_new_tokens=agent.max_new_tokens, temperature=agent.temperature,
               top_k=agent.top_k, top_p=agent.top_p)
     kw.update(overrides)

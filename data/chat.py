@@ -1,4 +1,12 @@
-"""Chat template shared by the SFT pipeline and the agent.
+"""Chat templates, shared by the SFT pipeline and the agent: solo's own, and a pretrained model's.
+
+`chat_template(tok)` is the one way to get a tokenizer's template: the model's own Jinja template
+where its tokenizer carries one (data/templates.py, rendered as `transformers` does), else solo's
+(below). Both answer to `encode(messages, add_generation_prompt) -> (ids, weights)`, `stop_ids`,
+`reply_prefix` (text generation starts with and a reply drops) and `marker_texts` (control-token
+texts a reply is cut at, for the guards).
+
+solo's template:
 
 Sequence = [BOS] + turn_1 + turn_2 + ..., each turn = [ROLE_ID] + tok.encode(content) + [EOT_ID],
 an assistant's content after a space (CONTENT_PREFIX): it plays sentencepiece's dummy prefix, which
@@ -38,8 +46,42 @@ def message(role: str, content: str) -> Message:
     return {"role": role, "content": content}
 
 
+class SoloChatTemplate:
+    """solo's template over its own tokenizer's role ids (module docstring)."""
+
+    stop_ids = (EOT_ID, EOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, BOS_ID)
+    reply_prefix = CONTENT_PREFIX
+    marker_texts = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "</s>")
+
+    def __init__(self, tok: _Tok):
+        self.tok = tok
+
+    def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool
+               ) -> tuple[list[int], list[float]]:
+        return _encode_solo(self.tok, messages, add_generation_prompt)
+
+    def reply_text(self, text: str) -> str:
+        return content_text(text)
+
+
+def chat_template(tok):
+    """The tokenizer's chat template: its model's own (Jinja) if it has one, else solo's."""
+    if getattr(tok, "chat_template", None):
+        from solo.data.templates import JinjaChatTemplate
+
+        return JinjaChatTemplate(tok, tok.chat_template)
+    return SoloChatTemplate(tok)
+
+
 def encode_chat(
     tok: _Tok, messages: Sequence[Message], *, add_generation_prompt: bool
+) -> tuple[list[int], list[float]]:
+    """Messages -> (ids, weights) in the tokenizer's chat template (`chat_template`)."""
+    return chat_template(tok).encode(messages, add_generation_prompt=add_generation_prompt)
+
+
+def _encode_solo(
+    tok: _Tok, messages: Sequence[Message], add_generation_prompt: bool
 ) -> tuple[list[int], list[float]]:
     """Messages -> (ids, weights); weights are 1.0 on assistant content + its EOT, else 0."""
     ids, weights = [BOS_ID], [0.0]

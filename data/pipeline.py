@@ -65,8 +65,8 @@ def prepare_split(d: DataConfig, tok, split: str) -> list[Prepared]:
 
 
 def _example(d: DataConfig, prep: Prepared, i: int, rng: np.random.Generator,
-             vocab_size: int) -> dict[str, np.ndarray]:
-    return task_example(get_task(d.task), prep, i, rng, d, vocab_size)
+             tok) -> dict[str, np.ndarray]:
+    return task_example(get_task(d.task), prep, i, rng, d, tok)
 
 
 # ----------------------------------------------------------------------------- train
@@ -116,10 +116,9 @@ def make_train_dataset(
         for c, p in enumerate(preps)
     ]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [c.weight for c in comps])
-    vocab = tokenizer.vocab_size
-
     def make(idx: int, cj: tuple[int, int]) -> dict[str, np.ndarray]:
-        return _example(d, preps[cj[0]], int(cj[1]), np.random.default_rng([seed, idx]), vocab)
+        return _example(d, preps[cj[0]], int(cj[1]), np.random.default_rng([seed, idx]),
+                        tokenizer)
 
     ds = ds.map_with_index(make)[process_index::process_count].batch(bs, drop_remainder=True)
     workers, prefetch = d.num_workers, d.prefetch
@@ -174,11 +173,9 @@ def eval_batches(
     num = -(-len(index) // gbs)
     if max_batches > 0:
         num = min(num, max_batches)
-    vocab = tokenizer.vocab_size
-
     def row(g: int) -> dict[str, np.ndarray]:
         c, j = index[g]
-        return _example(d, preps[c], j, np.random.default_rng([EVAL_SEED, g]), vocab)
+        return _example(d, preps[c], j, np.random.default_rng([EVAL_SEED, g]), tokenizer)
 
     zero = T.zero_like_row(row(0))
     out = []

@@ -52,6 +52,8 @@ class SentencePairs:
 
     sentences: list[list[np.ndarray]]  # token ids per sentence per document
     slots: np.ndarray  # [N, 2] (document, sentence) pairs that have a next sentence
+    cls_id: int
+    sep_id: int
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -76,7 +78,7 @@ class SentencePairs:
             other += other >= di  # any document but this one
             odoc = self.sentences[other]
             b, _ = T.take_sentences(odoc, int(rng.integers(len(odoc))), budget - len(a))
-        row = T.nsp_row(a, b, is_next, d.seq_len)
+        row = T.nsp_row(a, b, is_next, d.seq_len, self.cls_id, self.sep_id)
         if not d.nsp:
             row["nsp_weights"] = np.float32(0.0)
         return row
@@ -118,7 +120,10 @@ def _bert(tok, records: list[dict], d: DataConfig) -> SentencePairs:
                      np.int32).reshape(-1, 2)
     if len(sents) < 2 or not len(slots):
         raise TaskError("task 'bert' needs >= 2 documents with >= 2 sentences")
-    return SentencePairs(sents, slots)
+    if tok.cls_id is None or tok.sep_id is None:
+        raise TaskError(f"task 'bert' needs a tokenizer with CLS and SEP tokens; {tok!r} has "
+                        "none")
+    return SentencePairs(sents, slots, tok.cls_id, tok.sep_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +168,11 @@ def get_task(name: str) -> Task:
 
 
 def example(task: Task, prep: Prepared, i: int, rng: np.random.Generator, d: DataConfig,
-            vocab_size: int) -> dict[str, np.ndarray]:
+            tok) -> dict[str, np.ndarray]:
     """Example i of a prepared split, with its per-index randomness (NSP draws, MLM masks)."""
     row = prep.example(i, rng, d)
     if task.masked:
-        tokens, mt, mw = T.mask_row(row["tokens"], rng, vocab_size=vocab_size, rate=d.mlm_rate,
+        tokens, mt, mw = T.mask_row(tok, row["tokens"], rng, rate=d.mlm_rate,
                                     segment_ids=row["segment_ids"])
         row = {**row, "tokens": tokens, "mlm_targets": mt, "mlm_weights": mw}
     return row

@@ -209,6 +209,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
+    # solo's fixed special ids, under the names every tokenizer solo loads answers to
+    # (data/hf_tokenizer.py gives a pretrained model's): transforms, the sampler and the chat
+    # template read them here, never as constants
+    bos_id, eos_id, pad_id, unk_id = BOS_ID, EOS_ID, PAD_ID, UNK_ID
+    cls_id, sep_id, mask_id = BOS_ID, SEP_ID, MASK_ID
+    special_ids = frozenset(SPECIAL_IDS)
+    chat_template = None  # solo's own template (data/chat.py)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: end of text and solo's end of turn."""
+        return (EOS_ID, EOT_ID)
+
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 

@@ -16,22 +16,30 @@ from typing import Any
 
 import numpy as np
 
-from solo.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, SEP_ID, SPECIAL_IDS
-
 Example = dict[str, np.ndarray]
 Rows = dict[str, np.ndarray]
 
 
+def bos(tok) -> list[int]:
+    """[the tokenizer's BOS] where it starts a document with one, else []."""
+    return [tok.bos_id] if tok.bos_id is not None and getattr(tok, "add_bos", True) else []
+
+
+def eos(tok) -> list[int]:
+    return [tok.eos_id] if tok.eos_id is not None else []
+
+
 def encode_docs(tok, texts: Sequence[str]) -> list[np.ndarray]:
-    """[BOS] + tokens + [EOS] per document, int32."""
-    return [np.asarray([BOS_ID, *tok.encode(t), EOS_ID], np.int32) for t in texts]
+    """[BOS] + tokens + [EOS] per document (each where the tokenizer has it), int32."""
+    return [np.asarray([*bos(tok), *tok.encode(t), *eos(tok)], np.int32) for t in texts]
 
 
 def encode_chat_docs(tok, records: Sequence[dict]) -> list[np.ndarray]:
-    """Chat records as LM documents: the SFT template's ids (BOS ... <|end|>), int32."""
-    from solo.data.chat import encode_chat
+    """Chat records as LM documents: the chat template's ids, int32."""
+    from solo.data.chat import chat_template
 
-    return [np.asarray(encode_chat(tok, r["messages"], add_generation_prompt=False)[0], np.int32)
+    template = chat_template(tok)
+    return [np.asarray(template.encode(r["messages"], add_generation_prompt=False)[0], np.int32)
             for r in records]
 
 
@@ -113,22 +121,26 @@ def packing_efficiency(rows: Rows) -> float:
 
 
 def mask_row(
+    tok,
     tokens: np.ndarray,
     rng: np.random.Generator,
     *,
-    vocab_size: int,
     rate: float,
     segment_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """BERT masking via data/masking.py; special ids (incl. PAD/SEP/BOS) are never selected."""
+    """BERT masking via data/masking.py with the tokenizer's mask id; its special ids (PAD, SEP,
+    CLS, ...) are never selected."""
     from solo.data.masking import mask_tokens
 
+    if tok.mask_id is None:
+        raise ValueError(f"{tok!r} has no mask token: masked LM needs one (a BERT-style "
+                         "tokenizer, or solo's own)")
     inputs, targets, weights = mask_tokens(
         tokens,
         rng,
-        vocab_size=vocab_size,
-        special_ids=SPECIAL_IDS,
-        mask_id=MASK_ID,
+        vocab_size=tok.vocab_size,
+        special_ids=tuple(sorted(tok.special_ids)),
+        mask_id=tok.mask_id,
         rate=rate,
         segment_ids=segment_ids,
     )
@@ -176,10 +188,12 @@ def truncate_pair(a: list[int], b: list[int], max_total: int) -> tuple[list[int]
     return a, b
 
 
-def nsp_row(a: Sequence[int], b: Sequence[int], is_next: bool, seq_len: int) -> Example:
-    """[BOS] A [SEP] B [SEP] with token_types 0 for BOS A SEP and 1 for B SEP, padded to seq_len."""
+def nsp_row(a: Sequence[int], b: Sequence[int], is_next: bool, seq_len: int, cls_id: int,
+            sep_id: int) -> Example:
+    """[CLS] A [SEP] B [SEP] with token_types 0 for CLS A SEP and 1 for B SEP, padded to
+    seq_len."""
     a, b = truncate_pair(a, b, seq_len - 3)
-    ids = [BOS_ID, *a, SEP_ID, *b, SEP_ID]
+    ids = [cls_id, *a, sep_id, *b, sep_id]
     n = len(ids)
     row = {
         k: np.zeros(seq_len, np.int32)
@@ -194,9 +208,9 @@ def nsp_row(a: Sequence[int], b: Sequence[int], is_next: bool, seq_len: int) -> 
     return row
 
 
-def view_row(ids: Sequence[int], seq_len: int, suffix: str = "") -> Example:
+def view_row(tok, ids: Sequence[int], seq_len: int, suffix: str = "") -> Example:
     """One contrastive view: [BOS] text [EOS] truncated to seq_len (keeping EOS), one segment."""
-    ids = [BOS_ID, *ids][: seq_len - 1] + [EOS_ID]
+    ids = [*bos(tok), *ids][: seq_len - len(eos(tok))] + eos(tok)
     n = len(ids)
     row = {
         f"{k}{suffix}": np.zeros(seq_len, np.int32) for k in ("tokens", "segment_ids", "positions")
@@ -222,8 +236,8 @@ def pairs_rows(tok, records: Sequence[dict], seq_len: int) -> Rows:
     of each other, and InfoNCE does not use them as each other's negatives; -1 = no group."""
     rows = [
         {
-            **view_row(tok.encode(r["text_a"]), seq_len),
-            **view_row(tok.encode(r["text_b"]), seq_len, "_b"),
+            **view_row(tok, tok.encode(r["text_a"]), seq_len),
+            **view_row(tok, tok.encode(r["text_b"]), seq_len, "_b"),
             "pair_weights": np.float32(1.0),
             "pair_groups": group_id(r.get("group")),
         }
@@ -235,11 +249,12 @@ def pairs_rows(tok, records: Sequence[dict], seq_len: int) -> Rows:
 def sft_examples(tok, chats: Sequence[dict], seq_len: int) -> list[Example]:
     """encode_chat ids -> shifted tokens/targets; weights only on assistant content + EOT.
     Conversations longer than seq_len+1 tokens are truncated at the end."""
-    from solo.data.chat import encode_chat
+    from solo.data.chat import chat_template
 
+    template = chat_template(tok)
     out = []
     for rec in chats:
-        ids, w = encode_chat(tok, rec["messages"], add_generation_prompt=False)
+        ids, w = template.encode(rec["messages"], add_generation_prompt=False)
         ids, w = np.asarray(ids, np.int32)[: seq_len + 1], np.asarray(w, np.float32)[: seq_len + 1]
         if len(ids) < 2:
             continue
@@ -248,6 +263,8 @@ def sft_examples(tok, chats: Sequence[dict], seq_len: int) -> list[Example]:
 
 
 def seq2seq_rows(tok, records: Sequence[dict], src_len: int, seq_len: int) -> Rows:
+    if tok.bos_id is None or tok.eos_id is None:
+        raise ValueError(f"{tok!r}: seq2seq rows need a BOS (the decoder's start) and an EOS")
     """One pair per row: src = source+[EOS]; decoder tokens [BOS]+target, targets target+[EOS]."""
     n = len(records)
     rows = {
@@ -262,14 +279,14 @@ def seq2seq_rows(tok, records: Sequence[dict], src_len: int, seq_len: int) -> Ro
     )
     rows["weights"] = np.zeros((n, seq_len), np.float32)
     for i, r in enumerate(records):
-        src = ([*tok.encode(r["source"])][: src_len - 1]) + [EOS_ID]
+        src = ([*tok.encode(r["source"])][: src_len - 1]) + [tok.eos_id]
         tgt = tok.encode(r["target"])[: seq_len - 1]
         m, k = len(src), len(tgt) + 1
         rows["src_tokens"][i, :m] = src
         rows["src_segment_ids"][i, :m] = 1
         rows["src_positions"][i, :m] = np.arange(m)
-        rows["tokens"][i, :k] = [BOS_ID, *tgt]
-        rows["targets"][i, :k] = [*tgt, EOS_ID]
+        rows["tokens"][i, :k] = [tok.bos_id, *tgt]
+        rows["targets"][i, :k] = [*tgt, tok.eos_id]
         rows["weights"][i, :k] = 1.0
         rows["segment_ids"][i, :k] = 1
         rows["positions"][i, :k] = np.arange(k)
