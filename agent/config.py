@@ -21,6 +21,7 @@ class AgentConfig:
     blocked_patterns: tuple[str, ...]
     refusal: str
     eval_questions: int  # 0: every held-out question
+    sample_prompts: tuple[str, ...]  # `solo train` prints their continuations at the end
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

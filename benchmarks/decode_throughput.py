@@ -1,21 +1,27 @@
 """Decode throughput: solo's jitted KV-cache sampler vs Hugging Face `generate` (PyTorch CPU).
 
-Same GPT-2-shaped model on both sides: 6 layers, d_model 384, 6 heads, d_ff 1536, GELU, LayerNorm,
-learned positions, tied embeddings, vocabulary 65, float32, random weights, greedy decoding of
-224 new tokens after a 32-token prompt (no stop token can fire). Measurements of the systems are
-interleaved round by round (the machine is shared): ours, then HF at each `--torch-threads`
-setting (default: torch's own thread count, then 1 thread). Per system we report the median and
-the best (max) tok/s, the process CPU time per decode step (all threads; robust to other load)
-and the per-round ratio ours / HF; the load average is printed with every batch.
+The same model on both sides, float32, random weights, greedy decoding of 224 new tokens after a
+32-token prompt (no stop token can fire). `--model`:
+  gpt6x384      (default) GPT-2-shaped: 6 layers, d_model 384, 6 heads, d_ff 1536, GELU,
+                LayerNorm, learned positions, tied embeddings, vocabulary 65;
+  smollm2-135m  SmolLM2-135M's Llama architecture (30 layers, width 576, 9 heads / 3 KV heads,
+                SwiGLU 1536, RoPE, RMSNorm, tied embeddings, vocabulary 49,152): HF's model
+                built at random and converted with solo's own HF conversion (model/hf.py).
+Measurements of the systems are interleaved round by round (the machine is shared): ours, then
+HF at each `--torch-threads` setting (default: torch's own thread count, then 1 thread). Per
+system we report the median and the best (max) tok/s, the process CPU time per decode step (all
+threads; robust to other load) and the per-round ratio ours / HF; the load average is printed
+with every batch.
 
-  python benchmarks/decode_throughput.py [--rounds 3] [--batches 1,8] [--torch-threads 0,1]
+  python benchmarks/decode_throughput.py [--model smollm2-135m] [--rounds 3] [--batches 1,8]
+      [--torch-threads 0,1]
 
 Every run also prints this machine's float32 ceilings per batch size, to read the ratios against:
   roofline   batch * memory read bandwidth / bytes a step must read: every matmul weight once
-             (42.6 MB here, more than a 32 MiB L3) plus the filled part of the KV cache (averaged
-             over the 224 steps); no float32 sampler can beat it, whatever its kernels;
-  gemm-chain batch / time of the step's 24 weight GEMMs alone (qkv, o, wi, wo per layer, the
-             real weights, nothing else) under XLA:CPU: what solo's kernels could reach if
+             (42.6 MB for gpt6x384, more than a 32 MiB L3) plus the filled part of the KV cache
+             (averaged over the 224 steps); no float32 sampler can beat it, whatever its kernels;
+  gemm-chain batch / time of the step's weight GEMMs alone (qkv, o, mlp in, mlp out per layer,
+             the real weights, nothing else) under XLA:CPU: what solo's kernels could reach if
              attention, norms, head, sampling and the loop were free.
 
 Needs the `bench` extra (torch==2.13.0 CPU, transformers) for the HF side.
@@ -37,15 +43,44 @@ from solo.agent.sampler import Greedy, Sampler
 from solo.experiments.base import get_config
 from solo.model import ModelConfig, Transformer
 
-PROMPT, NEW, VOCAB = 32, 224, 65
-CFG = ModelConfig.from_config(
-    get_config().model, vocab_size=VOCAB, d_model=384, num_layers=6, num_heads=6, d_ff=1536,
-    max_len=PROMPT + NEW, positions="learned", norm="layernorm", mlp="gelu", tie_embeddings=True)
+PROMPT, NEW = 32, 224
+MODELS = ("gpt6x384", "smollm2-135m")
 
 
-def make_ours():
-    model = Transformer(CFG)
-    params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 8), jnp.int32)})
+def make_hf(name: str):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "gpt6x384":
+        cfg = tf.GPT2Config(vocab_size=65, n_positions=PROMPT + NEW, n_embd=384, n_layer=6,
+                            n_head=6, n_inner=1536, activation_function="gelu_new",
+                            bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        return tf.GPT2LMHeadModel(cfg).eval()
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def make_ours(name: str, hf=None) -> Sampler:
+    """gpt6x384: solo's own random init (no torch needed); smollm2-135m: HF's weights."""
+    if name == "gpt6x384":
+        cfg = ModelConfig.from_config(
+            get_config().model, vocab_size=65, d_model=384, num_layers=6, num_heads=6,
+            d_ff=1536, max_len=PROMPT + NEW, positions="learned", norm="layernorm", mlp="gelu",
+            tie_embeddings=True)
+        model = Transformer(cfg)
+        params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 8), jnp.int32)})
+    else:
+        from solo.model.hf import model_overrides, params_from_hf
+
+        hf = hf or make_hf(name)
+        state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+        cfg = ModelConfig.from_config(get_config().model, **model_overrides(hf.config.to_dict()))
+        model, params = Transformer(cfg), {"params": params_from_hf(state, cfg, "llama")}
     return Sampler(model, params, None, cache_len=PROMPT + NEW, stop_ids=())
 
 
@@ -84,21 +119,21 @@ def _timed(fn) -> float:
 
 def ceilings(sampler: Sampler, batch: int, bandwidth: float, reps: int = 50) -> dict:
     """tok/s ceilings at this batch size (see the module docstring): roofline and gemm-chain."""
-    params = sampler.variables["params"]
-    layers = [params["decoder"][f"layers_{i}"] for i in range(CFG.num_layers)]
-    d = CFG.d_model
-    qkv = lambda a: jnp.concatenate([a[n].reshape(d, -1) for n in ("q", "k", "v")], axis=1)
-    ws = [w for p in layers for w in (qkv(p["attn"]), p["attn"]["o"].reshape(-1, d),
-                                      p["mlp"]["wi"], p["mlp"]["wo"])]
+    params, cfg = sampler.variables["params"], sampler.cfg
+    layers = [params["decoder"][f"layers_{i}"] for i in range(cfg.num_layers)]
+    d = cfg.d_model
+    cat = lambda a, names: jnp.concatenate([a[n].reshape(d, -1) for n in names if n in a], 1)
+    ws = [w for p in layers for w in (cat(p["attn"], "qkv"), p["attn"]["o"].reshape(-1, d),
+                                      cat(p["mlp"], ("wi", "wi_0", "wi_1")), p["mlp"]["wo"])]
     nbytes = sum(w.nbytes for w in ws) + params["embedder"]["token"].nbytes  # + the tied head
-    slot_bytes = 2 * CFG.num_layers * CFG.num_kv_heads * CFG.head_dim * 4 * batch  # k and v
+    slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * batch  # k and v
     cache_bytes = slot_bytes * (PROMPT + (NEW - 1) / 2)  # mean filled slots over the steps
 
     @jax.jit
     def chain(x, ws):
         for qkv, o, wi, wo in zip(*[iter(ws)] * 4, strict=True):
             x = x + (x @ qkv)[:, :d] @ o  # data dependence keeps the order of a real step
-            x = x + (x @ wi) @ wo
+            x = x + (x @ wi)[:, :wo.shape[0]] @ wo
         return x
 
     x = jnp.ones((batch, d), jnp.float32)
@@ -107,17 +142,6 @@ def ceilings(sampler: Sampler, batch: int, bandwidth: float, reps: int = 50) -> 
     return dict(weights_mb=round(nbytes / 1e6, 1), cache_mb=round(cache_bytes / 1e6, 1),
                 roofline_tok_s=batch * bandwidth / (nbytes + cache_bytes),
                 gemm_chain_ms=1e3 * best, gemm_chain_tok_s=batch / best)
-
-
-def make_hf():
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=PROMPT + NEW, n_embd=384, n_layer=6, n_head=6,
-                     n_inner=1536, activation_function="gelu_new", bos_token_id=None,
-                     eos_token_id=None, pad_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
 
 
 def run_hf(model, prompts: np.ndarray) -> dict:
@@ -140,6 +164,7 @@ def run_hf(model, prompts: np.ndarray) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=MODELS, default=MODELS[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-hf", action="store_true")
@@ -151,7 +176,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
-    ours = make_ours()
     hf, hf_names = None, []
     if not args.skip_hf:
         import torch
@@ -160,13 +184,15 @@ def main(argv=None):
         threads = {f"hf{n or default_threads}t": n or default_threads
                    for n in map(int, args.torch_threads.split(","))}
         hf_names = list(threads)
-        hf = make_hf()
+        hf = make_hf(args.model)
+    ours = make_ours(args.model, hf)
+    vocab = ours.cfg.vocab_size
 
     def hf_round(name, p):
         torch.set_num_threads(threads[name])
         return run_hf(hf, p)
 
-    prompts = {b: rng.integers(10, VOCAB, (b, PROMPT)).astype(np.int32) for b in batches}
+    prompts = {b: rng.integers(10, vocab, (b, PROMPT)).astype(np.int32) for b in batches}
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     for b in batches:  # warm-up: compile every bucket / let torch allocate
@@ -199,7 +225,7 @@ def main(argv=None):
             f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
             flush=True)
     if args.streaming:
-        p1 = prompts.get(1, rng.integers(10, VOCAB, (1, PROMPT)).astype(np.int32))
+        p1 = prompts.get(1, rng.integers(10, vocab, (1, PROMPT)).astype(np.int32))
         for c in [0] + [int(c) for c in args.streaming.split(",")]:
             run_ours(ours, p1, chunk=c)  # warm
             r = statistics.median(run_ours(ours, p1, chunk=c)["tok_s"] for _ in range(args.rounds))

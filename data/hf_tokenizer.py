@@ -18,8 +18,11 @@ pieces, special ids, save, pickling for data-loader workers) with the same two p
   them round-trips.
 
 `vocab_size` is the size of the id space (max id + 1, added tokens included): what a model's
-embedding needs. `encode_with_offsets(text, specials=True)` recognises special tokens: chat
-templates (solo.data.templates) use it for the text the template itself writes.
+embedding needs. Named special tokens (bos/eos/pad/unk/cls/sep/mask) answer as `*_id` (None where
+the model has none), as solo's own tokenizer does; `add_bos` says whether the model's documents
+start with BOS, `stop_ids` which ids end a generation (eos, and the chat template's end of turn).
+`encode_with_offsets(text, specials=True)` recognises special tokens: chat templates
+(solo.data.templates) use it for the text the template itself writes.
 
 GGUF files name their pre-tokenizer (the regex that cuts text into words before BPE) in
 `tokenizer.ggml.pre`; `from_gguf` uses the regexes llama.cpp uses for that name. For SmolLM2
@@ -101,11 +104,16 @@ def byte_alphabet() -> dict[int, str]:
     return out
 
 
+@lru_cache(maxsize=1)
+def _alphabet_chars() -> frozenset[str]:
+    return frozenset(byte_alphabet().values())
+
+
 def _byte_spelling(token: str) -> str:
     """`token` in the byte alphabet (tokens a GGUF stores as raw text, e.g. some added ones)."""
-    alphabet = byte_alphabet()
-    if set(token) <= set(alphabet.values()):
+    if set(token) <= _alphabet_chars():
         return token
+    alphabet = byte_alphabet()
     return "".join(alphabet[b] for b in token.encode("utf-8"))
 
 
@@ -234,6 +242,7 @@ class HFTokenizer:
         if os.path.isfile(jinja_path):
             with open(jinja_path, encoding="utf-8") as f:
                 template = f.read()
+        template = template if isinstance(template, str) else None
         add_bos = config.get("add_bos_token")
         with open(tok_path, encoding="utf-8") as f:
             text = f.read()
@@ -255,7 +264,11 @@ class HFTokenizer:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"GPT-2 tokenizer file {p} not found; pass the paths of "
                                         "encoder.json and vocab.bpe")
-        backend = Backend(models.BPE.from_file(encoder_json, vocab_bpe))
+        try:
+            backend = Backend(models.BPE.from_file(encoder_json, vocab_bpe))
+        except Exception as e:  # the backend's parse errors are multi-line Rust messages
+            raise TokenizerError(f"{encoder_json} / {vocab_bpe} are not GPT-2's BPE files ("
+                                 f"{str(e).splitlines()[0][:120]})") from None
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         backend.decoder = decoders.ByteLevel()
         if backend.token_to_id(GPT2_EOT) is None:
@@ -277,7 +290,12 @@ class HFTokenizer:
         if not isinstance(reader, gguf.GGUFReader):
             if not os.path.isfile(reader):
                 raise FileNotFoundError(f"GGUF file {reader} not found")
-            reader = gguf.GGUFReader(reader)
+            try:
+                reader = gguf.GGUFReader(reader)
+            except (ValueError, OSError, IndexError) as e:
+                raise ValueError(f"{path_or_reader} is not a readable GGUF file "
+                                 f"({str(e).splitlines()[0][:100]}); pass a .gguf model file"
+                                 ) from None
         where = str(getattr(reader.data, "filename", None) or "GGUF file")
 
         def field(key: str, default: Any = None) -> Any:
@@ -293,6 +311,9 @@ class HFTokenizer:
             raise ValueError(f"{where}: a 'gpt2' tokenizer needs tokenizer.ggml.tokens and "
                              "tokenizer.ggml.merges; the file lacks one")
         types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise ValueError(f"{where}: {len(types)} token types for {len(tokens)} tokens; the "
+                             "file's tokenizer metadata is inconsistent")
         pre = pre or field("tokenizer.ggml.pre")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"{where}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; "

@@ -22,28 +22,50 @@ from solo.data.tasks import Prepared, get_task
 from solo.data.tasks import example as task_example
 
 EVAL_SEED = 20240601  # fixed: eval masks/NSP draws must not change with the training seed
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a workdir's tokenizer: solo's own sentencepiece model,
+TOKENIZER_DIR = "tokenizer"  # or a pretrained model's (tokenizer.json + tokenizer_config.json)
 _CACHE: dict = {}
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
 
+def workdir_tokenizer(workdir: str) -> str | None:
+    """The path of a workdir's tokenizer (file or directory), None if it has none."""
+    for name in (TOKENIZER_FILE, TOKENIZER_DIR):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def save_tokenizer(tok, workdir: str) -> str:
+    """Writes a tokenizer into a workdir (solo's: tokenizer.model; a pretrained model's:
+    tokenizer/); returns its path there."""
+    if getattr(tok, "kind", None) == "hf":
+        return tok.save(os.path.join(workdir, TOKENIZER_DIR))
+    return tok.save(os.path.join(workdir, TOKENIZER_FILE))
+
+
 def build_tokenizer(d: DataConfig, workdir: str):
-    """Load <workdir>/tokenizer.model if present (resume); else copy data.tokenizer.path, or train
-    on the source's train split; the result is saved as <workdir>/tokenizer.model."""
+    """The workdir's tokenizer if it has one (resume); else data.tokenizer.path's (a solo .model
+    file, a tokenizer directory, a workdir or a .gguf file), copied in; else solo's own, trained
+    on the source's train split and saved as <workdir>/tokenizer.model."""
+    from solo.data.hf_tokenizer import load_tokenizer
     from solo.data.tokenizer import Tokenizer
 
     os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(target):
-        return Tokenizer.load(target)
+    existing = workdir_tokenizer(workdir)
+    if existing:
+        return load_tokenizer(existing)
     tc = d.tokenizer
     if tc.path:
         if not os.path.exists(tc.path):
             raise FileNotFoundError(f"config.data.tokenizer.path {tc.path!r} does not exist")
-        Tokenizer.load(tc.path).save(target)  # loaded first: a damaged file is not copied
-        return Tokenizer.load(target)
+        # a workdir's tokenizer, else the path itself (a file, or a directory of tokenizer.json)
+        src = (workdir_tokenizer(tc.path) if os.path.isdir(tc.path) else None) or tc.path
+        # loaded first: a damaged file is not copied
+        return load_tokenizer(save_tokenizer(load_tokenizer(src), workdir))
     texts = [t for comp in sources.load_records(d, "train") for r in comp
              for t in sources.record_texts(r)]
     return Tokenizer.train(texts, os.path.join(workdir, "tokenizer"), kind=tc.kind,

@@ -167,6 +167,13 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def chat_eval(d: DataConfig) -> bool:
+    """Whether a run is a chat model scored by held-out QA exact match: its task says so (sft),
+    or it trains on the world's chats as documents (data.world.mix_qa='chat')."""
+    return get_task(d.task).chat_eval or (d.source == "synthetic:world"
+                                          and d.world.get("mix_qa") == "chat")
+
+
 def example(task: Task, prep: Prepared, i: int, rng: np.random.Generator, d: DataConfig,
             tok) -> dict[str, np.ndarray]:
     """Example i of a prepared split, with its per-index randomness (NSP draws, MLM masks)."""

@@ -26,9 +26,10 @@ message's content; 0.0 elsewhere.
 
 `stop_ids`: the tokenizer's eos id plus the end-of-turn token the template writes, found by probing:
 rendering [user, assistant(sentinel)] and taking the first special token after the sentinel
-(ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, ...). The same probe yields what
-the template writes between the generation prompt and a reply and between a reply and its stop
-token; `reply_text` strips those from decoded generated text.
+(ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, ...). The same probe yields
+`reply_prefix` (what the template writes between the generation prompt and a reply, "" for
+ChatML), the text between a reply and its end-of-turn token (`reply_text` strips both from decoded
+generated text), and `marker_texts` (the control tokens the template writes, and eos).
 """
 
 from __future__ import annotations
@@ -178,9 +179,13 @@ class JinjaChatTemplate:
             return self._compiled.render(messages=messages, tools=None, documents=None,
                                          add_generation_prompt=bool(add_generation_prompt),
                                          **self._variables)
-        except jinja2.TemplateError as e:
+        except jinja2.TemplateError as e:  # raise_exception(...), undefined names, sandbox
             msg = " ".join(str(e).split())
             raise ValueError(f"chat template rejected the messages: {msg}") from None
+        except (TypeError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise ValueError(f"chat template failed on the messages ({type(e).__name__}: "
+                             f"{msg}); check the template") from None
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         """The conversation as text, as apply_chat_template(..., tokenize=False) gives it."""

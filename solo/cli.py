@@ -7,6 +7,8 @@
   sample   solo.agent.sampler.sample(workdir, prompts, ...)
   chat     solo.agent.repl.chat(workdir, ...)
   serve    solo.agent.server.serve(workdir, ...)
+  import   solo.train.hub.import_model(src, workdir)
+  export   solo.train.hub.export_model(workdir, out)
 
 Exit codes: 0 done; 2 an expected failure (a bad config or input, a missing or damaged file, an
 unusable workdir, no restorable checkpoint, a full disk or another OS error), printed as one line
@@ -30,15 +32,23 @@ DESCRIPTION = ("Train, evaluate, sample from and chat with Transformer language 
 
 def _train(args: argparse.Namespace) -> int:
     from solo.config import RunConfig
-    from solo.data.tasks import get_task
+    from solo.data.tasks import chat_eval
     from solo.experiments import load_config
     from solo.train.loop import train_and_evaluate
 
     config = RunConfig.from_config(load_config(args.config, args.overrides))
     workdir = args.workdir or str(Path("runs") / config.name)
     print(format_summary(train_and_evaluate(config, workdir)))
-    if get_task(config.data.task).chat_eval:
+    if chat_eval(config.data):
         _chat_report(workdir, "latest")
+    a = config.agent
+    if a.sample_prompts:  # what the trained model writes now
+        from solo.agent.sampler import sample
+
+        gens = sample(workdir, a.sample_prompts, max_new_tokens=a.max_new_tokens,
+                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=config.seed)
+        for prompt, g in zip(a.sample_prompts, gens, strict=True):
+            print(f"--- sample\n{prompt}{g.text}", flush=True)
     return 0
 
 
@@ -73,12 +83,12 @@ def _chat_report(workdir: str, checkpoint: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from solo.data.tasks import get_task
+    from solo.data.tasks import chat_eval
     from solo.train.loop import evaluate
 
     metrics = evaluate(args.workdir, args.checkpoint)
     print(format_summary(metrics))
-    if get_task(metrics["config"].data.task).chat_eval:
+    if chat_eval(metrics["config"].data):
         _chat_report(args.workdir, args.checkpoint)
     return 0
 
@@ -108,6 +118,25 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.workdir, host=args.host, port=args.port, checkpoint=args.checkpoint,
           max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from solo.train.hub import import_model
+
+    config = import_model(args.src, args.workdir, name=args.name)
+    m = config.model
+    print(f"imported {args.src} into {args.workdir}: {m.kind} {m.num_layers}x{m.d_model}, "
+          f"{m.num_heads} heads ({m.num_kv_heads} kv), vocabulary {m.vocab_size}; try: solo "
+          f"chat {args.workdir}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from solo.train.hub import export_model
+
+    arch = export_model(args.workdir, args.to, args.checkpoint)
+    print(f"exported {args.workdir} as a Hugging Face {arch} model to {args.to}")
     return 0
 
 
@@ -204,6 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a request waits after its arrival for others to batch with")
     _checkpoint_arg(p)
     p.set_defaults(fn=_serve)
+
+    p = sub.add_parser(
+        "import",
+        help="a pretrained model (HF directory, .gguf file, hf:ID) as a workdir at step 0",
+        description="Convert SRC (a Hugging Face checkpoint directory: GPT-2, BERT or a Llama-"
+        "family model, safetensors or pytorch_model.bin, with its tokenizer.json; a GGUF file of "
+        "a Llama-family model; or hf:ORG/NAME where the machine has internet) into an ordinary "
+        "workdir: eval, sample, chat and serve it, or fine-tune it with train.init_from.",
+    )
+    p.add_argument("src")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--name", default="", help="the run's name (default: from SRC)")
+    p.set_defaults(fn=_import)
+
+    p = sub.add_parser(
+        "export",
+        help="a workdir as a Hugging Face checkpoint (safetensors) transformers loads",
+        description="Write WORKDIR's checkpoint to --to as model.safetensors, config.json and "
+        "the tokenizer's files (a GPT-2, BERT or Llama architecture, whichever expresses the "
+        "model; LoRA adapters merged).",
+    )
+    p.add_argument("workdir")
+    p.add_argument("--to", required=True)
+    _checkpoint_arg(p)
+    p.set_defaults(fn=_export)
     return parser
 
 

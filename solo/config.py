@@ -94,6 +94,7 @@ class RunConfig:
     objectives: Mapping[str, Mapping[str, Any]]  # active objectives: name -> options (+ weight)
     optim: Any  # solo.train.config.OptimConfig
     train: Any  # solo.train.config.TrainConfig
+    lora: Any  # solo.train.config.LoraConfig
     agent: Any  # solo.agent.config.AgentConfig
     json: str
 
@@ -106,7 +107,7 @@ class RunConfig:
         from solo.data.config import DataConfig
         from solo.model.config import ModelConfig
         from solo.objectives import active_objectives
-        from solo.train.config import OptimConfig, TrainConfig
+        from solo.train.config import LoraConfig, OptimConfig, TrainConfig
 
         try:
             objectives = active_objectives(config.objectives)
@@ -118,6 +119,7 @@ class RunConfig:
                    objectives=FrozenDict(objectives),
                    optim=from_section(OptimConfig, config.optim, "optim"),
                    train=TrainConfig.from_config(config.train),
+                   lora=from_section(LoraConfig, config.lora, "lora"),
                    agent=from_section(AgentConfig, config.agent, "agent"),
                    json=to_json(config))
 
@@ -125,7 +127,24 @@ class RunConfig:
         return json.loads(self.json)
 
     def replace(self, **changes) -> RunConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with sections replaced; `json` (what config.json gets) follows them."""
+        plain = self.to_dict()
+        for name, value in changes.items():
+            if dataclasses.is_dataclass(value) and isinstance(plain.get(name), dict):
+                _update_known(plain[name], dataclasses.asdict(value))
+        return dataclasses.replace(self, **changes, json=json.dumps(plain, indent=2,
+                                                                    sort_keys=True, default=list))
+
+
+def _update_known(saved: dict, new: dict) -> None:
+    """saved's keys take new's values (recursively); keys saved lacks stay out (derived ones)."""
+    for k, v in new.items():
+        if k not in saved:
+            continue
+        if isinstance(saved[k], dict) and isinstance(v, Mapping):
+            _update_known(saved[k], dict(v))
+        else:
+            saved[k] = list(v) if isinstance(v, tuple) else v
 
 
 def to_json(config: Any) -> str:

@@ -205,3 +205,24 @@ def test_a_config_from_an_older_solo_still_loads(finished, tmp_path, caplog):
     assert set(config.objectives) == {"causal_lm"} and config.objectives.causal_lm.z_loss == 0.0
     assert "data.world.withheld_frac" in caplog.text and "data.world.answer_prefix" in caplog.text
     assert load(str(wd)).step == 4
+
+
+def test_atomic_writes_get_ordinary_modes_and_a_failed_staged_dir_leaves_nothing(tmp_path):
+    """mkstemp's and mkdtemp's modes are 0600/0700; what solo writes gets the umask's usual
+    modes. A staged directory whose writer fails is gone, and its target never appears."""
+    from solo.files import staged_dir, write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(str(tmp_path / "f"), "x")
+        with staged_dir(str(tmp_path / "d")) as tmp:
+            write_atomic(os.path.join(tmp, "g"), "y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "d" / "g").read_text() == "y"
+    with pytest.raises(RuntimeError), staged_dir(str(tmp_path / "e")) as tmp:
+        write_atomic(os.path.join(tmp, "g"), "y")
+        raise RuntimeError("writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f"]

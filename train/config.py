@@ -44,6 +44,7 @@ class TrainConfig:
     log_every: int
     eval_every: int
     eval_batches: int  # 0: the whole validation split
+    eval_at_start: bool
     ckpt_every: int
     keep: int
     keep_best: bool
@@ -53,6 +54,8 @@ class TrainConfig:
     mesh: MeshConfig
     init_from: str
     init_experiment: str
+    init_import: str
+    init_model: bool
 
     def __post_init__(self):
         if self.steps < 1:
@@ -67,3 +70,16 @@ class TrainConfig:
     @classmethod
     def from_config(cls, section: Any) -> TrainConfig:
         return from_section(cls, section, "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int  # 0: off (full fine-tuning)
+    alpha: float  # the adapters' scale is alpha / rank
+    targets: tuple[str, ...]  # regexes over kernel paths, e.g. "attn/q$", "mlp/wi"
+
+    def __post_init__(self):
+        if self.rank < 0 or self.alpha <= 0:
+            raise ConfigError("lora.rank must be >= 0 and lora.alpha > 0")
+        if self.rank and not self.targets:
+            raise ConfigError("lora.targets is empty: name the kernels the adapters go on")

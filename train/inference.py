@@ -17,9 +17,9 @@ import jax
 from solo.config import RunConfig
 from solo.model import Transformer, init_params
 from solo.objectives import model_heads
-from solo.train import parallel
+from solo.train import lora, parallel
 from solo.train.checkpoint import Checkpointer, first_restorable
-from solo.train.workdir import TOKENIZER_FILE, WorkdirError, read_config, tokenizer_path
+from solo.train.workdir import TOKENIZER_FILE, WorkdirError, read_config
 
 
 @dataclasses.dataclass
@@ -40,21 +40,25 @@ def abstract_params(model: Transformer, config: RunConfig, mesh) -> Any:
     """Unboxed ShapeDtypeStruct param tree (the heads of config's objectives) with the mesh's
     shardings (logical rules)."""
     heads = model_heads(config.objectives)
-    boxed = jax.eval_shape(lambda key: init_params(model, key, heads, config.data.seq_len,
-                                                   config.data.src_seq_len),
-                           jax.random.key(0))
+
+    def init(key):
+        params = init_params(model, key, heads, config.data.seq_len, config.data.src_seq_len)
+        return lora.add(params, config.lora, key, boxed=True) if config.lora.rank else params
+
+    boxed = jax.eval_shape(init, jax.random.key(0))
     return parallel.abstract_with_sharding(nn.meta.unbox(boxed),
                                            parallel.param_shardings(boxed, mesh))
 
 
 def load_tokenizer(workdir: str):
-    from solo.data.tokenizer import Tokenizer
+    from solo.data.hf_tokenizer import load_tokenizer as load
+    from solo.data.pipeline import workdir_tokenizer
 
-    path = tokenizer_path(workdir)
-    if not os.path.isfile(path):
-        raise WorkdirError(f"{workdir}: no {TOKENIZER_FILE}; the workdir is incomplete "
-                           "(train into it again, or copy the tokenizer there)")
-    return Tokenizer.load(path)
+    path = workdir_tokenizer(workdir)
+    if path is None:
+        raise WorkdirError(f"{workdir}: no {TOKENIZER_FILE} (or tokenizer/); the workdir is "
+                           "incomplete (train into it again, or copy the tokenizer there)")
+    return load(path)
 
 
 def load(workdir: str, checkpoint: str | int = "latest") -> Loaded:
@@ -91,4 +95,5 @@ def load(workdir: str, checkpoint: str | int = "latest") -> Loaded:
                                         ckpt.directory)
     finally:
         ckpt.close()
+    params = lora.merge(params, config.lora)  # inference sees the adapted kernels
     return Loaded(config=config, model=model, params=params, tokenizer=tokenizer, step=step)

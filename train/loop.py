@@ -30,7 +30,7 @@ from solo.data.tasks import TASKS, get_task
 from solo.model import flops_per_token
 from solo.objectives import get_objective, summarize
 from solo.train import checkpoint as ckpt_lib
-from solo.train import inference, parallel, preemption
+from solo.train import inference, lora, parallel, preemption
 from solo.train import metrics as metrics_lib
 from solo.train import workdir as wd_lib
 from solo.train.optim import make_optimizer
@@ -97,10 +97,18 @@ def run_eval(eval_fn, params, config: RunConfig, tokenizer) -> dict[str, float]:
 
 
 def _prepare_init_from(config: RunConfig) -> None:
-    """Makes sure config.train.init_from has a checkpoint (training init_experiment if asked;
-    with init_experiment, a run stopped before its last step is finished first)."""
+    """Makes sure config.train.init_from has a checkpoint (importing init_import or training
+    init_experiment if asked; with init_experiment, a run stopped before its last step is
+    finished first)."""
     src, exp = config.train.init_from, config.train.init_experiment
     latest = wd_lib.latest_step(src)
+    if latest is None and config.train.init_import:
+        from solo.train.hub import import_model
+
+        print(f"train.init_from={src} has no checkpoint: importing {config.train.init_import} "
+              "into it first", file=sys.stderr)
+        import_model(config.train.init_import, src)
+        return
     if latest is not None and (not exp or latest >= int(wd_lib.read_config(src).train.steps)):
         return
     if not exp:
@@ -130,6 +138,10 @@ def _init_from(config: RunConfig, params: Any) -> Any:
         params, fresh = c.restore_common_params(params, c.latest_step())
     finally:
         c.close()
+    adapters = [k for k in fresh if k.startswith("['lora']")]
+    fresh = [k for k in fresh if k not in adapters]
+    if adapters:  # expected: LoRA adapters start as lora.add made them (B = 0)
+        print(f"init_from: {len(adapters)} LoRA adapter arrays start fresh", file=sys.stderr)
     if fresh:
         print(f"init_from: {len(fresh)} params not in {src} keep their fresh init: "
               f"{', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
@@ -157,9 +169,14 @@ def _setup(config: RunConfig, workdir: str) -> _Run:
     """Validation first (nothing written on error), then workdir, tokenizer, model, shardings."""
     mesh = parallel.make_mesh(config.train.mesh)
     validate_config(config, mesh)
-    wd_lib.check_workdir(config, workdir)
     if config.train.init_from:
         _prepare_init_from(config)
+        if config.train.init_model:  # a pretrained model's architecture is its own
+            src = RunConfig.from_config(wd_lib.read_config(config.train.init_from))
+            config = config.replace(model=src.model)
+            validate_config(config, mesh)
+    wd_lib.check_workdir(config, workdir)
+    if config.train.init_from:
         if not os.path.exists(wd_lib.tokenizer_path(workdir)):
             # the init run's tokenizer, or its params are garbage
             tok = dataclasses.replace(config.data.tokenizer,
@@ -169,8 +186,11 @@ def _setup(config: RunConfig, workdir: str) -> _Run:
     wd_lib.write_config(config, workdir)
     model = inference.build_model(config, tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    init_boxed, init_state = init_state_fns(model, config, tx)
     key = jax.random.PRNGKey(config.seed)
+    if config.lora.rank > 0:
+        init_boxed = init_state_fns(model, config, tx)[0]
+        tx = lora.freeze_base(tx, nn.meta.unbox(jax.eval_shape(init_boxed, key)))
+    init_boxed, init_state = init_state_fns(model, config, tx)
     boxed = jax.eval_shape(init_boxed, key)
     params_sh = parallel.param_shardings(boxed, mesh)
     state_sh = parallel.state_shardings(tx, nn.meta.unbox(boxed), params_sh, mesh)
@@ -296,6 +316,10 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
         progress.update(step, train_summary.get("loss", math.nan), tok_s, sec_per_step)
         acc = None
 
+    if start == 0 and config.train.eval_at_start:  # the "before" of a fine-tune, at step 0
+        first = run_eval(stepper.eval, dstate.params, config, run.tokenizer)
+        writer.write(0, "eval", first)
+        progress.message(f"eval step 0: loss {first['loss']:.4g}")
     step = start
     for step in range(start + 1, total + 1):
         dstate, m = stepper.train(dstate, next(train_iter))

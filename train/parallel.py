@@ -77,9 +77,11 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
                     params_sharding: Any, mesh: Mesh) -> TrainState:
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     rep = replicated(mesh)
+    # masked transforms (LoRA's frozen base) hold a MaskedNode where a param has no state
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_sharding = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, params_sharding,
-        transform_non_params=lambda _: rep,
+        tx, lambda x, s: x if masked(x) else s, abstract_opt, params_sharding,
+        transform_non_params=lambda _: rep, is_leaf=masked,
     )
     return TrainState(step=rep, params=params_sharding, opt_state=opt_sharding, rng=rep)
 

@@ -33,7 +33,7 @@ from solo.objectives import (
     get_objective,
     model_heads,
 )
-from solo.train import parallel
+from solo.train import lora, parallel
 from solo.train.state import TrainState
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -49,12 +49,20 @@ def init_state_fns(model: nn.Module, config: Any, tx: optax.GradientTransformati
     heads = model_heads(config.objectives)
     seq_len, src_seq_len = int(config.data.seq_len), int(config.data.src_seq_len)
 
+    def with_adapters(params, key, boxed):
+        if config.lora.rank <= 0:
+            return params
+        return lora.add(params, config.lora, jax.random.fold_in(key, 1), boxed=boxed)
+
     def init_boxed(key):
-        return init_params(model, jax.random.split(key)[0], heads, seq_len, src_seq_len)
+        init_key = jax.random.split(key)[0]
+        return with_adapters(init_params(model, init_key, heads, seq_len, src_seq_len),
+                             init_key, True)
 
     def init_state(key):
         init_key, rng = jax.random.split(key)
         params = nn.meta.unbox(init_params(model, init_key, heads, seq_len, src_seq_len))
+        params = with_adapters(params, init_key, False)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=rng)
 
@@ -85,15 +93,24 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
 
     coupled = any(get_objective(n).batch_coupled for n in names)
 
+    apply = lora.apply_fn(model.apply, config.lora)
+
     def outputs_fn(params, batch, rng):
-        return forward(model.apply, params, batch, names, deterministic=False,
-                       rngs={"dropout": rng})
+        return forward(apply, params, batch, names, deterministic=False, rngs={"dropout": rng})
 
     def loss_fn(params, batch, dens, rng):
         outputs = outputs_fn(params, batch, rng)
         return compute_loss(outputs, batch, obj_cfg, dens, axis_name=axis_name)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # With LoRA only the adapters are differentiated (the base's gradient, never used, is then
+    # never computed: ~1/3 of a step's matmuls); `trainable`/`merged` are identities otherwise.
+    frozen = config.lora.rank > 0
+    trainable = (lambda p: p[lora.KEY]) if frozen else (lambda p: p)
+    merged = (lambda p, t: {**p, lora.KEY: t}) if frozen else (lambda p, t: t)
+
+    def grad_fn(params, batch, dens, rng):
+        return jax.value_and_grad(lambda t: loss_fn(merged(params, t), batch, dens, rng),
+                                  has_aux=True)(trainable(params))
 
     def summed_grads(params, micro, dens, rng):
         """Row-separable losses: each microbatch's (loss, metrics, grads), summed (exact, since
@@ -132,10 +149,12 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
 
         def body(acc, xs):
             i, mb, ct = xs
-            _, pull = jax.vjp(lambda p: outputs_fn(p, mb, jax.random.fold_in(rng, i)), params)
+            _, pull = jax.vjp(lambda t: outputs_fn(merged(params, t), mb,
+                                                   jax.random.fold_in(rng, i)), trainable(params))
             return jax.tree.map(jnp.add, acc, pull(ct)[0]), None
 
-        grads, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (idx, micro, cts))
+        zero = jax.tree.map(jnp.zeros_like, trainable(params))
+        grads, _ = jax.lax.scan(body, zero, (idx, micro, cts))
         return loss, metrics, grads
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
@@ -152,8 +171,14 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
         if axis_name is not None:
             loss, metrics, grads = jax.lax.psum((loss, metrics, grads), axis_name)
         grad_norm = optax.tree.norm(grads)
+        if frozen:  # the optimizer sees the whole tree; the base's zeros are never read
+            grads = merged(jax.tree.map(jnp.zeros_like, state.params), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if frozen:  # only the adapters move: the base stays bit for bit
+            params = {**state.params, lora.KEY: optax.apply_updates(state.params[lora.KEY],
+                                                                   updates[lora.KEY])}
+        else:
+            params = optax.apply_updates(state.params, updates)
         one = jnp.float32(1.0)
         metrics = {**metrics, "loss": (loss, one), "grad_norm": (grad_norm, one),
                    "lr": (jnp.asarray(schedule(state.step), jnp.float32), one)}
@@ -177,8 +202,10 @@ def make_eval_step(model: nn.Module, config: Any, *, axis_name: str | None = Non
     """Pure `eval_step(params, batch) -> metrics` ((sum, count) pairs, summed over devices)."""
     names = objective_names(config)
 
+    apply = lora.apply_fn(model.apply, config.lora)
+
     def eval_step(params, batch):
-        outputs = forward(model.apply, params, batch, names, deterministic=True)
+        outputs = forward(apply, params, batch, names, deterministic=True)
         _, metrics = compute_loss(outputs, batch, config.objectives, None, axis_name=axis_name)
         if axis_name is not None:
             metrics = jax.lax.psum(metrics, axis_name)

@@ -3,6 +3,7 @@
     config.json              the run's latest resolved config (experiments.to_json)
     config.until-step-<N>.json  an earlier launch's config, kept when a resume changed it
     tokenizer.model          the sentencepiece model (+ tokenizer.json, its training settings)
+    tokenizer/               or a pretrained model's: tokenizer.json + tokenizer_config.json
     checkpoints/<step>/      Orbax: state/ + data/ (train/checkpoint.py)
     metrics.jsonl            one JSON object per log/eval step (train/metrics.py)
     events.out.tfevents.*    TensorBoard
@@ -12,6 +13,7 @@ Nothing reads the experiment file again: config.json and the tokenizer are the r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,9 +23,10 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from solo import experiments
-from solo.config import RunConfig
+from solo.config import ConfigError, RunConfig
 from solo.experiments.base import get_config
 from solo.files import write_atomic
+from solo.model.config import ModelConfig
 from solo.objectives import model_heads
 from solo.train.checkpoint import CKPT_DIR, Checkpointer
 
@@ -40,7 +43,11 @@ class WorkdirError(ValueError):
 
 def _shape_view(config: Any) -> dict[str, Any]:
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    out = {f"model.{k}": v for k, v in cfg["model"].items() if k not in NON_SHAPE_MODEL_KEYS}
+    try:  # resolved values: num_kv_heads 0 and num_kv_heads = num_heads are the same shape
+        model = dataclasses.asdict(ModelConfig.from_config(ConfigDict(cfg["model"])))
+    except (ConfigError, ValueError, TypeError):
+        model = dict(cfg["model"])  # invalid: compared as written, reported by validation
+    out = {f"model.{k}": v for k, v in model.items() if k not in NON_SHAPE_MODEL_KEYS}
     tok = cfg["data"]["tokenizer"]
     out.update({f"data.tokenizer.{k}": tok[k] for k in ("kind", "vocab_size")})
     try:  # the objectives' heads decide which head params exist
@@ -104,7 +111,11 @@ def read_config(workdir: str) -> ConfigDict:
 
 
 def tokenizer_path(workdir: str) -> str:
-    return os.path.join(workdir, TOKENIZER_FILE)
+    """The workdir's tokenizer (tokenizer.model, or a pretrained model's tokenizer/), or where
+    solo's own would be."""
+    from solo.data.pipeline import workdir_tokenizer
+
+    return workdir_tokenizer(workdir) or os.path.join(workdir, TOKENIZER_FILE)
 
 
 def check_workdir(config: Any, workdir: str) -> None:
