@@ -18,7 +18,7 @@ def test_every_experiment_builds_with_a_documented_docstring(name):
     import importlib
 
     config = load_config(name)
-    module = importlib.import_module(f"experiments.{name}")
+    module = importlib.import_module(f"solo.experiments.{name}")
     doc = module.__doc__ or ""
     assert "Command:" in doc and "Runtime:" in doc and "Expect:" in doc, name
     assert f"solo train {name}" in doc
