@@ -47,7 +47,9 @@ def get_config() -> ConfigDict:
             type_vocab_size=0,  # > 0: BERT token-type embeddings
             embed_dim=128,  # embedding head width
             pooling="mean",  # mean | first
-            dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
+            dtype="float32",  # compute dtype: float32 | bfloat16 (logits stay float32)
+            # storage: float32 | bfloat16 (half the memory; for inference: optimizer updates
+            # of bfloat16 params lose their low bits, so train in float32)
             param_dtype="float32",
             # True: nn.scan (fast compiles for deep models); False: ~12% faster steps on XLA:CPU
             scan_layers=False,

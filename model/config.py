@@ -16,7 +16,7 @@ _CHOICES = {
     "mlp": ("swiglu", "gelu", "gelu_exact"),
     "pooling": ("mean", "first"),
     "dtype": ("float32", "bfloat16"),
-    "param_dtype": ("float32",),
+    "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
 }
 

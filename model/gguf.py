@@ -1,10 +1,11 @@
 """GGUF files (llama.cpp) -> an HF config and state dict, for model/hf.py to map onto solo.
 
 Llama-family architectures only. Tensors are dequantized to float32 with the `gguf` package's
-own kernels (the types it implements: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 and the k-quants); a
-type it lacks is a one-line error. llama.cpp stores the q and k projections with their rows
-permuted for its interleaved RoPE; `_unpermute` restores HF's rotate-half order (the inverse of
-llama.cpp's convert_hf_to_gguf `permute`), as `transformers`' GGUF loader does.
+own kernels (the types it implements: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 and the k-quants;
+`solo import --dtype bfloat16` then rounds them); a type it lacks is a one-line error.
+llama.cpp stores the q and k projections with their rows permuted for its interleaved RoPE;
+`_unpermute` restores HF's rotate-half order (the inverse of llama.cpp's convert_hf_to_gguf
+`permute`), as `transformers`' GGUF loader does.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from solo.train.hub import import_model
 
-    config = import_model(args.src, args.workdir, name=args.name)
+    config = import_model(args.src, args.workdir, name=args.name, dtype=args.dtype)
     m = config.model
     print(f"imported {args.src} into {args.workdir}: {m.kind} {m.num_layers}x{m.d_model}, "
           f"{m.num_heads} heads ({m.num_kv_heads} kv), vocabulary {m.vocab_size}; try: solo "
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("--workdir", required=True)
     p.add_argument("--name", default="", help="the run's name (default: from SRC)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="params' storage and compute dtype (bfloat16: half the memory)")
     p.set_defaults(fn=_import)
 
     p = sub.add_parser(

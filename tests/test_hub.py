@@ -183,6 +183,34 @@ def test_chat_and_serve_use_the_models_own_template(smollm2, capsys, tmp_path):
     assert session.template.stop_ids == chat_template(loaded.tokenizer).stop_ids
 
 
+def test_a_bfloat16_import_is_the_float32_one_rounded_and_still_answers(smollm2, tmp_path):
+    """--dtype bfloat16: every param is the float32 import's value rounded to bfloat16 (half the
+    memory), compute is bfloat16, the chat answer holds; export writes float32 tensors of those
+    values, which transformers loads."""
+    import jax
+    import ml_dtypes
+
+    from solo.agent.chat import build_session
+
+    torch, tf = require("torch"), require("transformers")
+    f32, _, _ = smollm2
+    wd = tmp_path / "bf16"
+    assert cli.main(["import", str(smollm2_gguf()), "--workdir", str(wd), "--dtype",
+                     "bfloat16"]) == 0
+    bf = load(str(wd))
+    assert (bf.config.model.dtype, bf.config.model.param_dtype) == ("bfloat16", "bfloat16")
+    got, want = jax.tree.leaves(bf.params), jax.tree.leaves(f32.params)
+    assert all(g.dtype == ml_dtypes.bfloat16 for g in got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w).astype(ml_dtypes.bfloat16))
+    assert "Paris" in build_session(bf, max_new_tokens=24).reply("What is the capital of France?")
+    export_model(str(wd), str(tmp_path / "out"))
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    np.testing.assert_array_equal(
+        back.model.embed_tokens.weight.detach().numpy(),
+        np.asarray(bf.params["embedder"]["token"]).astype(np.float32))
+
+
 def test_bad_sources_are_one_line_and_write_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for src, msg in [(tmp_path / "empty", "not a Hugging Face checkpoint directory"),

@@ -97,16 +97,18 @@ def _read_source(src: str) -> tuple[dict, dict[str, np.ndarray], Any, str]:
                           ".gguf file")
 
 
-def import_model(src: str, workdir: str, *, name: str = "") -> RunConfig:
+def import_model(src: str, workdir: str, *, name: str = "", dtype: str = "float32"
+                 ) -> RunConfig:
     """Writes `src` (an HF directory, a .gguf file, or hf:ID) as a workdir at step 0; returns
-    its config. Nothing is written when the source cannot be used."""
+    its config. dtype: the params' storage and compute dtype (float32 or bfloat16; GGUF
+    tensors are dequantized to it). Nothing is written when the source cannot be used."""
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         raise ConversionError(f"{workdir} already holds a run; import into a new --workdir")
     hf, state, tok, where = _read_source(src)
     arch = hf_lib.arch_of(hf)
     c = get_config()
     c.name = name or os.path.splitext(os.path.basename(os.path.normpath(where)))[0]
-    c.model.update(hf_lib.model_overrides(hf))
+    c.model.update(hf_lib.model_overrides(hf), dtype=dtype, param_dtype=dtype)
     if tok.vocab_size > c.model.vocab_size:
         raise ConversionError(f"the tokenizer has {tok.vocab_size} ids but the model's "
                               f"vocabulary only {c.model.vocab_size}: they do not belong together")
@@ -117,7 +119,8 @@ def import_model(src: str, workdir: str, *, name: str = "") -> RunConfig:
     c.data.task = TASKS[arch]
     c.data.seq_len = min(c.data.seq_len, c.model.max_len)
     config = RunConfig.from_config(c)
-    params = hf_lib.params_from_hf(state, config.model, arch, HEADS[arch])
+    params = jax.tree.map(lambda x: np.asarray(x, jax.numpy.dtype(config.model.param_dtype)),
+                          hf_lib.params_from_hf(state, config.model, arch, HEADS[arch]))
     with staged_dir(workdir, ".import-") as tmp:  # an import is all there or not at all
         save_tokenizer(tok, tmp)
         write_config(config, tmp)
@@ -163,7 +166,9 @@ def export_model(workdir: str, out: str, checkpoint: str | int = "latest") -> st
         tied = {"gpt2": {"lm_head.weight"},
                 "bert": {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"},
                 "llama": {"lm_head.weight"} if cfg.tie_embeddings else set()}[arch]
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items() if k not in tied},
+        # float32 files (safetensors' numpy API has no bfloat16; transformers casts on load)
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()
+                   if k not in tied},
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         write_atomic(os.path.join(tmp, "config.json"),
                      json.dumps(hf_lib.hf_config(cfg, arch), indent=2) + "\n")
