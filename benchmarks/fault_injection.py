@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL a training run at random moments, resume it each time, and compare
 its final params (and metrics) with a run that was never interrupted.
 
-  python benchmarks/fault_injection.py [--kills 20] [--steps 300] [--seed 0]
+  python benchmarks/fault_injection.py [--kills 20] [--steps 2400] [--seed 0]
 
 `solo train tiny` runs in a subprocess with checkpoints every 3 steps (so many kills land during
 a checkpoint write); each kill comes at a random time after the process started, and the next

@@ -19,6 +19,7 @@ a control id.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -65,12 +66,20 @@ class SoloChatTemplate:
 
 
 def chat_template(tok):
-    """The tokenizer's chat template: its model's own (Jinja) if it has one, else solo's."""
+    """The tokenizer's chat template: its model's own (Jinja) if it has one, else solo's. Built
+    once per tokenizer and kept on it (a Jinja template is compiled and probed by rendering)."""
+    cached = getattr(tok, "_chat_template_built", None)
+    if cached is not None:
+        return cached
     if getattr(tok, "chat_template", None):
         from solo.data.templates import JinjaChatTemplate
 
-        return JinjaChatTemplate(tok, tok.chat_template)
-    return SoloChatTemplate(tok)
+        cached = JinjaChatTemplate(tok, tok.chat_template)
+    else:
+        cached = SoloChatTemplate(tok)
+    with contextlib.suppress(AttributeError):  # a tokenizer with __slots__ builds it each time
+        tok._chat_template_built = cached
+    return cached
 
 
 def encode_chat(

@@ -408,9 +408,9 @@ class HFTokenizer:
         template (solo.data.templates.JinjaChatTemplate.stop_ids)."""
         if self._stop_ids is None:
             if self.chat_template:
-                from solo.data.templates import JinjaChatTemplate
+                from solo.data.chat import chat_template
 
-                self._stop_ids = JinjaChatTemplate(self, self.chat_template).stop_ids
+                self._stop_ids = chat_template(self).stop_ids
             else:
                 self._stop_ids = () if self.eos_id is None else (self.eos_id,)
         return self._stop_ids

@@ -263,9 +263,9 @@ def sft_examples(tok, chats: Sequence[dict], seq_len: int) -> list[Example]:
 
 
 def seq2seq_rows(tok, records: Sequence[dict], src_len: int, seq_len: int) -> Rows:
+    """One pair per row: src = source+[EOS]; decoder tokens [BOS]+target, targets target+[EOS]."""
     if tok.bos_id is None or tok.eos_id is None:
         raise ValueError(f"{tok!r}: seq2seq rows need a BOS (the decoder's start) and an EOS")
-    """One pair per row: src = source+[EOS]; decoder tokens [BOS]+target, targets target+[EOS]."""
     n = len(records)
     rows = {
         k: np.zeros((n, src_len), np.int32)

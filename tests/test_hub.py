@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 from reference import gpt2_bpe_dir, require, smollm2_gguf
+from test_hf import jitter
 
 from solo import cli
 from solo.agent.sampler import Sampler
@@ -40,8 +41,8 @@ def gpt2_dir(tmp_path_factory):
     torch, tf = require("torch"), require("transformers")
     d = tmp_path_factory.mktemp("hf") / "gpt2"
     torch.manual_seed(0)
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50257, n_embd=64, n_layer=2, n_head=4,
-                                             n_positions=64)).eval()
+    model = jitter(tf.GPT2LMHeadModel(tf.GPT2Config(  # jittered: biases and norms count
+        vocab_size=50257, n_embd=64, n_layer=2, n_head=4, n_positions=64)))
     model.save_pretrained(d)
     gpt2_tokenizer(d).save(str(d))
     return d, model
@@ -94,10 +95,10 @@ def test_llama_and_bert_directories_round_trip(tmp_path):
 
     gguf_tok = HFTokenizer.from_gguf(str(smollm2_gguf()))
     torch.manual_seed(1)
-    llama = tf.LlamaForCausalLM(tf.LlamaConfig(
+    llama = jitter(tf.LlamaForCausalLM(tf.LlamaConfig(
         vocab_size=gguf_tok.vocab_size, hidden_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-        max_position_embeddings=128, tie_word_embeddings=False)).eval()
+        max_position_embeddings=128, tie_word_embeddings=False)))
     llama.save_pretrained(tmp_path / "llama")
     gguf_tok.save(str(tmp_path / "llama"))
     import_model(str(tmp_path / "llama"), str(tmp_path / "wd_llama"))
@@ -118,9 +119,9 @@ def test_llama_and_bert_directories_round_trip(tmp_path):
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", cls_token="[CLS]",
                                       sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
-    bert = tf.BertForPreTraining(tf.BertConfig(
+    bert = jitter(tf.BertForPreTraining(tf.BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64)).eval()
+        intermediate_size=64, max_position_embeddings=64)))
     bert.save_pretrained(tmp_path / "bert")
     fast.save_pretrained(tmp_path / "bert")
     config = import_model(str(tmp_path / "bert"), str(tmp_path / "wd_bert"))
@@ -174,13 +175,20 @@ def test_smollm2_gguf_logits_and_greedy_chat_equal_transformers(smollm2):
     assert "Paris" in loaded.tokenizer.decode(got)
 
 
-def test_chat_and_serve_use_the_models_own_template(smollm2, capsys, tmp_path):
-    from solo.agent.chat import build_session
+def test_chat_and_serve_use_the_models_own_template(smollm2):
+    """The REPL's session and the sampler `solo serve` builds stop at ChatML's <|im_end|> (id 2
+    in SmolLM2's vocabulary), not at solo's own end-of-turn ids."""
+    from solo.agent.chat import build_sampler, build_session
+    from solo.data.chat import SoloChatTemplate
+    from solo.data.templates import JinjaChatTemplate
 
     loaded, _, _ = smollm2
     session = build_session(loaded, max_new_tokens=24)
     assert "Paris" in session.reply("What is the capital of France?")
-    assert session.template.stop_ids == chat_template(loaded.tokenizer).stop_ids
+    assert isinstance(session.template, JinjaChatTemplate)
+    assert loaded.tokenizer.id_to_piece(2) == "<|im_end|>"
+    assert session.template.stop_ids == (2,) != SoloChatTemplate.stop_ids
+    assert build_sampler(loaded).stop_ids == (2,)
 
 
 def test_a_bfloat16_import_is_the_float32_one_rounded_and_still_answers(smollm2, tmp_path):
@@ -205,10 +213,14 @@ def test_a_bfloat16_import_is_the_float32_one_rounded_and_still_answers(smollm2,
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w).astype(ml_dtypes.bfloat16))
     assert "Paris" in build_session(bf, max_new_tokens=24).reply("What is the capital of France?")
     export_model(str(wd), str(tmp_path / "out"))
+    from safetensors.numpy import load_file
+
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert {v.dtype for v in written.values()} == {np.dtype(np.float32)}
+    emb = np.asarray(bf.params["embedder"]["token"]).astype(np.float32)
+    np.testing.assert_array_equal(written["model.embed_tokens.weight"], emb)
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    np.testing.assert_array_equal(
-        back.model.embed_tokens.weight.detach().numpy(),
-        np.asarray(bf.params["embedder"]["token"]).astype(np.float32))
+    np.testing.assert_array_equal(back.model.embed_tokens.weight.detach().numpy(), emb)
 
 
 def test_bad_sources_are_one_line_and_write_nothing(tmp_path, capsys):

@@ -132,7 +132,7 @@ _PMAP_SNIPPET = textwrap.dedent("""
     res["sharded"] = dict(loss=[float(gl), float(sl)], jit_loss=float(jl),
                           metrics={k: [np.asarray(gm[k]).tolist(), np.asarray(sm[k]).tolist()]
                                    for k in gm},
-                          grad_err=0.0, grad_scale=1.0, scale=30.0, **data)
+                          grad_err=None, scale=30.0, **data)  # loss and metrics only
     print("RESULT" + json.dumps(res))
 """)
 
@@ -153,7 +153,8 @@ def test_pmap_infonce_equals_global():
         s, loss = r["scale"], r["loss"][0]
         loss_tol = 2 * (infonce_atol(s, E, n, loss) + d * F32_EPS * loss)
         np.testing.assert_allclose(*r["loss"], rtol=0, atol=loss_tol)
-        np.testing.assert_allclose(r.get("jit_loss", loss), loss, rtol=0, atol=loss_tol)
+        if "jit_loss" in r:
+            np.testing.assert_allclose(r["jit_loss"], loss, rtol=0, atol=loss_tol)
         # every device holds the psum: (sum, count) of all rows. Counts are exact; every argmax
         # wins by more than two logits' error, so the hits (multiples of 1/2) are exact too
         assert r["cos_gap"] * s > 2 * logit_atol(s, E), r["cos_gap"]
@@ -168,7 +169,8 @@ def test_pmap_infonce_equals_global():
         # <= (1 + sqrt(E)) / |a_i|; twice, for the two sides (the same for b)
         bracket = (1 + n) * row_atol(s, E, n) + 4 * n * F32_EPS
         grad_tol = 2 * (1 + math.sqrt(E)) * r["inv_norm"] * s / (2 * n) * bracket
-        assert r["grad_err"] <= grad_tol, (r["grad_err"], grad_tol)
+        if r["grad_err"] is not None:  # the shard_map entry checks loss and metrics only
+            assert r["grad_err"] <= grad_tol, (r["grad_err"], grad_tol)
 
 
 def test_padding_rows_change_neither_nsp_nor_infonce():

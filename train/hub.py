@@ -27,12 +27,12 @@ from solo.model import hf as hf_lib
 from solo.model import unstack_layers
 from solo.model.config import ModelConfig
 from solo.model.hf import ConversionError
+from solo.objectives import model_heads
 from solo.train.checkpoint import Checkpointer
 from solo.train.workdir import CONFIG_FILE, write_config
 
 OBJECTIVES = {"gpt2": ("causal_lm",), "llama": ("causal_lm",), "bert": ("mlm", "nsp")}
 TASKS = {"gpt2": "lm", "llama": "lm", "bert": "bert"}
-HEADS = {"gpt2": ("lm",), "llama": ("lm",), "bert": ("mlm", "nsp")}
 
 
 # ----------------------------------------------------------------------------- import
@@ -114,13 +114,12 @@ def import_model(src: str, workdir: str, *, name: str = "", dtype: str = "float3
                               f"vocabulary only {c.model.vocab_size}: they do not belong together")
     for objective in c.objectives:
         c.objectives[objective].weight = 1.0 if objective in OBJECTIVES[arch] else 0.0
-    if arch == "bert":
-        c.objectives.nsp.weight = 1.0
     c.data.task = TASKS[arch]
     c.data.seq_len = min(c.data.seq_len, c.model.max_len)
     config = RunConfig.from_config(c)
     params = jax.tree.map(lambda x: np.asarray(x, jax.numpy.dtype(config.model.param_dtype)),
-                          hf_lib.params_from_hf(state, config.model, arch, HEADS[arch]))
+                          hf_lib.params_from_hf(state, config.model, arch,
+                                                model_heads(config.objectives)))
     with staged_dir(workdir, ".import-") as tmp:  # an import is all there or not at all
         save_tokenizer(tok, tmp)
         write_config(config, tmp)

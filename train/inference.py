@@ -43,7 +43,7 @@ def abstract_params(model: Transformer, config: RunConfig, mesh) -> Any:
 
     def init(key):
         params = init_params(model, key, heads, config.data.seq_len, config.data.src_seq_len)
-        return lora.add(params, config.lora, key, boxed=True) if config.lora.rank else params
+        return lora.add(params, config.lora, key, boxed=True)
 
     boxed = jax.eval_shape(init, jax.random.key(0))
     return parallel.abstract_with_sharding(nn.meta.unbox(boxed),

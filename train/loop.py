@@ -187,11 +187,10 @@ def _setup(config: RunConfig, workdir: str) -> _Run:
     model = inference.build_model(config, tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     key = jax.random.PRNGKey(config.seed)
+    boxed = jax.eval_shape(init_state_fns(model, config, tx)[0], key)  # params only: no tx
     if config.lora.rank > 0:
-        init_boxed = init_state_fns(model, config, tx)[0]
-        tx = lora.freeze_base(tx, nn.meta.unbox(jax.eval_shape(init_boxed, key)))
-    init_boxed, init_state = init_state_fns(model, config, tx)
-    boxed = jax.eval_shape(init_boxed, key)
+        tx = lora.freeze_base(tx, nn.meta.unbox(boxed))
+    init_state = init_state_fns(model, config, tx)[1]
     params_sh = parallel.param_shardings(boxed, mesh)
     state_sh = parallel.state_shardings(tx, nn.meta.unbox(boxed), params_sh, mesh)
     abstract_state = parallel.abstract_with_sharding(jax.eval_shape(init_state, key), state_sh)

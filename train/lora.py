@@ -62,7 +62,10 @@ def targets(params: dict, lcfg: Any) -> dict[str, tuple[int, ...]]:
 
 
 def add(params: dict, lcfg: Any, key: jax.Array, boxed: bool = False) -> dict:
-    """params with freshly initialised adapters (replicated logical axes if `boxed`)."""
+    """params with freshly initialised adapters (replicated logical axes if `boxed`); params
+    as they are when LoRA is off (rank 0)."""
+    if lcfg.rank <= 0:
+        return params
     adapters = {}
     for i, (path, shape) in enumerate(sorted(targets(params, lcfg).items())):
         d_in, d_out = _in_out(path, shape)

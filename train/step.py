@@ -50,8 +50,6 @@ def init_state_fns(model: nn.Module, config: Any, tx: optax.GradientTransformati
     seq_len, src_seq_len = int(config.data.seq_len), int(config.data.src_seq_len)
 
     def with_adapters(params, key, boxed):
-        if config.lora.rank <= 0:
-            return params
         return lora.add(params, config.lora, jax.random.fold_in(key, 1), boxed=boxed)
 
     def init_boxed(key):
