@@ -2,7 +2,7 @@
 
   train    solo.train.loop.train_and_evaluate(config, workdir)
   sweep    solo.train.sweep.run_sweep(config_name, grid, workdir, overrides)
-  compare  solo.train.sweep.summarize(workdirs)
+  compare  solo.train.sweep.summarize(workdirs); --plot: solo.train.plots.save_plot
   eval     solo.train.loop.evaluate(workdir, checkpoint)
   sample   solo.agent.sampler.sample(workdir, prompts, ...)
   chat     solo.agent.repl.chat(workdir, ...)
@@ -55,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from solo.train.sweep import parse_grid, run_sweep
 
-    run_sweep(args.config, parse_grid(args.sweep_flags), args.workdir, args.overrides)
+    run_sweep(args.config, parse_grid(args.sweep_flags), args.workdir, args.overrides,
+              parallel=args.parallel)
     return 0
 
 
@@ -63,6 +64,15 @@ def _compare(args: argparse.Namespace) -> int:
     from solo.train.sweep import format_table, summarize
 
     print(format_table(summarize(args.workdirs)))
+    if args.plot:  # loss curves + bars of the final metric (train/plots.py)
+        from solo.train.plots import save_plot
+
+        try:
+            save_plot(args.workdirs, args.plot, args.metric)
+        except ImportError as e:  # matplotlib is optional
+            print(f"solo compare: error: {e}", file=sys.stderr)
+            return 2
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -169,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="experiment name (e.g. tiny) or path to a config .py")
     p.add_argument("--workdir", required=True, help="the sweep's directory")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train N points at a time, each in its own process (default 1)")
     p.set_defaults(fn=_sweep, takes_overrides=True)
 
     p = sub.add_parser(
@@ -177,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="One line per WORKDIR: its last eval metrics and train tokens/s.",
     )
     p.add_argument("workdirs", nargs="+")
+    p.add_argument("--plot", default="", metavar="FILE.png",
+                   help="also draw the loss curves and a bar chart of the final eval metric")
+    p.add_argument("--metric", default="loss", help="the plotted metric (default: loss)")
     p.set_defaults(fn=_compare)
 
     p = sub.add_parser(

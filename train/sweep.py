@@ -4,7 +4,9 @@
   solo compare runs/lr/*            # the same table for any workdirs
 
 Every point's config is built and validated before anything trains, so a typo in the last point
-fails at once. Points run one after the other in `<workdir>/<key=value,...>/`, each an ordinary
+fails at once. Points run one after the other (or, with `--parallel N`, N at a time, each in its
+own `solo train` process whose output goes to `<point>/sweep.log`; a process's results are
+the same as in-process training's) in `<workdir>/<key=value,...>/`, each an ordinary
 workdir (resumable, `solo eval`-able). Running the sweep again skips finished points and resumes
 a stopped one, so a preempted sweep continues where it stopped. After each point the table of
 every point so far (its final eval metrics, best eval loss first) is printed and written to
@@ -20,6 +22,9 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from solo.config import ConfigError, RunConfig
@@ -28,6 +33,10 @@ from solo.files import write_atomic
 from solo.train import workdir as wd_lib
 
 SUMMARY_FILE = "summary.json"
+
+
+class SweepError(ValueError):
+    """A sweep point's training process failed (one line: the point and its log)."""
 
 
 def parse_grid(flags: list[str]) -> list[tuple[str, list[str]]]:
@@ -57,9 +66,10 @@ def point_name(overrides: list[str]) -> str:
 
 
 def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
-              base_overrides: list[str] = ()) -> list[dict[str, Any]]:
-    """Trains every point of the grid (see module docstring); returns the summary rows."""
-    from solo.train import parallel
+              base_overrides: list[str] = (), parallel: int = 1) -> list[dict[str, Any]]:
+    """Trains every point of the grid (see module docstring), `parallel` points at a time in
+    subprocesses if > 1; returns the summary rows."""
+    from solo.train import parallel as parallel_lib
     from solo.train.loop import train_and_evaluate, validate_config
 
     if not grid:
@@ -67,20 +77,69 @@ def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
     runs = []
     for overrides in points(grid):  # validate every point before training any
         config = RunConfig.from_config(load_config(config_name, list(base_overrides) + overrides))
-        validate_config(config, parallel.make_mesh(config.train.mesh))
-        runs.append((os.path.join(workdir, point_name(overrides)), config))
+        validate_config(config, parallel_lib.make_mesh(config.train.mesh))
+        runs.append((os.path.join(workdir, point_name(overrides)), config, overrides))
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {parallel}")
+    if parallel > 1:
+        return _run_parallel(config_name, runs, workdir, list(base_overrides), parallel)
     rows = []
-    for i, (run_dir, config) in enumerate(runs, 1):
+    for i, (run_dir, config, _) in enumerate(runs, 1):
         name = os.path.basename(run_dir)
         if (wd_lib.latest_step(run_dir) or 0) >= config.train.steps:
             print(f"sweep {i}/{len(runs)}: {name} finished earlier", flush=True)
         else:
             print(f"sweep {i}/{len(runs)}: {name}", flush=True)
             train_and_evaluate(config, run_dir)
-        rows = summarize([r for r, _ in runs[:i]])
-        write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(rows, indent=1))
-        print(format_table(rows), flush=True)
+        rows = _write_summary(workdir, [r for r, _, _ in runs[:i]])
     return rows
+
+
+def _write_summary(workdir: str, run_dirs: list[str]) -> list[dict[str, Any]]:
+    rows = summarize(run_dirs)
+    write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(rows, indent=1))
+    print(format_table(rows), flush=True)
+    return rows
+
+
+def _run_parallel(config_name: str, runs: list, workdir: str, base_overrides: list[str],
+                  parallel: int) -> list[dict[str, Any]]:
+    """`solo train` subprocesses, `parallel` at a time; the table after each one ends. A failed
+    point fails the sweep (after the running ones finish), naming its log."""
+    todo, done = [], []
+    for i, (run_dir, config, overrides) in enumerate(runs, 1):
+        name = os.path.basename(run_dir)
+        if (wd_lib.latest_step(run_dir) or 0) >= config.train.steps:
+            print(f"sweep {i}/{len(runs)}: {name} finished earlier", flush=True)
+            done.append(run_dir)
+        else:
+            todo.append((i, run_dir, overrides))
+
+    def train_one(i: int, run_dir: str, overrides: list[str]) -> tuple[str, int, str]:
+        os.makedirs(run_dir, exist_ok=True)
+        log = os.path.join(run_dir, "sweep.log")
+        print(f"sweep {i}/{len(runs)}: {os.path.basename(run_dir)} (log: {log})", flush=True)
+        cmd = [sys.executable, "-m", "solo", "train", config_name, "--workdir", run_dir,
+               *base_overrides, *overrides]
+        with open(log, "ab") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        return run_dir, rc, log
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for fut in as_completed([pool.submit(train_one, *t) for t in todo]):
+            run_dir, rc, log = fut.result()
+            if rc:
+                failed.append(f"{os.path.basename(run_dir)} (exit {rc}; see {log})")
+                continue
+            done.append(run_dir)
+            _write_summary(workdir, [r for r, _, _ in runs if r in done])
+    if failed:
+        raise SweepError(f"sweep points failed: {', '.join(failed)}; run the same command "
+                         "again to resume them")
+    if not todo:
+        return _write_summary(workdir, done)
+    return summarize([r for r, _, _ in runs])
 
 
 def summarize(workdirs: list[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,24 @@
+"""Knowledge extraction, stage 2: fine-tune knowledge_bios on the train people's questions, then
+ask about the held-out people (Physics of Language Models 3.1; see knowledge_bios).
+
+If runs/knowledge_bios holds no checkpoint, `solo train` trains knowledge_bios into it first
+(train.init_experiment). Questions about held-out people never appear in any training data:
+answering them needs facts the biographies stored, extracted the way the fine-tuning taught for
+other people. `solo eval WORKDIR` prints the held-out exact match (the world's test people).
+
+Command:  solo train knowledge_qa --workdir runs/knowledge_qa
+Runtime:  RUNTIME_PLACEHOLDER
+Expect:   RESULT_PLACEHOLDER
+"""
+
+from solo.experiments import knowledge_bios
+
+
+def get_config():
+    c = knowledge_bios.get_config()
+    c.name = "knowledge_qa"
+    c.data.update(task="sft")
+    c.optim.update(lr=3e-4, warmup_steps=20)
+    c.train.update(steps=300, log_every=50, eval_every=150, ckpt_every=150,
+                   init_from="runs/knowledge_bios", init_experiment="knowledge_bios")
+    return c
