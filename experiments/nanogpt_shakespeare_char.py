@@ -10,8 +10,10 @@ Get the file: it ships in ../shared/data/tinyshakespeare.txt here; elsewhere dow
 karpathy/char-rnn's data/tinyshakespeare/input.txt and pass --config.data.source=PATH.
 
 Command:  solo train nanogpt_shakespeare_char --workdir runs/nanogpt_shakespeare_char
-Runtime:  RUNTIME_PLACEHOLDER
-Expect:   RESULT_PLACEHOLDER
+Runtime:  248 s on a shared 2-core Intel Xeon (load ~6 from other jobs: 4.2-9k tokens/s);
+          nanoGPT reports ~3 minutes for its PyTorch run.
+Expect:   validation loss 1.81 at step 2000 (nanoGPT: 1.88), on the whole validation split:
+          2.50 / 2.20 / 2.06 / 1.97 / 1.90 / 1.86 / 1.83 / 1.81 every 250 steps; train loss 1.64.
 
 Matched: 4 layers, 4 heads, 128 wide, GELU MLP 4x, LayerNorm (eps 1e-5), learned positions,
 tied embeddings, context 64, batch 12, 2,000 steps, AdamW lr 1e-3 (betas 0.9/0.99, weight decay
