@@ -27,8 +27,8 @@ def get_config():
     c.data.update(task="lm", seq_len=128, batch_size=16)
     c.data.tokenizer.vocab_size = 1024
     # the paper's split: fine-tune on half the people's questions, test on the other half
-    c.data.world.update(num_people=200, heldout_frac=0.5, bios_per_person=5, full_name_frac=1.0,
+    c.data.world.update(num_people=400, heldout_frac=0.5, bios_per_person=5, full_name_frac=1.0,
                         mix_qa="")
     c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
-    c.train.update(steps=2000, log_every=100, eval_every=1000, ckpt_every=1000)
+    c.train.update(steps=3000, log_every=100, eval_every=1000, ckpt_every=1000)
     return c

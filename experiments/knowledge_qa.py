@@ -19,6 +19,6 @@ def get_config():
     c.name = "knowledge_qa"
     c.data.update(task="sft")
     c.optim.update(lr=3e-4, warmup_steps=20)
-    c.train.update(steps=300, log_every=50, eval_every=150, ckpt_every=150,
+    c.train.update(steps=400, log_every=50, eval_every=200, ckpt_every=200,
                    init_from="runs/knowledge_bios", init_experiment="knowledge_bios")
     return c
