@@ -13,8 +13,11 @@ equally often (a single biography is repeated five times as often as each of fiv
 notebooks/knowledge.ipynb sweeps them.
 
 Command:  solo train knowledge_bios --workdir runs/knowledge_bios
-Runtime:  RUNTIME_PLACEHOLDER
-Expect:   RESULT_PLACEHOLDER
+Runtime:  5.4 min on a 2-core Intel Xeon (~21k tokens/s) shared with other jobs.
+Expect:   train loss ~0.11; eval loss on unseen biography paraphrases 0.59 / 0.41 / 0.52 / 0.62
+          at steps 750-3000 (bios_per_person=1: 1.41 rising to 2.11: a single biography is
+          memorised as one string). Test people's fact sentences completed out of context,
+          greedy: 0.62 (1 biography per person: 0.10).
 """
 
 from solo.experiments import base
