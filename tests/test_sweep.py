@@ -1,5 +1,5 @@
 """`solo sweep` / `solo compare`: grid expansion, up-front validation, one workdir per point,
-the summary table against each workdir's own metrics, skipping finished points."""
+the summary table against each workdir's own metrics, skipping finished points, --parallel."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from solo.cli import main
 from solo.experiments import ConfigError
+from solo.train import plots
 from solo.train.sweep import format_table, parse_grid, point_name, points, run_sweep, summarize
 
 FAST = ["--config.train.steps=6", "--config.train.eval_every=3", "--config.train.log_every=3",
@@ -71,3 +72,13 @@ def test_sweep_trains_each_point_tabulates_and_skips_finished(tmp_path, capsys):
         [str(root / d) for d in dirs]))
     assert main(["compare", str(tmp_path)]) == 2  # not a workdir: one-line error
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+    # --parallel 2: one `solo train` process per point, the same results as the serial sweep
+    par = tmp_path / "par"
+    assert main(["sweep", "tiny", "--workdir", str(par), "--sweep.optim.lr=1e-3,1e-2", *FAST,
+                 "--parallel", "2"]) == 0
+    assert (par / "optim.lr=1e-2" / "sweep.log").exists()
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]
+    assert drop(json.loads((par / "summary.json").read_text())) == drop(rows)
+    for d in dirs:  # every logged metric, not only the last eval
+        assert plots.series(str(par / d)) == plots.series(str(root / d))

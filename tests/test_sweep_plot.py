@@ -1,5 +1,5 @@
-"""`solo compare --plot` draws exactly the workdirs' metrics; `solo sweep --parallel N` trains
-the same points to the same results as the serial sweep."""
+"""`solo compare --plot` draws exactly the workdirs' metrics (`solo sweep --parallel` is tested
+in test_sweep.py, beside the serial sweep it must equal)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ import pytest
 
 from solo.cli import main
 from solo.train import plots
-from solo.train.sweep import parse_grid, run_sweep
-
-FAST = ["--config.train.steps=6", "--config.train.eval_every=3", "--config.train.log_every=3",
-        "--config.train.ckpt_every=6", "--config.train.eval_batches=2"]
 
 
 def fake_workdir(root: Path, name: str, rows: list[dict]) -> str:
@@ -66,19 +62,3 @@ def test_compare_plot_cli_and_its_errors(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert "pip install 'solo[plot]'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "y.png").exists()
-
-
-def test_parallel_sweep_equals_serial(tmp_path, capsys):
-    grid = parse_grid(["--sweep.optim.lr=1e-3,1e-2"])
-    serial = run_sweep("tiny", grid, str(tmp_path / "serial"), FAST)
-    par = run_sweep("tiny", grid, str(tmp_path / "par"), FAST, parallel=2)
-    assert (tmp_path / "par" / "optim.lr=1e-2" / "sweep.log").exists()  # a process each
-    drop = ("tokens_per_sec",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in par] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in serial]
-    for name in ("optim.lr=1e-3", "optim.lr=1e-2"):  # every logged loss, not only the last
-        assert plots.series(str(tmp_path / "par" / name)) == \
-            plots.series(str(tmp_path / "serial" / name))
-    # a second run finds every point finished and trains nothing
-    again = run_sweep("tiny", grid, str(tmp_path / "par"), FAST, parallel=2)
-    assert again == par and "finished earlier" in capsys.readouterr().out
