@@ -10,7 +10,7 @@ Get the file: it ships in ../shared/data/tinyshakespeare.txt here; elsewhere dow
 karpathy/char-rnn's data/tinyshakespeare/input.txt and pass --config.data.source=PATH.
 
 Command:  solo train nanogpt_shakespeare_char --workdir runs/nanogpt_shakespeare_char
-Runtime:  248 s on a shared 2-core Intel Xeon (load ~6 from other jobs: 4.2-9k tokens/s);
+Runtime:  248 s on a 2-core Intel Xeon at load ~6 from other jobs (4.2-9k tokens/s);
           nanoGPT reports ~3 minutes for its PyTorch run.
 Expect:   validation loss 1.81 at step 2000 (nanoGPT: 1.88), on the whole validation split:
           2.50 / 2.20 / 2.06 / 1.97 / 1.90 / 1.86 / 1.83 / 1.81 every 250 steps; train loss 1.64.
