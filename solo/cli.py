@@ -117,7 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
     from solo.agent.server import serve
 
     serve(args.workdir, host=args.host, port=args.port, checkpoint=args.checkpoint,
-          max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000)
+          max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+          chat_only=args.chat_only, embeddings=args.embeddings)
     return 0
 
 
@@ -221,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="OpenAI-compatible HTTP server (/v1/chat/completions)",
-        description="Serve WORKDIR's model at http://HOST:PORT/v1/chat/completions.",
+        help="OpenAI-compatible HTTP server (chat, completions, embeddings)",
+        description="Serve WORKDIR's model at http://HOST:PORT/v1: /v1/chat/completions, "
+        "/v1/completions (logprobs, echo), /v1/embeddings, /v1/models; GET /health.",
     )
     p.add_argument("workdir")
     p.add_argument("--host", default="127.0.0.1")
@@ -231,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most concurrent requests decoded together (1 = one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0,
                    help="how long a request waits after its arrival for others to batch with")
+    # issue 15: harness endpoints (agent/endpoints.py)
+    p.add_argument("--chat-only", action="store_true",
+                   help="serve the model only through its chat template and guards: "
+                   "/v1/completions (raw text, echo, prompt logprobs) answers 400")
+    p.add_argument("--embeddings", choices=("head", "mean"), default="head",
+                   help="/v1/embeddings from the embedding head only (default), or mean-pooled "
+                   "hidden states for a model without one")
     _checkpoint_arg(p)
     p.set_defaults(fn=_serve)
 
