@@ -3,7 +3,7 @@
   train    solo.train.loop.train_and_evaluate(config, workdir)
   sweep    solo.train.sweep.run_sweep(config_name, grid, workdir, overrides)
   compare  solo.train.sweep.summarize(workdirs)
-  eval     solo.train.loop.evaluate(workdir, checkpoint)
+  eval     solo.agent.evaluate.eval_command(workdir, checkpoint, overrides, ...)
   sample   solo.agent.sampler.sample(workdir, prompts, ...)
   chat     solo.agent.repl.chat(workdir, ...)
   serve    solo.agent.server.serve(workdir, ...)
@@ -83,13 +83,11 @@ def _chat_report(workdir: str, checkpoint: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from solo.data.tasks import chat_eval
-    from solo.train.loop import evaluate
+    from solo.agent.evaluate import eval_command  # issue 15: any data, QA JSONL, JSON results
 
-    metrics = evaluate(args.workdir, args.checkpoint)
-    print(format_summary(metrics))
-    if chat_eval(metrics["config"].data):
-        _chat_report(args.workdir, args.checkpoint)
+    report, _ = eval_command(args.workdir, args.checkpoint, overrides=args.overrides,
+                             splits=args.split.split(","), qa=args.qa, name=args.name)
+    print(report)
     return 0
 
 
@@ -182,13 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate a workdir's checkpoint on its validation split",
-        description="Eval loss/accuracy on the validation split; for chat experiments "
-        "also exact-match accuracy on held-out questions through the chat path.",
+        help="evaluate a workdir's checkpoint on its own or any other data",
+        description="Every objective's metrics (perplexity and bits per byte for causal LM) "
+        "on the run's validation split, or on other data with --config.data.* overrides (a "
+        "file, a TFDS split, a JSONL of chats); QA exact match through the chat path on --qa "
+        "FILE.jsonl (the world's held-out questions by default for world chat runs). Results "
+        "go to WORKDIR/eval/step_N/NAME.json.",
     )
     p.add_argument("workdir")
+    p.add_argument("--split", default="validation",
+                   help="split(s) to score, comma-separated to sum: train, validation, test")
+    p.add_argument("--qa", default="",
+                   help='JSONL of {"question", "answer"} lines asked through the chat path; '
+                   "'none' skips the default (world chat runs: the held-out questions)")
+    p.add_argument("--name", default="",
+                   help="the result file's name (default: from the data source and split)")
     _checkpoint_arg(p)
-    p.set_defaults(fn=_eval)
+    p.set_defaults(fn=_eval, takes_overrides=True)
 
     p = sub.add_parser(
         "sample",
@@ -319,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     args.overrides, args.sweep_flags = overrides, sweep_flags
     if overrides and not getattr(args, "takes_overrides", False):
-        print(f"solo {args.command}: --config.* overrides only apply to `solo train` and "
-              "`solo sweep`", file=sys.stderr)
+        print(f"solo {args.command}: --config.* overrides only apply to `solo train`, "
+              "`solo sweep` and `solo eval`", file=sys.stderr)
         return 2
     if sweep_flags and args.command != "sweep":
         print(f"solo {args.command}: --sweep.* flags only apply to `solo sweep`", file=sys.stderr)
