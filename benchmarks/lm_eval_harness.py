@@ -64,13 +64,15 @@ def write_tasks(directory: str, config, limit: int) -> None:
     with open(os.path.join(directory, "mc.yaml"), "w") as f:
         f.write(f"task: {TASKS[0]}\noutput_type: multiple_choice\n{common}"
                 "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
-                "metric_list:\n  - metric: acc\n")
+                "metric_list:\n  - metric: acc\n    aggregation: mean\n"
+                "    higher_is_better: true\n")
     with open(os.path.join(directory, "gen.yaml"), "w") as f:
         f.write(f"task: {TASKS[1]}\noutput_type: generate_until\n{common}"
                 "doc_to_target: \" {{city}}\"\ntarget_delimiter: \"\"\n"
                 "generation_kwargs:\n  until: [\".\", \"\\n\"]\n  max_gen_toks: 12\n"
                 "  do_sample: false\n  temperature: 0\n"
-                "metric_list:\n  - metric: exact_match\n")
+                "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+                "    higher_is_better: true\n")
 
 
 def serve_in_thread(app):
