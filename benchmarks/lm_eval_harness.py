@@ -2,7 +2,7 @@
 EleutherAI's `lm_eval` through its `local-completions` model (OpenAI /v1/completions with
 `echo`, `logprobs`, `max_tokens`), and every loglikelihood it got checked against solo's own.
 
-  pip install lm_eval==0.4.13      # (the `harness` extra); its datasets are never downloaded:
+  pip install -e '.[harness]'      # lm_eval[api]==0.4.13; no harness dataset is downloaded
   python benchmarks/lm_eval_harness.py [--workdir runs/tiny] [--limit 40]
 
 The workdir (default runs/tiny; `solo train tiny` into it first if it has no checkpoint) is
