@@ -148,9 +148,13 @@ def test_completion_text_n_and_stop(client, sampler, tok):
     want = tok.decode(ids + new)[len(tok.decode(ids)):]
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
     assert r.choices[0].text == want and r.object == "text_completion"
-    r = client.completions.create(model="tiny", prompt=[PROMPT, "Hiro"], max_tokens=5, n=3,
-                                  temperature=1.0, seed=3)
-    assert [c.index for c in r.choices] == list(range(6))
+    kw = dict(model="tiny", prompt=[PROMPT, "Hiro Galindo was born in"], max_tokens=5, n=2,
+              temperature=1.0, seed=3)
+    r = client.completions.create(**kw)
+    assert [c.index for c in r.choices] == list(range(4))  # prompt i, choice j: i * n + j
+    texts = [c.text for c in r.choices]
+    assert texts == [c.text for c in client.completions.create(**kw).choices]  # seeded
+    assert texts[0] != texts[1]  # choice j samples with seed + j
     if len(want) > 2:  # a stop string cuts the text before it
         cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6,
                                         stop=[want[2]])
