@@ -129,3 +129,21 @@ def test_world_questions_only_for_world_chat_runs(tmp_path):
     f.write_text('{"prompt": "hi", "response": "hello"}\n')
     assert not chat_eval(data_config(task="sft", source=str(f)))
     assert chat_eval(data_config(task="sft", source=f"synthetic:world:0.5,{f}:0.5"))
+
+
+def test_a_tfds_split(run):
+    """A TFDS dataset's test split (array_record, no TensorFlow) scored like any other data."""
+    from solo.data.tfds_io import write_tfds_dataset
+
+    wd, _, tmp = run
+    docs = ["Zoë ate crème brûlée in Oslo.", "Hiro Galindo was born in Florence."]
+    write_tfds_dataset({"train": [{"text": "unused"}], "test": [{"text": d} for d in docs]},
+                       "solo_eval_corpus", str(tmp / "tfds"))
+    _, path = eval_command(wd, overrides=["--config.data.source=tfds:solo_eval_corpus",
+                                          f"--config.data.data_dir={tmp / 'tfds'}"],
+                           splits=["test"])
+    result = json.loads(open(path).read())
+    nll, count = reference_nll(wd, docs)
+    assert result["tokens"] == count and path.endswith("tfds_solo_eval_corpus-test.json")
+    assert result["bits_per_byte"] == pytest.approx(
+        nll / len("".join(docs).encode()) / math.log(2), rel=1e-5)
