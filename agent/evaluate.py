@@ -210,6 +210,8 @@ def eval_command(workdir: str, checkpoint: str | int = "latest", *,
             mark = "ok " if ex["correct"] else "bad"
             lines.append(f"  [{mark}] Q: {ex['question']}  A: {ex['reply']!r}  "
                          f"(want {ex['answer']!r})")
+        if qa_source == "world:test":  # a short multi-turn demo, as at the end of training
+            lines.append(transcript(session, [ex["question"] for ex in res["examples"][:2]]))
     if not name:
         name = eval_data.result_name(config, splits, bool(overrides))
         if qa and qa != "none":
