@@ -303,8 +303,9 @@ def make_app(sampler: Sampler | None, *, model_name: str = "solo", guards: Guard
             result = payload
         logprobs = None
         if req["logprobs"] is not None:
-            logprobs = await endpoints.reply_logprobs(ctx, ids, result.get("tokens", []),
-                                                      req["logprobs"])
+            # the reply's own tokens (its end-of-turn is not content)
+            reply = result.get("tokens", [])[: result["completion_tokens"]]
+            logprobs = await endpoints.reply_logprobs(ctx, ids, reply, req["logprobs"])
         usage = dict(prompt_tokens=result["prompt_tokens"],
                      completion_tokens=result["completion_tokens"],
                      total_tokens=result["prompt_tokens"] + result["completion_tokens"])

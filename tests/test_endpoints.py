@@ -168,12 +168,10 @@ def test_chat_logprobs_are_the_models_log_softmax(client, sampler, tok):
                                        logprobs=True, top_logprobs=2)
     template = chat_template(tok)
     ids, _ = template.encode(messages, add_generation_prompt=True)
-    rows, reasons = sampler.generate_ids([ids], max_new_tokens=6, stop_ids=template.stop_ids)
-    ref = log_softmax(sampler.model, sampler.variables["params"], ids + rows[0] + [0])
-    reply = rows[0] + ([int(np.argmax(ref[len(ids) + len(rows[0]) - 1]))]
-                       if reasons[0] == "stop" else [])
-    content = r.choices[0].logprobs.content
-    assert len(content) == len(reply)
+    reply = sampler.generate_ids([ids], max_new_tokens=6, stop_ids=template.stop_ids)[0][0]
+    ref = log_softmax(sampler.model, sampler.variables["params"], ids + reply)
+    content = r.choices[0].logprobs.content  # the reply's tokens (not its end-of-turn)
+    assert reply and len(content) == len(reply)
     np.testing.assert_allclose([e.logprob for e in content],
                                [ref[len(ids) + i - 1, t] for i, t in enumerate(reply)], atol=TOL)
     assert all(len(e.top_logprobs) == 2 for e in content)
