@@ -163,7 +163,6 @@ def eval_command(workdir: str, checkpoint: str | int = "latest", *,
     import json
     import os
 
-    from solo.data.sources import load_records
     from solo.files import write_atomic
     from solo.train import eval_data
     from solo.train.inference import load
@@ -174,7 +173,7 @@ def eval_command(workdir: str, checkpoint: str | int = "latest", *,
     if qa and qa != "none":
         questions, qa_source = qa_file(qa), qa
     for split in eval_data.check_splits(splits):  # a missing file: one line, before loading
-        load_records(config.data, split)
+        eval_data.check_data(config, split)
     loaded = load(workdir, checkpoint)
     loaded.config = config
     result = dict(workdir=os.path.abspath(workdir), step=loaded.step, checkpoint=str(checkpoint),

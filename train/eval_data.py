@@ -20,13 +20,15 @@ of UTF-8 bytes of the raw text they encode:
   - task `sft`: the assistant turns' tokens and their end-of-turn marker; bytes = the assistant
     messages' content bytes.
 Anywhere else (masked LM, pairs, chat transcripts mixed into an lm corpus, an SFT conversation cut
-at data.seq_len) the byte count of the scored tokens is not defined and no bits_per_byte is given.
+at data.seq_len, a prepared corpus of token ids) the byte count of the scored tokens is not
+known and no bits_per_byte is given.
 perplexity is exp(the token-weighted causal_lm loss) over the same tokens.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +39,7 @@ from ml_collections import ConfigDict
 from solo.compile_options import train_options
 from solo.config import ConfigError, RunConfig
 from solo.data import pipeline, sources
+from solo.data.tasks import get_task
 from solo.experiments import apply_overrides
 from solo.train import parallel
 from solo.train.loop import _add, _summary, validate_config
@@ -74,13 +77,32 @@ def check_splits(splits: Sequence[str]) -> list[str]:
     return list(splits)
 
 
+PREPARED = "prepared:"  # token-id corpora (`solo prepare`): no records, no text to count
+
+
+def check_data(config: RunConfig, split: str) -> list[dict] | None:
+    """The records of `split` (None if a component is a prepared corpus of token ids, whose
+    directory must exist): a missing file or split is its one-line error here, before anything
+    is loaded or compiled."""
+    d, records, prepared = config.data, [], False
+    kind = get_task(d.task).records
+    for c in sources.parse_source(d.source):
+        if c.spec.startswith(PREPARED):
+            prepared = True
+            if not os.path.isdir(os.path.expanduser(c.spec[len(PREPARED):])):
+                raise sources.SourceError(f"{c.spec}: no such prepared corpus directory")
+        else:
+            records += sources.load_component(c.spec, d, kind, split)
+    return None if prepared else records
+
+
 def scored_bytes(config: RunConfig, tokenizer, split: str) -> int | None:
     """UTF-8 bytes of the text whose tokens the causal_lm loss scores on `split` (see the module
-    docstring), or None where that is not defined. Loading the records first also turns a
-    missing file or split into its one-line error before anything is compiled."""
+    docstring), or None where that is not defined (also for a prepared corpus: it keeps token
+    ids, not the text's bytes)."""
     d = config.data
-    records = [r for comp in sources.load_records(d, split) for r in comp]
-    if "causal_lm" not in config.objectives:
+    records = check_data(config, split)
+    if records is None or "causal_lm" not in config.objectives:
         return None
     if d.task == "lm":
         if any("text" not in r for r in records):
