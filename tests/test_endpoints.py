@@ -62,13 +62,14 @@ def decoder(tok):
     cfg = model_config(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
                        d_ff=64, max_len=96)
     model = Transformer(cfg)
-    params = model.init(jax.random.key(2), {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
+    params = jax.jit(model.init)(jax.random.key(2),
+                                 {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
     return model, params
 
 
 def log_softmax(model, params, ids):
     """The reference: the model's float32 log-softmax over one exact-length row [L, V]."""
-    out = model.apply({"params": params}, {"tokens": jnp.asarray([ids], jnp.int32)})
+    out = jax.jit(model.apply)({"params": params}, {"tokens": jnp.asarray([ids], jnp.int32)})
     return np.asarray(jax.nn.log_softmax(out["logits"][0].astype(jnp.float32), -1))
 
 
@@ -212,8 +213,8 @@ def test_embeddings_equal_the_encoders_embedding_head(tok):
     cfg = model_config(vocab_size=tok.vocab_size, kind="encoder", d_model=32, num_layers=1,
                        num_heads=2, d_ff=64, max_len=64, embed_dim=16)
     model = Transformer(cfg)
-    params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 4), jnp.int32)},
-                        heads=("embed",))["params"]
+    params = jax.jit(model.init, static_argnames="heads")(
+        jax.random.key(0), {"tokens": jnp.zeros((1, 4), jnp.int32)}, heads=("embed",))["params"]
     scorer = Scorer(model, params, tok)
     texts = ["Anya Dorsey lives in Oslo.", "Hiro"]
     with serving(make_app(None, scorer=scorer, model_name="enc")) as url:
@@ -228,8 +229,8 @@ def test_embeddings_equal_the_encoders_embedding_head(tok):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
     for text, e in zip(texts, got, strict=True):
         ids = [BOS_ID] + tok.encode(text) + [EOS_ID]  # as training frames a contrastive view
-        want = model.apply({"params": params}, {"tokens": jnp.asarray([ids])},
-                           heads=("embed",))["embedding"][0]
+        want = jax.jit(model.apply, static_argnames="heads")(
+            {"params": params}, {"tokens": jnp.asarray([ids])}, heads=("embed",))["embedding"][0]
         np.testing.assert_allclose(e, np.asarray(want), atol=1e-5)
 
 
@@ -238,8 +239,9 @@ def test_mean_pooled_embeddings_of_a_decoder(decoder, tok):
     scorer = Scorer(model, params, tok, pooling="mean")
     ids = scorer.text_ids("Hiro Galindo")
     (e,) = scorer.embed([ids])
-    hidden = np.asarray(model.apply({"params": params}, {"tokens": jnp.asarray([ids])},
-                                    heads=())["hidden"][0], np.float64)
+    hidden = np.asarray(jax.jit(model.apply)({"params": params},
+                                             {"tokens": jnp.asarray([ids])})["hidden"][0],
+                        np.float64)
     want = hidden.mean(0) / np.linalg.norm(hidden.mean(0))
     np.testing.assert_allclose(e, want, atol=1e-5)
 
