@@ -86,11 +86,30 @@ def _eval(args: argparse.Namespace) -> int:
     from solo.data.tasks import chat_eval
     from solo.train.loop import evaluate
 
-    metrics = evaluate(args.workdir, args.checkpoint)
+    metrics = evaluate(args.workdir, args.checkpoint, dist=_dist_config(args))
     print(format_summary(metrics))
     if chat_eval(metrics["config"].data):
         _chat_report(args.workdir, args.checkpoint)
     return 0
+
+
+# --- multi-host launch flags of `solo eval` (solo/multihost.py; `solo train` takes
+# --config.dist.*): a workdir's config.json never holds how a launch joined its processes
+def _dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator-address", default="",
+                   help="multi-host: process 0's host:port (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, default=0)
+    p.add_argument("--process-id", type=int, default=-1)
+
+
+def _dist_config(args: argparse.Namespace):
+    from solo.experiments.base import get_config
+    from solo.multihost import DistConfig
+
+    d = get_config().dist
+    d.update(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+             process_id=args.process_id)
+    return DistConfig.from_config(d)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -187,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("workdir")
     _checkpoint_arg(p)
+    _dist_args(p)
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser(

@@ -1,0 +1,144 @@
+"""Multi-host training: two processes on localhost (jax.distributed over gloo, 4 fake CPU devices
+each) against one process with 8 devices, the same `tiny` config on the same data=2 x fsdp=4 mesh
+(tests/multihost_worker.py runs each).
+
+What must hold: the global batch of every step is the same rows in the same order (each process
+fed its own contiguous block); the trained params agree (see BOUND); the checkpoint the two
+processes wrote restores on this 1-device process exactly as they restored it; only process 0
+wrote the shared files (config.json, tokenizer, metrics) and trained the tokenizer.
+
+Both runs are started together (3 processes; ~40-70 s on 2 cores, most of it start-up and
+compilation); a failure kills every child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "multihost_worker.py"
+TIMEOUT_S = 400
+
+# Not bit-identical: XLA:CPU sizes its intra-op parallelism by the devices of a process (8 vs 4:
+# the compiled HLO differs in loop partitions only), and the backward's weight-gradient sums then
+# associate differently: ~3% of kernel entries differ by 1-2 float32 ulps after one step. Those
+# differences are summation order only, so they are bounded as in test_train_multidevice.py: a
+# float32 sum of n terms is off by at most n * eps * sum|terms| (Higham 2.2), the longest sums
+# here run over a batch's tokens (16 x 64), and with AdamW eps=1 (the workers' config) the update
+# is 1/eps-Lipschitz in the gradients. A real bug (a row fed twice, a wrong normalisation, a
+# process's gradients lost) is a relative error >= 1/16.
+F32_EPS = float(np.finfo(np.float32).eps)
+BOUND = 16 * 64 * F32_EPS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], devices: int, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multihost")
+    address = f"localhost:{_free_port()}"
+    t0 = time.time()
+    procs = {
+        "one": _start([str(tmp / "one"), str(tmp / "one_out")], 8, tmp / "one.log"),
+        **{f"p{i}": _start([str(tmp / "two"), str(tmp / f"p{i}_out"), address, "2", str(i)], 4,
+                           tmp / f"p{i}.log") for i in range(2)},
+    }
+    try:
+        deadline = time.time() + TIMEOUT_S
+        for name, p in procs.items():
+            rc = p.wait(timeout=max(1.0, deadline - time.time()))
+            assert rc == 0, f"{name} exited {rc}:\n" + (tmp / f"{name}.log").read_text()[-3000:]
+    finally:
+        for p in procs.values():  # one failed or timed out: end the others (no orphans)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(f"1-process and 2-process runs: {time.time() - t0:.1f} s")
+    out = {n: json.loads((tmp / f"{n}_out.json").read_text()) for n in procs}
+    return tmp, out
+
+
+def test_two_processes_form_one_run(runs):
+    _, out = runs
+    assert [(o["process_index"], o["process_count"], o["devices"], o["local_devices"])
+            for o in (out["one"], out["p0"], out["p1"])] == [(0, 1, 8, 8), (0, 2, 8, 4),
+                                                             (1, 2, 8, 4)]
+
+
+def test_each_process_feeds_its_block_of_the_same_global_batch(runs):
+    _, out = runs
+    one, p0, p1 = out["one"]["rows"], out["p0"]["rows"], out["p1"]["rows"]
+    assert len(one) == len(p0) == len(p1) == 4  # train.steps
+    for step, (g, a, b) in enumerate(zip(one, p0, p1, strict=True)):
+        assert len(a) == len(b) == len(g) // 2
+        assert a + b == g, f"step {step + 1}: the processes' rows are not the global batch"
+    assert len({r for g in one for r in g}) > len(one[0])  # the steps see different rows
+
+
+def test_only_process_zero_writes_shared_files(runs):
+    tmp, out = runs
+    assert out["p0"]["trained_tokenizer"] and not out["p1"]["trained_tokenizer"]
+    wrote = {Path(p).name for p in out["p0"]["written"]}
+    assert {"config.json", "tokenizer.model", "metrics.jsonl"} <= wrote
+    assert out["p1"]["written"] == []
+    # what process 0 wrote is what the one-process run wrote (no dist keys: launch-neutral)
+    for name in ("config.json", "tokenizer.model"):
+        assert (tmp / "two" / name).read_bytes() == (tmp / "one" / name).read_bytes(), name
+    rows = [json.loads(line) for line in (tmp / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (4, "train"), (4, "eval")]
+
+
+def test_two_processes_train_the_one_process_params(runs):
+    tmp, out = runs
+    one, two = np.load(tmp / "one_out.npz"), np.load(tmp / "p0_out.npz")
+    finals = sorted(k for k in one.files if k.startswith("final"))
+    assert finals == sorted(two.files)
+    diff = np.sqrt(sum(((one[k].astype(np.float64) - two[k]) ** 2).sum() for k in finals))
+    update = np.sqrt(sum(((one[k].astype(np.float64) - one["init" + k[5:]]) ** 2).sum()
+                         for k in finals))
+    print(f"params: |two - one| / |one - init| = {diff / update:.2e} (bound {BOUND:.2e}); "
+          f"{sum(int((one[k] != two[k]).sum()) for k in finals)} of "
+          f"{sum(one[k].size for k in finals)} entries differ")
+    assert update > 0 and diff / update < BOUND
+    for split in ("train", "eval"):
+        a, b = out["one"][split], out["p0"][split]
+        for k in ("loss", "causal_lm/accuracy"):
+            np.testing.assert_allclose(b[k], a[k], rtol=BOUND, err_msg=f"{split} {k}")
+    assert out["p0"]["eval"] == out["p1"]["eval"]  # both processes report the same metrics
+
+
+def test_two_process_checkpoint_restores_on_one_process(runs):
+    from solo.train.inference import load
+
+    tmp, _ = runs
+    assert jax.process_count() == 1 and jax.device_count() == 1
+    saved = np.load(tmp / "p0_out.npz")  # what the two processes restored from it
+    loaded = load(str(tmp / "two"))
+    assert loaded.step == 4
+    flat = {f"final{jax.tree_util.keystr(p)}": np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
+    assert sorted(flat) == sorted(saved.files)
+    for k, x in flat.items():
+        np.testing.assert_array_equal(x, saved[k], err_msg=k)
