@@ -83,7 +83,7 @@ def write_atomic(p: PathLike, data: str | bytes) -> None:
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             tmp.write_bytes(data)
-            tmp.rename(target)
+            tmp.replace(target)  # epath's rename refuses an existing target
         except BaseException:
             with contextlib.suppress(Exception):
                 tmp.unlink(missing_ok=True)

@@ -142,3 +142,169 @@ def test_two_process_checkpoint_restores_on_one_process(runs):
     assert sorted(flat) == sorted(saved.files)
     for k, x in flat.items():
         np.testing.assert_array_equal(x, saved[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------- in one process
+
+
+def _dist(**kw):
+    from solo.experiments.base import get_config
+    from solo.multihost import DistConfig
+
+    d = get_config().dist
+    d.update(kw)
+    return DistConfig.from_config(d)
+
+
+def test_dist_settings_are_validated():
+    from solo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="go together"):
+        _dist(coordinator_address="localhost:1234")
+    with pytest.raises(ConfigError, match="process_id=2 must be < dist.num_processes=2"):
+        _dist(coordinator_address="h:1", num_processes=2, process_id=2)
+    with pytest.raises(ConfigError, match="valid: auto, yes, no"):
+        _dist(initialize="always")
+    assert _dist(coordinator_address="h:1", num_processes=2, process_id=1).explicit
+
+
+def test_auto_joins_only_a_detected_cluster(monkeypatch):
+    from solo import multihost
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    slurm = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="node[1-2]", SLURM_PROCID="0",
+                 SLURM_LOCALID="0")
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: nothing to join (all local GPUs kept)
+    assert multihost.detected_cluster() is None
+    assert multihost.initialize(_dist()) is False and not multihost.is_initialized()
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert multihost.detected_cluster() == "slurm"
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    assert multihost.detected_cluster() == "JAX_COORDINATOR_ADDRESS"
+    # 'no' never joins, whatever the environment says
+    assert multihost.initialize(_dist(initialize="no")) is False
+
+
+@pytest.mark.parametrize("process_id", [0, 1])  # 0 hosts the coordinator, 1 looks for it
+def test_peers_that_never_arrive_end_in_one_line_naming_the_coordinator(process_id):
+    """jax's own timeout aborts the process with a native stack dump; solo's comes first."""
+    address = f"localhost:{_free_port()}"
+    script = ("import sys; from solo.multihost import DistConfig, initialize; "
+              f"initialize(DistConfig('auto', {address!r}, 2, {process_id}, 2)); "
+              "sys.exit('joined?')")
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ,
+                          JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and address in errors[0] and "dist.timeout_s=2" in errors[0], errors
+    assert f"process {process_id} of 2" in errors[0]
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// served by fsspec's in-memory filesystem (etils.epath's gs:// backend is fsspec)."""
+    import fsspec
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store, pseudo_dirs = {}, [""]  # its own, not the process-wide memory:// store
+
+        def __init__(self, *args, finalize_on_close=False, **kwargs):
+            super().__init__(*args, **kwargs)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).replace("gs://", "memory://", 1))
+
+    for name in ("gs", "gcs"):
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield FakeGCS
+    for name in ("gs", "gcs"):  # back to fsspec's lazy entry (gcsfs, if installed)
+        sys.modules["fsspec.registry"]._registry.pop(name, None)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_workdir_files_on_gcs(fake_gcs):
+    """config.json, the tokenizer and metrics.jsonl through epath on a gs:// workdir (a fake
+    store); Orbax's gs:// checkpoints go through tensorstore and are not covered here."""
+    from solo.config import RunConfig
+    from solo.data.hf_tokenizer import load_tokenizer
+    from solo.data.pipeline import workdir_tokenizer
+    from solo.data.tokenizer import Tokenizer
+    from solo.experiments import load_config
+    from solo.files import path, write_atomic
+    from solo.train import metrics as metrics_lib
+    from solo.train import workdir as wd_lib
+
+    wd = "gs://bucket/runs/tiny"
+    config = RunConfig.from_config(load_config("tiny", ["--config.train.steps=9"]))
+    wd_lib.check_workdir(config, wd)
+    wd_lib.write_config(config, wd)
+    assert wd_lib.read_config(wd).train.steps == 9
+    changed = RunConfig.from_config(load_config("tiny", ["--config.train.steps=12"]))
+    wd_lib.write_config(changed, wd)  # a resume with more steps: the old file is archived
+    assert wd_lib.read_config(wd).train.steps == 12
+    names = sorted(p.name for p in path(wd).iterdir())
+    assert names == ["config.json", "config.until-step-0.json"], names  # no temporaries left
+    write_atomic(f"{wd}/x.txt", "a")
+    write_atomic(f"{wd}/x.txt", "b")  # replaces an existing object
+    assert path(f"{wd}/x.txt").read_text() == "b"
+
+    Tokenizer.train(["hello world"] * 20, f"{wd}/tokenizer", kind="char", vocab_size=0)
+    tok = load_tokenizer(workdir_tokenizer(wd))
+    assert tok.decode(tok.encode("hello")) == "hello"
+
+    writer = metrics_lib.MetricWriter(wd)
+    writer._tb_failed = True  # TensorBoard's own writer is not fsspec's
+    for step in (1, 2, 3):
+        writer.write(step, "train", {"loss": 1.0 / step})
+    writer.truncate(2)
+    rows = [json.loads(line) for line in path(f"{wd}/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_gcs_workdir_without_gcsfs_is_one_line():
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs installed: it would try real credentials")
+    except ImportError:
+        pass
+    from solo.config import RunConfig
+    from solo.experiments import load_config
+    from solo.train.workdir import WorkdirError, check_workdir
+
+    with pytest.raises(WorkdirError, match=r"gs://b/run.*pip install gcsfs.*credentials") as e:
+        check_workdir(RunConfig.from_config(load_config("tiny")), "gs://b/run")
+    assert "\n" not in str(e.value)
+
+
+def test_profile_steps_and_compilation_cache(tmp_path):
+    """train.profile_steps writes a jax.profiler trace for TensorBoard; train.compilation_cache_dir
+    receives the run's executables (every compilation cached for the test)."""
+    from test_checkpoint import small_config
+
+    from solo.train.loop import train_and_evaluate
+
+    c = small_config(steps=3)
+    c.train.update(profile_steps="2:3", compilation_cache_dir=str(tmp_path / "cache"),
+                   eval_every=0, ckpt_every=0)
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        train_and_evaluate(c, str(tmp_path / "wd"))
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+        from jax.experimental.compilation_cache import compilation_cache as cc
+
+        cc.set_cache_dir(None)
+        cc.reset_cache()
+    traces = list((tmp_path / "wd" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert any((tmp_path / "cache").iterdir())

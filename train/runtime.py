@@ -25,9 +25,16 @@ PROFILE_DIR = "profile"
 
 
 def set_compilation_cache(directory: str) -> None:
-    """Points jax's persistent compilation cache at `directory` ('' = leave it as it is)."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
+    """Points jax's persistent compilation cache at `directory` ('' = leave it as it is). jax
+    reads the setting once, at its first compilation: the cache is reset so that a change made
+    later in a process (a notebook, a sweep) takes effect too. The cache is trusted code: never
+    share a directory others can write to."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    directory = os.fspath(directory)
+    if directory and jax.config.jax_compilation_cache_dir != directory:
+        cc.set_cache_dir(directory)
+        cc.reset_cache()
 
 
 class Profiler:
