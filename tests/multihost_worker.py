@@ -92,6 +92,8 @@ def main() -> None:
                devices=jax.device_count(), local_devices=jax.local_device_count(),
                written=sorted(set(written)), trained_tokenizer=bool(trained),
                rows=rows, eval=summary["eval"], train=summary["train"])
+    # `solo eval`'s path on every process (an all-devices data mesh, each its eval rows)
+    out["evaluate"] = loop.evaluate(workdir)["eval"]
     # every process restores the checkpoint they wrote (Orbax restores collectively)
     restored = inference.load(workdir).params
     arrays = {f"final{jax.tree_util.keystr(p)}": np.asarray(x)

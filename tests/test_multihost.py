@@ -127,6 +127,11 @@ def test_two_processes_train_the_one_process_params(runs):
         for k in ("loss", "causal_lm/accuracy"):
             np.testing.assert_allclose(b[k], a[k], rtol=BOUND, err_msg=f"{split} {k}")
     assert out["p0"]["eval"] == out["p1"]["eval"]  # both processes report the same metrics
+    # `solo eval` on the two processes (a data-only mesh): the same params as the train step's
+    # eval, summed in another order; both processes agree exactly
+    assert out["p0"]["evaluate"] == out["p1"]["evaluate"]
+    for k, v in out["p0"]["eval"].items():
+        np.testing.assert_allclose(out["p0"]["evaluate"][k], v, rtol=BOUND, err_msg=k)
 
 
 def test_two_process_checkpoint_restores_on_one_process(runs):
@@ -287,7 +292,9 @@ def test_gcs_workdir_without_gcsfs_is_one_line():
 
 def test_profile_steps_and_compilation_cache(tmp_path):
     """train.profile_steps writes a jax.profiler trace for TensorBoard; train.compilation_cache_dir
-    receives the run's executables (every compilation cached for the test)."""
+    receives the run's executables (every compilation cached for the test). The workdir is an
+    etils.epath.Path, as a gs:// one would be."""
+    from etils import epath
     from test_checkpoint import small_config
 
     from solo.train.loop import train_and_evaluate
@@ -298,13 +305,14 @@ def test_profile_steps_and_compilation_cache(tmp_path):
     before = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
-        train_and_evaluate(c, str(tmp_path / "wd"))
+        summary = train_and_evaluate(c, epath.Path(tmp_path / "wd"))
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
         from jax.experimental.compilation_cache import compilation_cache as cc
 
         cc.set_cache_dir(None)
         cc.reset_cache()
+    assert summary["step"] == 3 and (tmp_path / "wd" / "checkpoints" / "3").is_dir()
     traces = list((tmp_path / "wd" / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert any((tmp_path / "cache").iterdir())

@@ -106,6 +106,11 @@ def _prepare_init_from(config: RunConfig) -> None:
     if latest is None and config.train.init_import:
         from solo.train.hub import import_model
 
+        if jax.process_count() > 1:  # an import is one process's job (staged local files)
+            raise wd_lib.WorkdirError(
+                f"train.init_from={src} has no checkpoint and this is a multi-process run: "
+                f"`solo import {config.train.init_import} --workdir {src}` once first")
+
         print(f"train.init_from={src} has no checkpoint: importing {config.train.init_import} "
               "into it first", file=sys.stderr)
         import_model(config.train.init_import, src)
