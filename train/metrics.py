@@ -129,10 +129,13 @@ class MetricWriter:
 
 
 class Progress:
-    """One status line: in place on a TTY ('\\r'), plain lines otherwise (logs, CI)."""
+    """One status line: in place on a TTY ('\\r'), plain lines otherwise (logs, CI). Process 0
+    only: the other processes of a multi-host run would print the same lines."""
 
     def __init__(self, total: int, stream=None):
         self.total, self.stream = int(total), stream or sys.stderr
+        if jax.process_index() != 0:
+            self.stream = _Discard()
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.time()
         self._open = False
@@ -159,6 +162,14 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._open = False
+
+
+class _Discard:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def _hms(sec: float) -> str:
