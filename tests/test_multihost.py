@@ -7,7 +7,7 @@ fed its own contiguous block); the trained params agree (see BOUND); the checkpo
 processes wrote restores on this 1-device process exactly as they restored it; only process 0
 wrote the shared files (config.json, tokenizer, metrics) and trained the tokenizer.
 
-Both runs are started together (3 processes; ~40-70 s on 2 cores, most of it start-up and
+Both runs are started together (3 processes; 32 s on a 2-core Xeon, most of it start-up and
 compilation); a failure kills every child.
 """
 
