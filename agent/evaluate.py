@@ -163,7 +163,7 @@ def eval_command(workdir: str, checkpoint: str | int = "latest", *,
     import json
     import os
 
-    from solo.files import write_atomic
+    from solo import files, multihost
     from solo.train import eval_data
     from solo.train.inference import load
     from solo.train.workdir import read_config
@@ -215,9 +215,10 @@ def eval_command(workdir: str, checkpoint: str | int = "latest", *,
         name = eval_data.result_name(config, splits, bool(overrides))
         if qa and qa != "none":
             name += "+qa-" + os.path.splitext(os.path.basename(qa))[0]
-    out_dir = os.path.join(workdir, "eval", f"step_{loaded.step}")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name if name.endswith(".json") else name + ".json")
-    write_atomic(path, json.dumps(result, indent=1, sort_keys=True, default=float) + "\n")
+    path = files.join(workdir, "eval", f"step_{loaded.step}",
+                      name if name.endswith(".json") else name + ".json")
+    if multihost.is_primary():  # every process scored the same data; one writes
+        files.path(path).parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(path, json.dumps(result, indent=1, sort_keys=True, default=float) + "\n")
     lines.append(f"written to {path}")
     return "\n".join(lines), path

@@ -83,12 +83,34 @@ def _chat_report(workdir: str, checkpoint: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from solo import multihost
     from solo.agent.evaluate import eval_command  # issue 15: any data, QA JSONL, JSON results
 
+    multihost.initialize(_dist_config(args))  # before any device use
     report, _ = eval_command(args.workdir, args.checkpoint, overrides=args.overrides,
                              splits=args.split.split(","), qa=args.qa, name=args.name)
-    print(report)
+    if multihost.is_primary():
+        print(report)
     return 0
+
+
+# --- multi-host launch flags of `solo eval` (solo/multihost.py; `solo train` takes
+# --config.dist.*): a workdir's config.json never holds how a launch joined its processes
+def _dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator-address", default="",
+                   help="multi-host: process 0's host:port (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, default=0)
+    p.add_argument("--process-id", type=int, default=-1)
+
+
+def _dist_config(args: argparse.Namespace):
+    from solo.experiments.base import get_config
+    from solo.multihost import DistConfig
+
+    d = get_config().dist
+    d.update(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+             process_id=args.process_id)
+    return DistConfig.from_config(d)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -196,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="",
                    help="the result file's name (default: from the data source and split)")
     _checkpoint_arg(p)
+    _dist_args(p)
     p.set_defaults(fn=_eval, takes_overrides=True)
 
     p = sub.add_parser(
