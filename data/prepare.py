@@ -47,7 +47,7 @@ class Unit:
     size: int  # input bytes (or records), for the progress bar's ETA
 
 
-def _units(d, spec: str) -> list[Unit]:
+def _units(d, spec: str, unit_bytes: int) -> list[Unit]:
     if spec.startswith(("synthetic:", "tfds:")):
         out = []
         for split in ("train", "validation"):
@@ -64,8 +64,8 @@ def _units(d, spec: str) -> list[Unit]:
             out.append(Unit("all", "file", path, 0, size, size))
         elif path.endswith((".txt", ".jsonl")):
             kind = "lines" if path.endswith(".jsonl") else "blocks"
-            out += [Unit("all", kind, path, lo, min(size, lo + UNIT_BYTES),
-                         min(size, lo + UNIT_BYTES) - lo) for lo in range(0, size, UNIT_BYTES)]
+            out += [Unit("all", kind, path, lo, min(size, lo + unit_bytes),
+                         min(size, lo + unit_bytes) - lo) for lo in range(0, size, unit_bytes)]
         else:
             raise SourceError(f"{path}: unsupported file type (use .txt or .jsonl)")
     return out
@@ -244,9 +244,10 @@ def _shard_ok(out: str, base: str) -> dict | None:
 
 
 def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
-            progress: bool = True) -> dict:
+            progress: bool = True, unit_bytes: int = UNIT_BYTES) -> dict:
     """Prepares `source` (one spec; data options from the DataConfig d) with `tokenizer` into
-    `out`; returns the manifest. A finished `out` is returned as it is."""
+    `out` by `workers` processes (0: in this one), a shard per `unit_bytes` of large text files;
+    returns the manifest. A finished `out` is returned as it is."""
     from solo.data.pipeline import save_tokenizer, workdir_tokenizer
 
     if "," in source or source.startswith(P.PREFIX):
@@ -256,7 +257,7 @@ def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
     fp = P.tokenizer_fingerprint(tok)
     opts = dict(txt_split=d.txt_split, text_field=d.text_field, world=dict(d.world),
                 data_dir=d.data_dir)
-    job = dict(source=source, tokenizer_fingerprint=fp, options=opts)
+    job = dict(source=source, tokenizer_fingerprint=fp, options=opts, unit_bytes=unit_bytes)
     job_path = os.path.join(out, JOB)
     if os.path.isfile(job_path):
         with open(job_path, encoding="utf-8") as f:
@@ -265,11 +266,12 @@ def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
             raise SourceError(f"{out} holds a corpus prepared from {before['source']!r} with other "
                               "arguments or another tokenizer; choose another --out (nothing "
                               "there was changed)")
-    units = _units(d, source)
+    units = _units(d, source, unit_bytes)
     if not units:
         raise SourceError(f"source {source!r} has no documents")
     os.makedirs(out, exist_ok=True)
-    write_atomic(job_path, json.dumps(job, sort_keys=True))
+    if not os.path.isfile(job_path):
+        write_atomic(job_path, json.dumps(job, sort_keys=True))
     existing = workdir_tokenizer(out)
     tok_path = existing or save_tokenizer(tok, out)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
@@ -284,7 +286,12 @@ def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
     if os.path.isfile(manifest_path) and all(done.values()):
         return P.read_manifest(out)  # finished: a no-op
     todo = [t for t in tasks if not done[t[2]]]
-    if todo:
+    if todo and workers == 0:  # in this process (tests, debugging)
+        _init_worker(d, tok_path, mp.get_context("spawn").Array("q", 3))
+        for t in todo:
+            _write_shard(t)
+        done = {t[2]: _shard_ok(out, t[2]) for t in tasks}
+    elif todo:
         ctx = mp.get_context("spawn")
         counters = ctx.Array("q", 3)
         total = sum(t[0].size for t in todo)

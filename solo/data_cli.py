@@ -26,7 +26,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from solo.data.prepare import prepare
 
     m = prepare(args.source, args.tokenizer, args.out, _data_config(args.overrides, args.source),
-                workers=args.workers)
+                workers=args.workers, unit_bytes=int(args.shard_mb * (1 << 20)))
     counts = ", ".join(f"{k}: {s['docs']:,} documents, {s['tokens']:,} tokens in "
                        f"{len(s['shards'])} shard(s)" for k, s in sorted(m["splits"].items()))
     print(f"prepared {args.out} ({counts}); train on it with "
@@ -68,7 +68,10 @@ def register(sub) -> None:
                    help="a solo .model file, a tokenizer.json or GPT-2 (encoder.json + "
                    "vocab.bpe) directory, a .gguf file, or a workdir")
     p.add_argument("--out", required=True, help="the prepared corpus's directory")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="worker processes (default 2; 0: tokenize in this process)")
+    p.add_argument("--shard-mb", type=float, default=64.0,
+                   help="input MiB of a large .txt/.jsonl file per shard (default 64)")
     p.set_defaults(fn=_prepare, takes_overrides=True)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer once, for many runs to share")
