@@ -155,6 +155,9 @@ class Split:
         parts = [np.load(os.path.join(self.directory, s["index"])) for s in self.shards]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
+    def shard_of(self, pos: int) -> int:
+        return int(np.searchsorted(self.token_start, pos, side="right")) - 1
+
     def read(self, pos: int, n: int) -> np.ndarray:
         """Tokens [pos, pos + n) of the stream (within one shard), int32."""
         from grain.sources import ArrayRecordDataSource
@@ -162,7 +165,7 @@ class Split:
         if self._source is None:
             self._source = ArrayRecordDataSource(
                 [os.path.join(self.directory, s["file"]) for s in self.shards])
-        s = int(np.searchsorted(self.token_start, pos, side="right")) - 1
+        s = self.shard_of(pos)
         local = pos - int(self.token_start[s])
         r0, r1 = local // self.chunk, (local + n - 1) // self.chunk
         base = int(self.record_start[s])
@@ -270,23 +273,30 @@ class StreamRows:
         return len(self.row_ptr) - 1
 
     def example(self, i: int, rng: np.random.Generator, d: DataConfig) -> dict[str, np.ndarray]:
-        L = self.seq_len
+        L, lm = self.seq_len, int(self.task == "lm")
+        pieces = np.asarray(self.pieces[int(self.row_ptr[i]): int(self.row_ptr[i + 1])])
+        pos, n = pieces[:, 0], pieces[:, 1]
+        used = int(n.sum())
+        offsets = np.cumsum(n) - n
+        lo, hi = int(pos.min()), int((pos + n).max()) + lm
+        s = self.stream.shard_of(lo)
+        if hi - lo <= 4 * L and s == self.stream.shard_of(hi - 1):  # one read for the row
+            span = self.stream.read(lo, hi - lo)
+        else:  # pieces far apart (first-fit's window, or shards): one read per piece
+            span = np.concatenate([self.stream.read(int(p), int(k) + lm) for p, k in pieces])
+            lo_k = np.cumsum(n + lm) - (n + lm)
+            pos, lo = lo_k, 0
+        within = np.arange(used) - np.repeat(offsets, n)  # positions restart per piece
+        src = np.repeat(pos - lo, n) + within
         row = {k: np.zeros(L, np.int32) for k in ("tokens", "segment_ids", "positions")}
-        lm = self.task == "lm"
+        row["tokens"][:used] = span[src]
+        row["segment_ids"][:used] = np.repeat(np.arange(1, len(n) + 1, dtype=np.int32), n)
+        row["positions"][:used] = within
         if lm:
             row["targets"] = np.zeros(L, np.int32)
+            row["targets"][:used] = span[src + 1]
             row["weights"] = np.zeros(L, np.float32)
-        o = 0
-        for seg, (pos, n) in enumerate(self.pieces[self.row_ptr[i]: self.row_ptr[i + 1]], 1):
-            pos, n = int(pos), int(n)
-            ids = self.stream.read(pos, n + lm)
-            row["tokens"][o: o + n] = ids[:n]
-            if lm:
-                row["targets"][o: o + n] = ids[1:]
-                row["weights"][o: o + n] = 1.0
-            row["segment_ids"][o: o + n] = seg
-            row["positions"][o: o + n] = np.arange(n)
-            o += n
+            row["weights"][:used] = 1.0
         return row
 
     def stats(self, d: DataConfig) -> tuple[int, int, int]:
