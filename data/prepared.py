@@ -266,8 +266,19 @@ class StreamRows:
                     _save_npy(p, a)
             except OSError:  # a read-only corpus: the plan stays in memory
                 self.row_ptr, self.pieces = arrays
+                self._paths = None
                 return
+        self._paths = paths
         self.row_ptr, self.pieces = (np.load(p, mmap_mode="r") for p in paths)
+
+    def __getstate__(self) -> dict:  # grain worker processes map the plan again, not a copy
+        drop = ("row_ptr", "pieces") if self._paths else ()
+        return {k: v for k, v in self.__dict__.items() if k not in drop}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._paths:
+            self.row_ptr, self.pieces = (np.load(p, mmap_mode="r") for p in self._paths)
 
     def __len__(self) -> int:
         return len(self.row_ptr) - 1
