@@ -173,7 +173,8 @@ def _write_shard(args: tuple[Unit, str, str, str]) -> dict:
     final = os.path.join(out, base + ".arrayrecord")
     tmp = final + ".tmp"
     writer = ArrayRecordWriter(tmp, AR_OPTIONS)
-    buf, lengths, records, tokens, pending = np.zeros(0, dtype), [], 0, 0, [0, 0]
+    buf, lengths, records, tokens = np.zeros(0, dtype), [], 0, 0
+    pending, sent = [0, 0, 0], 0  # docs, tokens, input size not yet counted; size counted
     for rec in _records(unit, d):
         ids = (T.encode_chat_docs(tok, [rec]) if "messages" in rec
                else T.encode_docs(tok, [rec["text"]]))[0]
@@ -183,16 +184,17 @@ def _write_shard(args: tuple[Unit, str, str, str]) -> dict:
         while len(buf) >= CHUNK_TOKENS:
             writer.write(buf[:CHUNK_TOKENS].tobytes())
             buf, records = buf[CHUNK_TOKENS:], records + 1
-        pending[0] += 1
-        pending[1] += len(ids)
-        if pending[0] >= 256:
-            _count(counters, *pending, 0)
-            pending = [0, 0]
+        step = 1 if unit.kind == "records" else len(rec.get("text", ""))  # ~ input bytes
+        step = min(step, unit.size - sent - pending[2])
+        pending = [pending[0] + 1, pending[1] + len(ids), pending[2] + step]
+        if pending[0] >= 64:
+            _count(counters, *pending)
+            sent, pending = sent + pending[2], [0, 0, 0]
     if len(buf):
         writer.write(buf.tobytes())
         records += 1
     writer.close()
-    _count(counters, *pending, unit.size)
+    _count(counters, pending[0], pending[1], unit.size - sent)
     sha = hashlib.sha256()
     with open(tmp, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
