@@ -195,16 +195,13 @@ def _write_shard(args: tuple[Unit, str, str, str]) -> dict:
         records += 1
     writer.close()
     _count(counters, pending[0], pending[1], unit.size - sent)
-    sha = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
+    sha = _sha256(tmp)
     os.replace(tmp, final)
     index = base + ".lengths.npy"
     np.save(os.path.join(out, index + ".tmp.npy"), np.asarray(lengths, np.int64))
     os.replace(os.path.join(out, index + ".tmp.npy"), os.path.join(out, index))
     done = dict(file=base + ".arrayrecord", index=index, docs=len(lengths), tokens=tokens,
-                records=records, bytes=os.path.getsize(final), sha256=sha.hexdigest())
+                records=records, bytes=os.path.getsize(final), sha256=sha)
     write_atomic(os.path.join(out, base + ".done.json"), json.dumps(done, sort_keys=True))
     return done
 
@@ -234,11 +231,22 @@ def resolve_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def _sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def _shard_ok(out: str, base: str) -> dict | None:
+    """The shard's done marker if the shard is complete and intact (size and sha256), else None
+    (it is written again)."""
     try:
         with open(os.path.join(out, base + ".done.json"), encoding="utf-8") as f:
             done = json.load(f)
-        ok = (os.path.getsize(os.path.join(out, done["file"])) == done["bytes"]
+        path = os.path.join(out, done["file"])
+        ok = (os.path.getsize(path) == done["bytes"] and _sha256(path) == done["sha256"]
               and os.path.isfile(os.path.join(out, done["index"])))
         return done if ok else None
     except (OSError, ValueError, KeyError):

@@ -138,13 +138,11 @@ class Split:
                                     "`solo prepare` command that made it: it rewrites only "
                                     "damaged shards")
         tokens = np.array([s["tokens"] for s in self.shards], np.int64)
-        records = np.array([s["records"] for s in self.shards], np.int64)
         self.token_start = np.concatenate([[0], np.cumsum(tokens)])
-        self.record_start = np.concatenate([[0], np.cumsum(records)])
-        self._source = None
+        self._readers: dict = {}
 
     def __getstate__(self) -> dict:  # grain worker processes reopen the files
-        return {**self.__dict__, "_source": None}
+        return {**self.__dict__, "_readers": {}}
 
     @property
     def num_tokens(self) -> int:
@@ -162,15 +160,14 @@ class Split:
         """Tokens [pos, pos + n) of the stream (within one shard), int32."""
         from grain.sources import ArrayRecordDataSource
 
-        if self._source is None:
-            self._source = ArrayRecordDataSource(
-                [os.path.join(self.directory, s["file"]) for s in self.shards])
         s = self.shard_of(pos)
         local = pos - int(self.token_start[s])
         r0, r1 = local // self.chunk, (local + n - 1) // self.chunk
-        base = int(self.record_start[s])
         try:
-            raw = b"".join(self._source[base + r] for r in range(r0, r1 + 1))
+            if s not in self._readers:  # one per shard, opened on first use
+                self._readers[s] = ArrayRecordDataSource(
+                    os.path.join(self.directory, self.shards[s]["file"]))
+            raw = b"".join(self._readers[s][r] for r in range(r0, r1 + 1))
         except Exception as e:  # noqa: BLE001 - any reader failure is a damaged shard
             path = os.path.join(self.directory, self.shards[s]["file"])
             raise PreparedError(f"shard {path} cannot be read ({type(e).__name__}: "

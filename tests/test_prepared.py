@@ -200,6 +200,17 @@ def test_rerun_is_a_no_op_and_damage_is_named_then_mended(corpus, tmp_path):
                  unit_bytes=unit)
     assert (out / "manifest.json").read_text() == manifest
     assert os.stat(out / "all-00000.arrayrecord").st_mtime_ns == before["all-00000.arrayrecord"]
+    data = bytearray(shard.read_bytes())  # damaged in place (same size): riegeli's hashes
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    rows = prepared.StreamRows(f"prepared:{out}", config(""), "train")
+    with pytest.raises(prepared.PreparedError, match="all-00001.arrayrecord cannot be read"):
+        [rows.example(i, None, None) for i in range(len(rows))]
+    prep.prepare(str(tmp / "a.txt"), tok.path, str(out), d, workers=0, progress=False,
+                 unit_bytes=unit)
+    assert (out / "manifest.json").read_text() == manifest
+    rows = prepared.StreamRows(f"prepared:{out}", config(""), "train")
+    assert all(rows.example(i, None, None) for i in range(len(rows)))
     with pytest.raises(SourceError, match="other arguments or another tokenizer"):
         prep.prepare(str(tmp / "b.txt"), tok.path, str(out), d, workers=0, progress=False)
     assert (out / "manifest.json").read_text() == manifest
