@@ -112,13 +112,15 @@ def main() -> None:
     ap.add_argument("--num_workers", type=int, default=0)
     ap.add_argument("--prepared", default="", help="corpus sizes in GB, e.g. 0.2,2")
     ap.add_argument("--tmp", default="/tmp/solo-bench-prepared")
+    ap.add_argument("--stream-only", action="store_true",
+                    help="--prepared: stream the corpora a previous run prepared in --tmp")
     ap.add_argument("--_stream", default="", help=argparse.SUPPRESS)  # the streaming child
     args = ap.parse_args()
     if args._stream:
         return print(json.dumps(stream_child(args._stream, args.seconds)))
     if args.prepared:
         return prepared_main([float(g) for g in args.prepared.split(",")], args.tmp,
-                             max(args.seconds, 10.0))
+                             max(args.seconds, 10.0), args.stream_only)
     work = tempfile.mkdtemp()
     print(
         f"{'run (seq_len x batch)':28s} {'setup s':>8s} {'batch/s':>9s} {'tokens/s':>11s} "
@@ -231,7 +233,7 @@ def stream_child(directory: str, seconds: float) -> dict:
                 tokens_per_s=tokens / dt, rows=len(P.prepare_split(c, tok, "train")[0]))
 
 
-def prepared_main(sizes: list[float], tmp: str, seconds: float) -> None:
+def prepared_main(sizes: list[float], tmp: str, seconds: float, stream_only: bool) -> None:
     import subprocess
 
     from solo.data.tokenizer import Tokenizer
@@ -246,16 +248,17 @@ def prepared_main(sizes: list[float], tmp: str, seconds: float) -> None:
     bar = 10 * GPT2_H200_TOKENS_PER_S
     for gb in sizes:
         src, out = os.path.join(tmp, f"text-{gb}gb.jsonl"), os.path.join(tmp, f"prepared-{gb}gb")
-        generate(src, gb)
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "solo.cli", "prepare", src, "--tokenizer",
-                                 tok_path, "--out", out, "--workers", "2"],
-                                stdout=subprocess.DEVNULL)
-        rss = PeakRSS(proc.pid)
-        if proc.wait():
-            raise SystemExit(f"solo prepare failed ({proc.returncode})")
-        prep_s, prep_rss = time.perf_counter() - t0, rss.stop()
+        if not stream_only:
+            generate(src, gb)
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "solo.cli", "prepare", src,
+                                     "--tokenizer", tok_path, "--out", out, "--workers", "2"],
+                                    stdout=subprocess.DEVNULL)
+            rss = PeakRSS(proc.pid)
+            if proc.wait():
+                raise SystemExit(f"solo prepare failed ({proc.returncode})")
+            prep_s, prep_rss = time.perf_counter() - t0, rss.stop()
         with open(os.path.join(out, "manifest.json")) as f:
             m = json.load(f)["splits"]["all"]
         child = subprocess.run([sys.executable, __file__, "--_stream", out, "--seconds",
@@ -263,9 +266,10 @@ def prepared_main(sizes: list[float], tmp: str, seconds: float) -> None:
         r = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{gb} GB ({os.path.getsize(src) / 1e9:.2f} GB text, {m['docs']:,} documents, "
               f"{m['tokens']:,} tokens, {len(m['shards'])} shards)")
-        mb_s = os.path.getsize(src) / prep_s / 1e6
-        print(f"  prepare (2 workers): {prep_s:.0f} s, {m['tokens'] / prep_s:,.0f} tokens/s, "
-              f"{mb_s:.1f} MB/s; peak RSS {prep_rss / 2**20:.0f} MiB")
+        if not stream_only:
+            mb_s = os.path.getsize(src) / prep_s / 1e6
+            print(f"  prepare (2 workers): {prep_s:.0f} s, {m['tokens'] / prep_s:,.0f} tokens/s, "
+                  f"{mb_s:.1f} MB/s; peak RSS {prep_rss / 2**20:.0f} MiB")
         print(f"  stream (lm 1024x32 fill, {r['rows']:,} rows): setup (plan) "
               f"{r['setup_s']:.1f} s, peak RSS {r['setup_rss'] / 2**20:.0f} MiB; streaming "
               f"{r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['stream_rss'] / 2**20:.0f} MiB")

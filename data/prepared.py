@@ -24,6 +24,7 @@ one or two records that hold each piece: memory does not grow with the corpus.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -139,6 +140,7 @@ class Split:
                                     "damaged shards")
         tokens = np.array([s["tokens"] for s in self.shards], np.int64)
         self.token_start = np.concatenate([[0], np.cumsum(tokens)])
+        self._starts = [int(t) for t in self.token_start]  # bisect: ~1 us, not numpy's ~10
         self._readers: dict = {}
 
     def __getstate__(self) -> dict:  # grain worker processes reopen the files
@@ -154,14 +156,14 @@ class Split:
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def shard_of(self, pos: int) -> int:
-        return int(np.searchsorted(self.token_start, pos, side="right")) - 1
+        return bisect.bisect_right(self._starts, pos) - 1
 
     def read(self, pos: int, n: int) -> np.ndarray:
-        """Tokens [pos, pos + n) of the stream (within one shard), int32."""
+        """Tokens [pos, pos + n) of the stream (within one shard), in the stored dtype."""
         from grain.sources import ArrayRecordDataSource
 
         s = self.shard_of(pos)
-        local = pos - int(self.token_start[s])
+        local = pos - self._starts[s]
         r0, r1 = local // self.chunk, (local + n - 1) // self.chunk
         try:
             if s not in self._readers:  # one per shard, opened on first use
@@ -175,7 +177,7 @@ class Split:
                                 "it: it rewrites only damaged shards") from None
         ids = np.frombuffer(raw, self.dtype)
         off = local - r0 * self.chunk
-        return ids[off: off + n].astype(np.int32)
+        return ids[off: off + n]
 
 
 def selected_docs(manifest: dict, split: str, d: DataConfig) -> tuple[str, np.ndarray | None]:
