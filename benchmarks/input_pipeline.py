@@ -117,10 +117,10 @@ def main() -> None:
     ap.add_argument("--_stream", default="", help=argparse.SUPPRESS)  # the streaming child
     args = ap.parse_args()
     if args._stream:
-        return print(json.dumps(stream_child(args._stream, args.seconds)))
+        return print(json.dumps(stream_child(args._stream, args.seconds, args.num_workers)))
     if args.prepared:
         return prepared_main([float(g) for g in args.prepared.split(",")], args.tmp,
-                             max(args.seconds, 10.0), args.stream_only)
+                             max(args.seconds, 10.0), args.stream_only, args.num_workers)
     work = tempfile.mkdtemp()
     print(
         f"{'run (seq_len x batch)':28s} {'setup s':>8s} {'batch/s':>9s} {'tokens/s':>11s} "
@@ -211,13 +211,13 @@ class PeakRSS:
         return self.peak
 
 
-def stream_child(directory: str, seconds: float) -> dict:
+def stream_child(directory: str, seconds: float, num_workers: int) -> dict:
     """In a fresh process: plan + iterator setup, then `seconds` of batches; RSS per phase."""
     from solo.data.hf_tokenizer import load_tokenizer
 
     rss = PeakRSS(os.getpid())
     c = config("lm", f"prepared:{directory}", seq_len=1024, batch_size=32, pack="fill",
-               val_fraction=0.0005)
+               val_fraction=0.0005, num_workers=num_workers)
     tok = load_tokenizer(P.workdir_tokenizer(directory))
     t0 = time.perf_counter()
     it = P.make_train_iterator(c, tok)
@@ -233,7 +233,8 @@ def stream_child(directory: str, seconds: float) -> dict:
                 tokens_per_s=tokens / dt, rows=len(P.prepare_split(c, tok, "train")[0]))
 
 
-def prepared_main(sizes: list[float], tmp: str, seconds: float, stream_only: bool) -> None:
+def prepared_main(sizes: list[float], tmp: str, seconds: float, stream_only: bool,
+                  num_workers: int) -> None:
     import subprocess
 
     from solo.data.tokenizer import Tokenizer
@@ -261,8 +262,10 @@ def prepared_main(sizes: list[float], tmp: str, seconds: float, stream_only: boo
             prep_s, prep_rss = time.perf_counter() - t0, rss.stop()
         with open(os.path.join(out, "manifest.json")) as f:
             m = json.load(f)["splits"]["all"]
+        shutil.rmtree(os.path.join(out, "plans"), ignore_errors=True)  # setup builds the plan
         child = subprocess.run([sys.executable, __file__, "--_stream", out, "--seconds",
-                                str(seconds)], check=True, capture_output=True, text=True)
+                                str(seconds), "--num_workers", str(num_workers)], check=True,
+                               capture_output=True, text=True)
         r = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{gb} GB ({os.path.getsize(src) / 1e9:.2f} GB text, {m['docs']:,} documents, "
               f"{m['tokens']:,} tokens, {len(m['shards'])} shards)")
@@ -270,7 +273,8 @@ def prepared_main(sizes: list[float], tmp: str, seconds: float, stream_only: boo
             mb_s = os.path.getsize(src) / prep_s / 1e6
             print(f"  prepare (2 workers): {prep_s:.0f} s, {m['tokens'] / prep_s:,.0f} tokens/s, "
                   f"{mb_s:.1f} MB/s; peak RSS {prep_rss / 2**20:.0f} MiB")
-        print(f"  stream (lm 1024x32 fill, {r['rows']:,} rows): setup (plan) "
+        print(f"  stream (lm 1024x32 fill, {r['rows']:,} rows, data.num_workers={num_workers}): "
+              "setup (plan) "
               f"{r['setup_s']:.1f} s, peak RSS {r['setup_rss'] / 2**20:.0f} MiB; streaming "
               f"{r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['stream_rss'] / 2**20:.0f} MiB")
         print(f"  bar: {r['tokens_per_s'] / GPT2_H200_TOKENS_PER_S:.1f}x GPT-2 124M's "
