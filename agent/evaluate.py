@@ -1,5 +1,6 @@
 """Held-out question answering accuracy, abstention and demo transcripts, through the REPL's
-ChatSession path.
+ChatSession path; and `solo eval` (eval_command): metrics on any data, QA on any JSONL of
+question/answer pairs, results written beside the checkpoint.
 
 Each question is asked in a fresh session (same template, guards, sampling and stop ids as
 `solo chat`); the reply is compared with the world's answer by exact match after normalising
@@ -122,3 +123,102 @@ def heldout_report(workdir: str, checkpoint: str | int = "latest") -> str:
         lines.append(f"  [{mark}] Q: {ex['question']}  A: {ex['reply']!r}  (want {ex['answer']!r})")
     lines.append(transcript(session, [ex["question"] for ex in res["examples"][:2]]))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- solo eval
+
+
+def qa_file(path: str) -> list[dict]:
+    """Question/answer pairs from a JSONL file: one {"question": ..., "answer": ...} per line
+    (a bad line is a one-line error naming it)."""
+    from solo.data.sources import SourceError, expand_paths, read_jsonl
+
+    if not path.endswith(".jsonl"):
+        raise SourceError(f"--qa {path}: expected a .jsonl file of {{\"question\", \"answer\"}} "
+                          "lines")
+    rows = []
+    for p in expand_paths(path):
+        for rec in read_jsonl(p, "chats", "", "question", "answer"):
+            user, assistant = rec["messages"]
+            rows.append(dict(question=user["content"], answer=assistant["content"]))
+    return rows
+
+
+def world_qa(config) -> bool:
+    """Whether a run (with its data, as overridden) gets the world's held-out questions by
+    default: a chat model of the synthetic world (data/tasks.chat_eval)."""
+    from solo.data.tasks import chat_eval
+
+    return chat_eval(config.data)
+
+
+def eval_command(workdir: str, checkpoint: str | int = "latest", *,
+                 overrides: Sequence[str] = (), splits: Sequence[str] = ("validation",),
+                 qa: str = "", name: str = "") -> tuple[str, str]:
+    """`solo eval`: every objective's metrics (and perplexity, bits per byte) of a checkpoint on
+    its own or overridden data (train/eval_data.py), and QA exact match through the chat path on
+    `qa` (a JSONL of question/answer pairs; default: the world's held-out questions for a world
+    chat run, none otherwise; 'none': skip). Writes everything to
+    WORKDIR/eval/step_N/<name>.json atomically; returns (report text, that path)."""
+    import json
+    import os
+
+    from solo import files, multihost
+    from solo.train import eval_data
+    from solo.train.inference import load
+    from solo.train.workdir import read_config
+
+    config = eval_data.eval_config(read_config(workdir), overrides)  # bad overrides first
+    questions, qa_source = None, ""
+    if qa and qa != "none":
+        questions, qa_source = qa_file(qa), qa
+    for split in eval_data.check_splits(splits):  # a missing file: one line, before loading
+        eval_data.check_data(config, split)
+    loaded = load(workdir, checkpoint)
+    loaded.config = config
+    result = dict(workdir=os.path.abspath(workdir), step=loaded.step, checkpoint=str(checkpoint),
+                  overrides=list(overrides), source=config.data.source, task=config.data.task,
+                  splits=list(splits))
+    result.update(eval_data.evaluate_data(loaded, config, splits))
+    m = result["metrics"]
+    lines = [f"eval step={loaded.step} on {config.data.source} ({config.data.task}, "
+             f"{'+'.join(splits)}): " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()))]
+    if "bits_per_byte" in result:
+        lines.append(f"bits per byte: {result['bits_per_byte']:.4f} ({result['tokens']} tokens, "
+                     f"{result['bytes']} bytes)")
+    if questions is None and qa != "none" and world_qa(config):
+        questions, qa_source = heldout_questions(config, "test",
+                                                 config.agent.eval_questions), "world:test"
+    if questions is not None:
+        if loaded.model.cfg.kind == "encoder":
+            raise ValueError(f"--qa: {workdir} is an encoder model; QA exact match needs a "
+                             "decoder (chat path)")
+        session = build_session(loaded)
+        res = heldout_accuracy(loaded, questions, session=session)
+        result["qa"] = dict(source=qa_source, **res)
+        lines.append(f"QA exact match on {qa_source}: {res['accuracy']:.3f} "
+                     f"({res['correct']}/{res['n']} questions, chat path)")
+        if qa_source == "world:test" and config.data.world["unknown_people"]:
+            ab = abstention(loaded, session=session)
+            result["qa"]["abstention"] = ab
+            a, f = ab["abstain"], ab["false_abstain"]
+            lines.append(f"abstention on questions no fact answers: {a['rate']:.3f} "
+                         f"({a['hits']}/{a['n']}); on held-out questions: {f['rate']:.3f} "
+                         f"({f['hits']}/{f['n']})")
+        for ex in res["examples"]:
+            mark = "ok " if ex["correct"] else "bad"
+            lines.append(f"  [{mark}] Q: {ex['question']}  A: {ex['reply']!r}  "
+                         f"(want {ex['answer']!r})")
+        if qa_source == "world:test":  # a short multi-turn demo, as at the end of training
+            lines.append(transcript(session, [ex["question"] for ex in res["examples"][:2]]))
+    if not name:
+        name = eval_data.result_name(config, splits, bool(overrides))
+        if qa and qa != "none":
+            name += "+qa-" + os.path.splitext(os.path.basename(qa))[0]
+    path = files.join(workdir, "eval", f"step_{loaded.step}",
+                      name if name.endswith(".json") else name + ".json")
+    if multihost.is_primary():  # every process scored the same data; one writes
+        files.path(path).parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(path, json.dumps(result, indent=1, sort_keys=True, default=float) + "\n")
+    lines.append(f"written to {path}")
+    return "\n".join(lines), path

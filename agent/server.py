@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server (Starlette + uvicorn): /v1/chat/completions and /v1/models.
+"""OpenAI-compatible HTTP server (Starlette + uvicorn): /v1/chat/completions and /v1/models here;
+/v1/completions, /v1/embeddings, /health and the tokenizer endpoints in agent/endpoints.py.
 
 One model worker thread owns the Sampler and decodes queued requests in batches (see
 ModelWorker): concurrent requests share decode steps, each with its own budget, stop strings and
@@ -30,18 +31,24 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from solo.agent import endpoints
 from solo.agent.guards import Guards
 from solo.agent.requests import MAX_BODY_BYTES, RequestError, error_response, parse, read_body
 from solo.agent.sampler import Greedy, Sampler
+from solo.agent.scoring import Scorer
 from solo.agent.streaming import RowText
 from solo.data.chat import chat_template
 
 log = logging.getLogger("solo.server")
 
 class _Job:
-    def __init__(self, ids, max_new, sampling, seed, stop, stream, loop, seeded=False):
+    """One row to generate. kind 'chat': the chat template's stop ids and reply prefix, output
+    guards; 'raw' (/v1/completions): the tokenizer's stop ids, the model's text as it is."""
+
+    def __init__(self, ids, max_new, sampling, seed, stop, stream, loop, seeded=False,
+                 kind="chat"):
         self.ids, self.max_new, self.sampling, self.seed = ids, max_new, sampling, seed
-        self.stop, self.stream, self.loop = stop, stream, loop
+        self.stop, self.stream, self.loop, self.kind = stop, stream, loop, kind
         self.method = sampling.method()
         # a seeded sampled request runs alone: its seed alone decides its answer
         self.batchable = not seeded or self.method == Greedy()
@@ -104,7 +111,8 @@ class ModelWorker:
                     continue
                 head = self.pending[0]
                 batch = [head] + [j for j in list(self.pending)[1:] if not j.cancelled.is_set()
-                                  and head.batchable and j.batchable and j.method == head.method]
+                                  and head.batchable and j.batchable and j.method == head.method
+                                  and j.kind == head.kind]
                 batch = batch[: self.max_batch]
                 wait = head.arrived + self.window_s - time.monotonic()
                 if len(batch) == self.max_batch or not head.batchable or wait <= 0:
@@ -125,13 +133,15 @@ class ModelWorker:
 
     def _generate(self, batch: list[_Job]) -> None:
         tok = self.sampler.tokenizer
+        chat = batch[0].kind == "chat"
         # text is decoded per chunk only where a stream or stop strings need it
         rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream,
-                        prefix=self.template.reply_prefix) for j in batch]
+                        prefix=self.template.reply_prefix if chat else "") for j in batch]
         stop_rows = np.zeros((len(batch),), bool)
         it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
                                   method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,
-                                  stop_rows=stop_rows, stop_ids=self.template.stop_ids)
+                                  stop_rows=stop_rows,
+                                  stop_ids=self.template.stop_ids if chat else None)
         try:
             for new, _, info in it:
                 for i, (job, row) in enumerate(zip(batch, rows, strict=True)):
@@ -159,25 +169,51 @@ class ModelWorker:
         gen, rest = row.close()
         if job.stream and rest:
             job.emit("delta", rest)
-        d = self.guards.check_output(gen.text)
-        job.emit("done", dict(text=d.text, finish_reason=gen.finish_reason,
+        text, action = gen.text, None
+        if job.kind == "chat":
+            d = self.guards.check_output(gen.text)
+            text, action = d.text, d.action
+        stop = [] if row.stop_token is None else [row.stop_token]
+        job.emit("done", dict(text=text, finish_reason=gen.finish_reason,
                               prompt_tokens=gen.prompt_tokens,
-                              completion_tokens=len(gen.tokens), guard=d.action))
+                              completion_tokens=len(gen.tokens), guard=action,
+                              tokens=list(gen.tokens) + stop))
 
 
-def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | None = None,
+def make_app(sampler: Sampler | None, *, model_name: str = "solo", guards: Guards | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, chunk: int = 4, max_batch: int = 8,
-             batch_window_s: float = 0.002, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+             batch_window_s: float = 0.002, max_body_bytes: int = MAX_BODY_BYTES,
+             scorer: Scorer | None = None, chat_only: bool = False) -> Starlette:
     """The ASGI app. Defaults (max_new_tokens, temperature, ...) apply when a request omits them
     (normally config.agent's). The worker thread starts here and stops on app shutdown; see
-    ModelWorker for max_batch and batch_window_s."""
-    template = chat_template(sampler.tokenizer)
+    ModelWorker for max_batch and batch_window_s. scorer: log-probabilities and embeddings
+    (default: one over the sampler's model, without an embedding head unless it has one);
+    sampler None serves an encoder (embeddings only). chat_only: /v1/completions answers 400
+    (agent/endpoints.py)."""
+    if sampler is None and scorer is None:
+        raise ValueError("make_app needs a sampler or a scorer")
+    if scorer is None:
+        scorer = Scorer(sampler.model, sampler.variables, sampler.tokenizer)
+    tokenizer = sampler.tokenizer if sampler is not None else scorer.tokenizer
+    template = chat_template(tokenizer)
     guards = guards or Guards(markers=template.marker_texts)
-    worker = ModelWorker(sampler, guards, chunk=chunk, max_batch=max_batch,
-                         window_s=batch_window_s)
+    worker = None if sampler is None else ModelWorker(sampler, guards, chunk=chunk,
+                                                      max_batch=max_batch, window_s=batch_window_s)
     defaults = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     counter = iter(range(1 << 62))
+
+    def submit(ids, max_new, req, j, kind):
+        """A queued row for choice j of a request (a seeded request's choice j uses seed + j)."""
+        seed = (req["seed"] + j) if req["seed"] is not None else next(counter)
+        job = _Job(ids, max_new, req["sampling"], seed % (1 << 32), req["stop"], req["stream"],
+                   asyncio.get_running_loop(), seeded=req["seed"] is not None, kind=kind)
+        worker.submit(job)
+        return job
+
+    ctx = endpoints.Context(scorer=scorer, tokenizer=tokenizer, model_name=model_name,
+                            max_body_bytes=max_body_bytes, chat_only=chat_only, sampler=sampler,
+                            defaults=defaults, max_new_tokens=max_new_tokens, submit=submit)
 
     async def models(_request: Request):
         return JSONResponse({"object": "list", "data": [
@@ -185,7 +221,13 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
 
     async def chat_completions(request: Request):
         try:
-            req = parse(await read_body(request, max_body_bytes), sampler, defaults)
+            body = await read_body(request, max_body_bytes)
+            if sampler is None:
+                raise RequestError(f"model {model_name!r} is an encoder: it has no chat "
+                                   "completions, only /v1/embeddings", code="unsupported_model")
+            req = parse(body, sampler, defaults)
+            if req["logprobs"] is not None and not scorer.can_score:
+                raise RequestError("'logprobs' needs a decoder-only model", param="logprobs")
             ids, _ = template.encode(req["messages"], add_generation_prompt=True)
             room = sampler.cache_len - len(ids)
             max_new = req["max_tokens"] or min(max_new_tokens, room)
@@ -259,49 +301,63 @@ def make_app(sampler: Sampler, *, model_name: str = "solo", guards: Guards | Non
                 return JSONResponse({"error": {"message": payload, "type": "server_error",
                                                "param": None, "code": None}}, status_code=500)
             result = payload
+        logprobs = None
+        if req["logprobs"] is not None:
+            # the reply's own tokens (its end-of-turn is not content)
+            reply = result.get("tokens", [])[: result["completion_tokens"]]
+            logprobs = await endpoints.reply_logprobs(ctx, ids, reply, req["logprobs"])
         usage = dict(prompt_tokens=result["prompt_tokens"],
                      completion_tokens=result["completion_tokens"],
                      total_tokens=result["prompt_tokens"] + result["completion_tokens"])
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                         "finish_reason": result["finish_reason"]}],
+                         "logprobs": logprobs, "finish_reason": result["finish_reason"]}],
             "usage": usage})
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        worker.close()
+        if worker is not None:
+            worker.close()
 
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
-                            Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+                            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                            *endpoints.routes(ctx)],
                     lifespan=lifespan)
     app.state.worker = worker
     return app
 
 
-def app_from_loaded(loaded, **overrides) -> Starlette:
-    """make_app from `solo.train.inference.load(...)` with config.agent defaults."""
+def app_from_loaded(loaded, *, embeddings: str = "head", **overrides) -> Starlette:
+    """make_app from `solo.train.inference.load(...)` with config.agent defaults; an encoder
+    run serves embeddings only. embeddings: 'head' (from an embedding head only) or 'mean'
+    (mean-pooled hidden states for a model without one; agent/scoring.py)."""
     from solo.agent.chat import build_sampler  # local: keeps the module import light
 
     agent = loaded.config.agent
     markers = chat_template(loaded.tokenizer).marker_texts
     kw = dict(model_name=loaded.config.name, guards=Guards.from_config(agent, markers),
               max_new_tokens=agent.max_new_tokens, temperature=agent.temperature,
-              top_k=agent.top_k, top_p=agent.top_p)
+              top_k=agent.top_k, top_p=agent.top_p,
+              scorer=Scorer(loaded.model, loaded.params, loaded.tokenizer, pooling=embeddings))
     kw.update(overrides)
-    return make_app(build_sampler(loaded), **kw)
+    sampler = None if loaded.model.cfg.kind == "encoder" else build_sampler(loaded)
+    return make_app(sampler, **kw)
 
 
 def serve(workdir: str, *, host: str = "127.0.0.1", port: int = 8000,
           checkpoint: str | int = "latest", max_batch: int = 8,
-          batch_window_s: float = 0.002) -> None:
+          batch_window_s: float = 0.002, chat_only: bool = False,
+          embeddings: str = "head") -> None:
     """`solo serve`: loads a workdir's checkpoint ('latest', 'best' or a step) and serves it at
-    http://host:port/v1 until interrupted (see make_app for max_batch and batch_window_s)."""
+    http://host:port/v1 until interrupted (see make_app for max_batch, batch_window_s and
+    chat_only, app_from_loaded for embeddings)."""
     import uvicorn
 
     from solo.train.inference import load
 
     app = app_from_loaded(load(workdir, checkpoint), max_batch=max_batch,
-                          batch_window_s=batch_window_s)
+                          batch_window_s=batch_window_s, chat_only=chat_only,
+                          embeddings=embeddings)
     uvicorn.run(app, host=host, port=port)

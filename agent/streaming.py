@@ -44,6 +44,7 @@ class RowText:
         self.text = ""
         self.emitted = 0  # characters of text already returned
         self.finish: str | None = None
+        self.stop_token: int | None = None  # the stop id that ended the row, if one did
 
     def feed(self, new_ids: Iterable[int], stop_ids: set[int]) -> str:
         """Adds one chunk of ids (a finished row ignores it); returns the text now final."""
@@ -52,7 +53,7 @@ class RowText:
         for t in new_ids:
             t = int(t)
             if t in stop_ids:
-                self.finish = "stop"
+                self.finish, self.stop_token = "stop", t
                 break
             self.tokens.append(t)
             if len(self.tokens) >= self.max_new:

@@ -43,7 +43,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from solo.data.tokenizer import SPECIAL_PIECES, Tokenizer, TokenizerError
-from solo.files import write_atomic
+from solo.files import join, write_atomic
+from solo.files import path as epath_of
 
 # The named special tokens transformers knows (`SPECIAL_TOKENS_ATTRIBUTES`); chat templates see
 # each one that is set as a variable of the same name.
@@ -206,18 +207,17 @@ class HFTokenizer:
         """Loads a directory as transformers saves it: tokenizer.json, plus the named tokens from
         tokenizer_config.json / special_tokens_map.json and the chat template from
         chat_template.jinja, chat_template.json or tokenizer_config.json (first found wins)."""
-        tok_path = os.path.join(directory, "tokenizer.json")
-        if not os.path.isfile(tok_path):
+        tok_path = join(directory, "tokenizer.json")  # local or gs:// (solo.files)
+        if not epath_of(tok_path).is_file():
             raise TokenizerError(f"{directory}: no tokenizer.json; expected a directory saved by "
                                  "transformers (save_pretrained) or HFTokenizer.save")
 
         def read_json(name: str) -> dict:
-            p = os.path.join(directory, name)
-            if not os.path.isfile(p):
+            p = join(directory, name)
+            if not epath_of(p).is_file():
                 return {}
             try:
-                with open(p, encoding="utf-8") as f:
-                    out = json.load(f)
+                out = json.loads(epath_of(p).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise TokenizerError(f"{p} is not valid JSON ({str(e)[:100]}); restore it from "
                                      "the model's files") from None
@@ -238,14 +238,12 @@ class HFTokenizer:
         template_json = read_json("chat_template.json").get("chat_template")
         if isinstance(template_json, str):
             template = template_json
-        jinja_path = os.path.join(directory, "chat_template.jinja")
-        if os.path.isfile(jinja_path):
-            with open(jinja_path, encoding="utf-8") as f:
-                template = f.read()
+        jinja_path = epath_of(join(directory, "chat_template.jinja"))
+        if jinja_path.is_file():
+            template = jinja_path.read_text(encoding="utf-8")
         template = template if isinstance(template, str) else None
         add_bos = config.get("add_bos_token")
-        with open(tok_path, encoding="utf-8") as f:
-            text = f.read()
+        text = epath_of(tok_path).read_text(encoding="utf-8")
         try:
             return cls(text, named_tokens=named, chat_template=template, path=directory,
                        add_bos=add_bos if isinstance(add_bos, bool) else None)
@@ -376,14 +374,14 @@ class HFTokenizer:
     def save(self, directory: str) -> str:
         """Writes tokenizer.json and tokenizer_config.json (named tokens, chat template) into
         `directory`, each atomically; transformers.AutoTokenizer.from_pretrained loads it."""
-        os.makedirs(directory, exist_ok=True)
+        epath_of(directory).mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
                                   "clean_up_tokenization_spaces": False,
                                   "add_bos_token": self.add_bos, **self.named_tokens}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        write_atomic(os.path.join(directory, "tokenizer.json"), self._json)
-        write_atomic(os.path.join(directory, "tokenizer_config.json"),
+        write_atomic(join(directory, "tokenizer.json"), self._json)
+        write_atomic(join(directory, "tokenizer_config.json"),
                      json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
 
@@ -481,16 +479,17 @@ def load_tokenizer(path: str) -> Tokenizer | HFTokenizer:
     """solo's own `Tokenizer` for a sentencepiece .model file (ids 0..9 = solo's specials), an
     `HFTokenizer` for a directory holding tokenizer.json or for a .gguf model file."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    p = epath_of(path)  # a workdir's tokenizer may be remote (gs://): solo.files
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
             return HFTokenizer.from_dir(path)
         raise TokenizerError(f"{path}: directory without tokenizer.json; expected a sentencepiece "
                              ".model file, a directory holding tokenizer.json, or a .gguf file")
-    if os.path.isfile(path) and path.endswith(".model"):
+    if path.endswith(".model") and p.is_file():
         return Tokenizer.load(path)  # checks ids 0..9 are solo's specials
-    if os.path.isfile(path) and path.endswith(".gguf"):
+    if path.endswith(".gguf") and p.is_file():
         return HFTokenizer.from_gguf(path)
-    what = "does not exist" if not os.path.exists(path) else "is not a tokenizer"
+    what = "does not exist" if not p.exists() else "is not a tokenizer"
     raise TokenizerError(f"{path} {what}; expected a sentencepiece .model file (solo's specials "
                          f"{SPECIAL_PIECES[0]}..{SPECIAL_PIECES[-1]} at ids 0..9), a directory "
                          "holding tokenizer.json, or a .gguf file")

@@ -4,22 +4,30 @@ Each split is tokenized and turned into fixed-length rows once, in memory (fine 
 ~1e8 tokens). Training: per component `MapDataset.range(rows).shuffle(seed).repeat()`, mixed by
 weight for multi-source specs, then a per-index map (MLM masks / NSP pairs drawn from an rng seeded
 by (seed, global index), so the stream is a pure function of the index), then the per-process
-slice `[process_index::process_count]` and batching. The iterator's state is grain's (JSON-able)
-state, so restoring it reproduces the following batches exactly.
+block of every global batch (process p of n takes rows [p*b, (p+1)*b) of each global batch of n*b
+rows: the global batch is the same rows in the same order for any process count) and batching.
+The iterator's state is grain's (JSON-able) state, so restoring it reproduces the following
+batches exactly.
+
+Multi-host: every process builds the same pipelines over the same sources and reads only its
+rows; the tokenizer is trained (or copied) and written by process 0 alone, the others wait for it
+and load that file (solo/multihost.py).
 """
 
 from __future__ import annotations
 
-import os
-
 import grain
+import jax
 import numpy as np
 
+from solo import multihost
 from solo.data import prepared, sources
 from solo.data import transforms as T
 from solo.data.config import DataConfig
 from solo.data.tasks import Prepared, get_task
 from solo.data.tasks import example as task_example
+from solo.files import join
+from solo.files import path as epath_of
 
 EVAL_SEED = 20240601  # fixed: eval masks/NSP draws must not change with the training seed
 TOKENIZER_FILE = "tokenizer.model"  # a workdir's tokenizer: solo's own sentencepiece model,
@@ -33,8 +41,8 @@ _CACHE: dict = {}
 def workdir_tokenizer(workdir: str) -> str | None:
     """The path of a workdir's tokenizer (file or directory), None if it has none."""
     for name in (TOKENIZER_FILE, TOKENIZER_DIR):
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
+        path = join(workdir, name)  # local or gs:// (solo.files)
+        if epath_of(path).exists():
             return path
     return None
 
@@ -43,19 +51,39 @@ def save_tokenizer(tok, workdir: str) -> str:
     """Writes a tokenizer into a workdir (solo's: tokenizer.model; a pretrained model's:
     tokenizer/); returns its path there."""
     if getattr(tok, "kind", None) == "hf":
-        return tok.save(os.path.join(workdir, TOKENIZER_DIR))
-    return tok.save(os.path.join(workdir, TOKENIZER_FILE))
+        return tok.save(join(workdir, TOKENIZER_DIR))
+    return tok.save(join(workdir, TOKENIZER_FILE))
 
 
 def build_tokenizer(d: DataConfig, workdir: str):
     """The workdir's tokenizer if it has one (resume); else data.tokenizer.path's (a solo .model
     file, a tokenizer directory, a workdir or a .gguf file), copied in; else solo's own, trained
-    on the source's train split and saved as <workdir>/tokenizer.model."""
+    on the source's train split and saved as <workdir>/tokenizer.model.
+
+    With several processes, process 0 does this and writes the file; the others wait at a
+    barrier, then load what it wrote (the workdir must be shared: NFS or gs://)."""
+    from solo.data.hf_tokenizer import load_tokenizer
+
+    if multihost.is_primary():
+        tok = _build_tokenizer(d, workdir)
+    multihost.barrier("tokenizer")
+    if multihost.is_primary():
+        return tok
+    path = workdir_tokenizer(workdir)
+    if path is None:
+        raise FileNotFoundError(
+            f"process {jax.process_index()}: no tokenizer in {workdir} after process 0 "
+            "wrote it: the workdir is not shared between the processes; use a filesystem "
+            "every host mounts (NFS) or a gs:// workdir")
+    return load_tokenizer(path)
+
+
+def _build_tokenizer(d: DataConfig, workdir: str):
     from solo.data.hf_tokenizer import load_tokenizer
     from solo.data.tokenizer import Tokenizer
 
     corpus = _prepared_tokenizer(d, workdir)  # checked before anything is written
-    os.makedirs(workdir, exist_ok=True)
+    epath_of(workdir).mkdir(parents=True, exist_ok=True)
     existing = workdir_tokenizer(workdir)
     if existing:
         return load_tokenizer(existing)
@@ -63,15 +91,15 @@ def build_tokenizer(d: DataConfig, workdir: str):
     if corpus and not tc.path:  # a prepared corpus's ids fix the tokenizer: its own
         return load_tokenizer(save_tokenizer(corpus, workdir))
     if tc.path:
-        if not os.path.exists(tc.path):
+        if not epath_of(tc.path).exists():
             raise FileNotFoundError(f"config.data.tokenizer.path {tc.path!r} does not exist")
         # a workdir's tokenizer, else the path itself (a file, or a directory of tokenizer.json)
-        src = (workdir_tokenizer(tc.path) if os.path.isdir(tc.path) else None) or tc.path
+        src = (workdir_tokenizer(tc.path) if epath_of(tc.path).is_dir() else None) or tc.path
         # loaded first: a damaged file is not copied
         return load_tokenizer(save_tokenizer(load_tokenizer(src), workdir))
     texts = [t for comp in sources.load_records(d, "train") for r in comp
              for t in sources.record_texts(r)]
-    return Tokenizer.train(texts, os.path.join(workdir, "tokenizer"), kind=tc.kind,
+    return Tokenizer.train(texts, join(workdir, "tokenizer"), kind=tc.kind,
                            vocab_size=tc.vocab_size, sample_size=tc.sample_size)
 
 
@@ -89,8 +117,8 @@ def _prepared_tokenizer(d: DataConfig, workdir: str):
             found = load_tokenizer(prepared.corpus_tokenizer_path(directory, manifest))
             others = [(workdir_tokenizer(workdir), f"the workdir's tokenizer ({workdir})")]
             if d.tokenizer.path:
-                src = (workdir_tokenizer(d.tokenizer.path) if os.path.isdir(d.tokenizer.path)
-                       else None) or d.tokenizer.path
+                src = (workdir_tokenizer(d.tokenizer.path)
+                       if epath_of(d.tokenizer.path).is_dir() else None) or d.tokenizer.path
                 others.append((src, "data.tokenizer.path"))
             for path, what in others:
                 if path:
@@ -205,7 +233,8 @@ def make_train_dataset(
                        tokenizer)
         return row if len(parts) == 1 else {**row, SOURCE_KEY: np.int32(cj[0])}
 
-    ds = ds.map_with_index(make)[process_index::process_count].batch(bs, drop_remainder=True)
+    ds = _ProcessRows(ds.map_with_index(make), process_index, process_count, bs)
+    ds = ds.batch(bs, drop_remainder=True)
     workers, prefetch = d.num_workers, d.prefetch
     it = ds.to_iter_dataset(
         grain.ReadOptions(
@@ -223,6 +252,30 @@ def make_train_dataset(
             )
         )
     return it
+
+
+class _ProcessRows(grain.MapDataset):
+    """Process p's rows of an endless stream cut into global batches of n*b rows: local row i
+    is global row (i // b) * n*b + p*b + i % b. Unlike a strided slice [p::n], this keeps the
+    global batch (all processes' rows, in process order, as make_array_from_process_local_data
+    assembles it) equal to the one-process batch: same rows, same order, same devices."""
+
+    def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int,
+                 rows: int):
+        super().__init__(parent)
+        self._p, self._n, self._b = process_index, process_count, rows
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, row = divmod(int(index), self._b)
+        return self._parent[(step * self._n + self._p) * self._b + row]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(process={self._p}/{self._n}, rows={self._b})"
 
 
 def make_train_iterator(

@@ -168,10 +168,15 @@ def get_task(name: str) -> Task:
 
 
 def chat_eval(d: DataConfig) -> bool:
-    """Whether a run is a chat model scored by held-out QA exact match: its task says so (sft),
-    or it trains on the world's chats as documents (data.world.mix_qa='chat')."""
-    return get_task(d.task).chat_eval or (d.source == "synthetic:world"
-                                          and d.world.get("mix_qa") == "chat")
+    """Whether a run is a chat model of the synthetic world, scored by the world's held-out QA
+    exact match: its data includes synthetic:world and its task says so (sft), or it trains on
+    the world's chats as documents (data.world.mix_qa='chat'). Any other run's QA set is given
+    explicitly (`solo eval --qa FILE.jsonl`)."""
+    from solo.data.sources import parse_source
+
+    if not any(c.spec == "synthetic:world" for c in parse_source(d.source)):
+        return False
+    return get_task(d.task).chat_eval or d.world.get("mix_qa") == "chat"
 
 
 def example(task: Task, prep: Prepared, i: int, rng: np.random.Generator, d: DataConfig,

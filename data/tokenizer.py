@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from solo.files import path as epath_of
 from solo.files import write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -158,9 +159,8 @@ class Tokenizer:
         except RuntimeError as e:
             raise _friendly_error(e, kind, vocab_size) from e
         settings = dict(kind=kind, vocab_size=requested, sample_size=sample_size)
-        path = model_prefix + ".model"
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = os.fspath(model_prefix) + ".model"
+        epath_of(path).parent.mkdir(parents=True, exist_ok=True)  # local or gs://
         tok = cls(writer.getvalue(), path=path, settings=settings)
         tok.settings["actual_vocab_size"] = tok.vocab_size
         tok.save(path)
@@ -170,14 +170,13 @@ class Tokenizer:
     def load(cls, path: str) -> Tokenizer:
         """Loads `<prefix>.model` (and `<prefix>.json` settings when present). A damaged file
         (truncated, emptied, not a sentencepiece model) is a TokenizerError naming it."""
-        with open(path, "rb") as f:
-            proto = f.read()
+        path = os.fspath(path)
+        proto = epath_of(path).read_bytes()  # local or gs:// (solo.files)
         settings = {}
-        json_path = os.path.splitext(path)[0] + ".json"
+        json_path = epath_of(os.path.splitext(path)[0] + ".json")
         try:
-            if os.path.exists(json_path):
-                with open(json_path) as f:
-                    settings = json.load(f)
+            if json_path.exists():
+                settings = json.loads(json_path.read_text())
             return cls(proto, path=path, settings=settings)
         except (RuntimeError, IndexError, ValueError, TypeError) as e:
             if isinstance(e, TokenizerError):

@@ -154,8 +154,20 @@ def get_config() -> ConfigDict:
             init_experiment="",  # experiment that trains init_from first when it has no checkpoint
             init_import="",  # or a pretrained model `solo import`ed into it first (HF dir, .gguf)
             init_model=False,  # True: the model section is init_from's own (pretrained models)
+            # multi-host and accelerators (README "Multi-host"): a persistent XLA compilation
+            # cache directory (local or gs://; '' = none), and "START:STOP" steps traced with
+            # jax.profiler into WORKDIR/profile for TensorBoard ('' = none)
+            compilation_cache_dir="",
+            profile_steps="",
         )
     )
+
+    # Multi-host (solo/multihost.py): jax.distributed starts before any device is used.
+    # initialize: 'auto' (when coordinator_address is set, or jax detects a cluster of > 1
+    # process: SLURM, a TPU pod, Open MPI) | 'yes' | 'no'. The three below go together (or
+    # none: from the cluster environment). A launch setting: config.json keeps the defaults.
+    c.dist = ConfigDict(dict(initialize="auto", coordinator_address="", num_processes=0,
+                             process_id=-1, timeout_s=300))
 
     # LoRA (train/lora.py): rank > 0 trains low-rank adapters on the kernels whose path
     # ("decoder/layers_3/attn/q") matches a regex of `targets`; the base params stay frozen

@@ -3,7 +3,7 @@
   train    solo.train.loop.train_and_evaluate(config, workdir)
   sweep    solo.train.sweep.run_sweep(config_name, grid, workdir, overrides)
   compare  solo.train.sweep.summarize(workdirs)
-  eval     solo.train.loop.evaluate(workdir, checkpoint)
+  eval     solo.agent.evaluate.eval_command(workdir, checkpoint, overrides, ...)
   sample   solo.agent.sampler.sample(workdir, prompts, ...)
   chat     solo.agent.repl.chat(workdir, ...)
   serve    solo.agent.server.serve(workdir, ...)
@@ -84,14 +84,34 @@ def _chat_report(workdir: str, checkpoint: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from solo.data.tasks import chat_eval
-    from solo.train.loop import evaluate
+    from solo import multihost
+    from solo.agent.evaluate import eval_command  # issue 15: any data, QA JSONL, JSON results
 
-    metrics = evaluate(args.workdir, args.checkpoint)
-    print(format_summary(metrics))
-    if chat_eval(metrics["config"].data):
-        _chat_report(args.workdir, args.checkpoint)
+    multihost.initialize(_dist_config(args))  # before any device use
+    report, _ = eval_command(args.workdir, args.checkpoint, overrides=args.overrides,
+                             splits=args.split.split(","), qa=args.qa, name=args.name)
+    if multihost.is_primary():
+        print(report)
     return 0
+
+
+# --- multi-host launch flags of `solo eval` (solo/multihost.py; `solo train` takes
+# --config.dist.*): a workdir's config.json never holds how a launch joined its processes
+def _dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator-address", default="",
+                   help="multi-host: process 0's host:port (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, default=0)
+    p.add_argument("--process-id", type=int, default=-1)
+
+
+def _dist_config(args: argparse.Namespace):
+    from solo.experiments.base import get_config
+    from solo.multihost import DistConfig
+
+    d = get_config().dist
+    d.update(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+             process_id=args.process_id)
+    return DistConfig.from_config(d)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -118,7 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
     from solo.agent.server import serve
 
     serve(args.workdir, host=args.host, port=args.port, checkpoint=args.checkpoint,
-          max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000)
+          max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+          chat_only=args.chat_only, embeddings=args.embeddings)
     return 0
 
 
@@ -182,13 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate a workdir's checkpoint on its validation split",
-        description="Eval loss/accuracy on the validation split; for chat experiments "
-        "also exact-match accuracy on held-out questions through the chat path.",
+        help="evaluate a workdir's checkpoint on its own or any other data",
+        description="Every objective's metrics (perplexity and bits per byte for causal LM) "
+        "on the run's validation split, or on other data with --config.data.* overrides (a "
+        "file, a TFDS split, a JSONL of chats); QA exact match through the chat path on --qa "
+        "FILE.jsonl (the world's held-out questions by default for world chat runs). Results "
+        "go to WORKDIR/eval/step_N/NAME.json.",
     )
     p.add_argument("workdir")
+    p.add_argument("--split", default="validation",
+                   help="split(s) to score, comma-separated to sum: train, validation, test")
+    p.add_argument("--qa", default="",
+                   help='JSONL of {"question", "answer"} lines asked through the chat path; '
+                   "'none' skips the default (world chat runs: the held-out questions)")
+    p.add_argument("--name", default="",
+                   help="the result file's name (default: from the data source and split)")
     _checkpoint_arg(p)
-    p.set_defaults(fn=_eval)
+    _dist_args(p)
+    p.set_defaults(fn=_eval, takes_overrides=True)
 
     p = sub.add_parser(
         "sample",
@@ -222,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="OpenAI-compatible HTTP server (/v1/chat/completions)",
-        description="Serve WORKDIR's model at http://HOST:PORT/v1/chat/completions.",
+        help="OpenAI-compatible HTTP server (chat, completions, embeddings)",
+        description="Serve WORKDIR's model at http://HOST:PORT/v1: /v1/chat/completions, "
+        "/v1/completions (logprobs, echo), /v1/embeddings, /v1/models; GET /health.",
     )
     p.add_argument("workdir")
     p.add_argument("--host", default="127.0.0.1")
@@ -232,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most concurrent requests decoded together (1 = one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0,
                    help="how long a request waits after its arrival for others to batch with")
+    # issue 15: harness endpoints (agent/endpoints.py)
+    p.add_argument("--chat-only", action="store_true",
+                   help="serve the model only through its chat template and guards: "
+                   "/v1/completions (raw text, echo, prompt logprobs) answers 400")
+    p.add_argument("--embeddings", choices=("head", "mean"), default="head",
+                   help="/v1/embeddings from the embedding head only (default), or mean-pooled "
+                   "hidden states for a model without one")
     _checkpoint_arg(p)
     p.set_defaults(fn=_serve)
 
@@ -316,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides, args.sweep_flags = overrides, sweep_flags
     if overrides and not getattr(args, "takes_overrides", False):
         print(f"solo {args.command}: --config.* overrides only apply to `solo train`, "
-              "`solo sweep`, `solo prepare` and `solo tokenizer`", file=sys.stderr)
+              "`solo sweep`, `solo eval`, `solo prepare` and `solo tokenizer`", file=sys.stderr)
         return 2
     if sweep_flags and args.command != "sweep":
         print(f"solo {args.command}: --sweep.* flags only apply to `solo sweep`", file=sys.stderr)

@@ -96,6 +96,7 @@ class RunConfig:
     train: Any  # solo.train.config.TrainConfig
     lora: Any  # solo.train.config.LoraConfig
     agent: Any  # solo.agent.config.AgentConfig
+    dist: Any  # solo.multihost.DistConfig (how this launch joins other processes)
     json: str
 
     @classmethod
@@ -106,6 +107,7 @@ class RunConfig:
         from solo.agent.config import AgentConfig
         from solo.data.config import DataConfig
         from solo.model.config import ModelConfig
+        from solo.multihost import DistConfig
         from solo.objectives import active_objectives
         from solo.train.config import LoraConfig, OptimConfig, TrainConfig
 
@@ -121,6 +123,7 @@ class RunConfig:
                    train=TrainConfig.from_config(config.train),
                    lora=from_section(LoraConfig, config.lora, "lora"),
                    agent=from_section(AgentConfig, config.agent, "agent"),
+                   dist=DistConfig.from_config(config.dist),
                    json=to_json(config))
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,12 +14,15 @@ Retention: the newest `train.keep` steps plus (train.keep_best) the one with the
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from solo import multihost
+from solo.files import path
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -46,7 +49,11 @@ class Checkpointer:
             create=not read_only,
         )
         self.read_only = read_only
-        self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
+        # an epath (local or gs://); Orbax takes it as it is. Every process constructs the
+        # manager and calls save/restore: Orbax has process 0 write the metadata and commit
+        # each step (rename of the tmp dir) after all processes wrote their shards
+        wd = path(workdir)
+        self.directory: epath.Path = (wd if "://" in str(wd) else wd.absolute()) / CKPT_DIR
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"),
                                              options=options)
 
@@ -91,15 +98,20 @@ class Checkpointer:
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames unrestorable steps newer than the restored one to `<step>.unrestorable-<time>`
-        (kept for inspection, never deleted) so that training can save those steps again."""
-        for t in steps:
-            src = os.path.join(self.directory, str(t))
-            if os.path.isdir(src):
-                dst = f"{src}.unrestorable-{int(time.time())}"
-                log.warning("moving unrestorable checkpoint %s aside to %s", src, dst)
-                os.rename(src, dst)
-        if steps:
-            self.manager.reload()
+        (kept for inspection, never deleted) so that training can save those steps again.
+        Process 0 renames; every process then reloads the manager's view of the directory."""
+        if not steps:
+            return
+        if multihost.is_primary():
+            stamp = int(time.time())
+            for t in steps:
+                src = self.directory / str(t)
+                if src.is_dir():
+                    dst = src.parent / f"{t}.unrestorable-{stamp}"
+                    log.warning("moving unrestorable checkpoint %s aside to %s", src, dst)
+                    src.rename(dst)
+        multihost.barrier("checkpoints-set-aside")
+        self.manager.reload()
 
     def restore_params(self, abstract_params: Any, step: int) -> Any:
         """Only the params subtree of the saved TrainState (optimizer state is not read)."""
@@ -110,8 +122,8 @@ class Checkpointer:
         with ocp.PyTreeCheckpointer() as ckptr:  # standalone: works whatever this manager saved
             return ckptr.restore(self._state_dir(step), args=args)["params"]
 
-    def _state_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step), "state")
+    def _state_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step) / "state"
 
     def saved_param_shapes(self, step: int) -> dict[str, tuple]:
         """keystr(path) -> shape of every saved param leaf (from metadata; reads no arrays)."""

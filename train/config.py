@@ -56,6 +56,16 @@ class TrainConfig:
     init_experiment: str
     init_import: str
     init_model: bool
+    compilation_cache_dir: str  # '' = no persistent compilation cache
+    profile_steps: str  # "START:STOP": jax.profiler trace of those steps; '' = none
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """(first, last) step traced, both included; None when not profiling."""
+        if not self.profile_steps:
+            return None
+        start, _, stop = self.profile_steps.partition(":")
+        return int(start), int(stop or start)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -66,6 +76,12 @@ class TrainConfig:
                      "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0")
+        if self.profile_steps:
+            start, _, stop = self.profile_steps.partition(":")
+            if not (start.isdigit() and (stop or start).isdigit()
+                    and 1 <= int(start) <= int(stop or start)):
+                raise ConfigError(f"train.profile_steps={self.profile_steps!r}: give "
+                                  "'START:STOP' steps, 1 <= START <= STOP (e.g. '10:12')")
 
     @classmethod
     def from_config(cls, section: Any) -> TrainConfig:

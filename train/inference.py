@@ -8,13 +8,13 @@ with the heads the run's objectives use), so a checkpoint saved on any mesh rest
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 
 from solo.config import RunConfig
+from solo.files import path
 from solo.model import Transformer, init_params
 from solo.objectives import model_heads
 from solo.train import lora, parallel
@@ -69,7 +69,7 @@ def load(workdir: str, checkpoint: str | int = "latest") -> Loaded:
     Params are placed on whatever devices exist (replicated over a data-only mesh; sharded only
     where the model's logical rules map onto mesh axes > 1).
     """
-    if not os.path.isdir(workdir):
+    if not path(workdir).is_dir():  # local or gs:// (solo.files)
         raise WorkdirError(f"workdir {workdir} does not exist")
     config = RunConfig.from_config(read_config(workdir))
     tokenizer = load_tokenizer(workdir)

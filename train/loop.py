@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -22,15 +21,17 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from solo import experiments
+from solo import experiments, multihost
 from solo.compile_options import train_options
 from solo.config import ConfigError, RunConfig
 from solo.data import pipeline
 from solo.data.tasks import TASKS, get_task
+from solo.experiments.base import get_config
+from solo.files import path
 from solo.model import flops_per_token
 from solo.objectives import get_objective, summarize
 from solo.train import checkpoint as ckpt_lib
-from solo.train import inference, lora, parallel, preemption
+from solo.train import inference, lora, parallel, preemption, runtime
 from solo.train import metrics as metrics_lib
 from solo.train import workdir as wd_lib
 from solo.train.optim import make_optimizer
@@ -105,6 +106,11 @@ def _prepare_init_from(config: RunConfig) -> None:
     if latest is None and config.train.init_import:
         from solo.train.hub import import_model
 
+        if jax.process_count() > 1:  # an import is one process's job (staged local files)
+            raise wd_lib.WorkdirError(
+                f"train.init_from={src} has no checkpoint and this is a multi-process run: "
+                f"`solo import {config.train.init_import} --workdir {src}` once first")
+
         print(f"train.init_from={src} has no checkpoint: importing {config.train.init_import} "
               "into it first", file=sys.stderr)
         import_model(config.train.init_import, src)
@@ -163,6 +169,7 @@ class _Run:
     key: Any
     state_sharding: Any
     abstract_state: Any
+    profiler: Any = None  # runtime.Profiler (train.profile_steps)
 
 
 def _setup(config: RunConfig, workdir: str) -> _Run:
@@ -177,7 +184,7 @@ def _setup(config: RunConfig, workdir: str) -> _Run:
             validate_config(config, mesh)
     wd_lib.check_workdir(config, workdir)
     if config.train.init_from:
-        if not os.path.exists(wd_lib.tokenizer_path(workdir)):
+        if not path(wd_lib.tokenizer_path(workdir)).exists():
             # the init run's tokenizer, or its params are garbage
             tok = dataclasses.replace(config.data.tokenizer,
                                       path=wd_lib.tokenizer_path(config.train.init_from))
@@ -205,8 +212,12 @@ def train_and_evaluate(config: ConfigDict | RunConfig, workdir: str) -> dict[str
     'num_devices', 'flops_per_token'}. SIGTERM or Ctrl-C ends it after the current step with a
     checkpoint of that step and raises `preemption.Stopped` (see train/preemption.py).
     """
-    run = _setup(RunConfig.from_config(config), workdir)
+    config = RunConfig.from_config(config)
+    multihost.initialize(config.dist)  # multi-host: before any device is used (solo/multihost.py)
+    runtime.set_compilation_cache(config.train.compilation_cache_dir)
+    run = _setup(config, workdir)
     config = run.config
+    run.profiler = runtime.Profiler(config.train.profile_range, workdir)
     train_iter = pipeline.make_train_iterator(config.data, run.tokenizer,
                                               process_index=jax.process_index(),
                                               process_count=jax.process_count())
@@ -229,6 +240,7 @@ def train_and_evaluate(config: ConfigDict | RunConfig, workdir: str) -> dict[str
                     progress.message(f"params initialised from {config.train.init_from}")
             return _loop(run, state, train_iter, ckpt, writer, progress, signals)
         finally:  # also on a stop or Ctrl-C: finish the in-flight async save (the latest step)
+            run.profiler.stop()
             ckpt.wait()
             ckpt.close()
             writer.close()
@@ -322,7 +334,9 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
         progress.message(f"eval step 0: loss {first['loss']:.4g}")
     step = start
     for step in range(start + 1, total + 1):
+        run.profiler.before(step)
         dstate, m = stepper.train(dstate, next(train_iter))
+        run.profiler.after(step, m)
         guard.push(step, m)
         acc = _add(acc, m)
         timed += 1
@@ -355,9 +369,12 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             "workdir": run.workdir, "num_devices": ndev, "flops_per_token": fpt}
 
 
-def evaluate(workdir: str, checkpoint: str | int = "latest") -> dict[str, Any]:
+def evaluate(workdir: str, checkpoint: str | int = "latest",
+             dist: multihost.DistConfig | None = None) -> dict[str, Any]:
     """Eval-split metrics of a workdir's checkpoint ('latest', 'best' or a step number), on the
-    devices present."""
+    devices present. `dist`: how this launch joins other processes (default: config.dist's
+    defaults, i.e. automatic on a detected cluster; a workdir's config.json never says)."""
+    multihost.initialize(dist or multihost.DistConfig.from_config(get_config().dist))
     loaded = inference.load(workdir, checkpoint)
     config = loaded.config
     mesh = parallel.data_mesh()

@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from solo.files import write_atomic
+from solo.files import is_remote, join, path, write_atomic
 
 PEAK_FLOPS = {  # per device, dense bf16
     "TPU v4": 275e12,
@@ -74,8 +74,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled and jax.process_index() == 0
-        self.workdir = workdir
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = os.fspath(workdir)
+        self.path = join(workdir, "metrics.jsonl")
         self._tb = None
         self._tb_failed = False
 
@@ -92,10 +92,9 @@ class MetricWriter:
 
     def truncate(self, step: int) -> None:
         """Drops the rows of steps after `step` (and any torn line)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not path(self.path).exists():
             return
-        with open(self.path) as f:
-            lines = f.read().splitlines()
+        lines = path(self.path).read_text().splitlines()
         keep = []
         for line in lines:
             try:
@@ -111,8 +110,13 @@ class MetricWriter:
             return
         row = {"step": int(step), "split": split, **{k: _clean(float(v)) for k, v in
                                                      metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if is_remote(self.path):  # object stores cannot append: the file is rewritten whole
+            p = path(self.path)
+            write_atomic(p, (p.read_text() if p.exists() else "") + line)
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         board = self._board()
         if board is not None:
             for k, v in metrics.items():
@@ -125,10 +129,13 @@ class MetricWriter:
 
 
 class Progress:
-    """One status line: in place on a TTY ('\\r'), plain lines otherwise (logs, CI)."""
+    """One status line: in place on a TTY ('\\r'), plain lines otherwise (logs, CI). Process 0
+    only: the other processes of a multi-host run would print the same lines."""
 
     def __init__(self, total: int, stream=None):
         self.total, self.stream = int(total), stream or sys.stderr
+        if jax.process_index() != 0:
+            self.stream = _Discard()
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.time()
         self._open = False
@@ -155,6 +162,14 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._open = False
+
+
+class _Discard:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def _hms(sec: float) -> str:

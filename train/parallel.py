@@ -92,9 +92,17 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
 
-def split_for_pmap(batch: dict, num_devices: int) -> dict:
-    """[B, ...] -> [devices, B / devices, ...] (local devices, for jax.pmap)."""
-    return {k: np.asarray(v).reshape(num_devices, -1, *np.shape(v)[1:]) for k, v in batch.items()}
+def split_for_pmap(batch: dict, devices: int | list) -> dict:
+    """This process's [B, ...] -> [local devices, B / local devices, ...] for jax.pmap.
+    `devices`: pmap's device list (global under multi-host: only this process's count) or a
+    count of local devices."""
+    n = devices if isinstance(devices, int) else local_count(devices)
+    return {k: np.asarray(v).reshape(n, -1, *np.shape(v)[1:]) for k, v in batch.items()}
+
+
+def local_count(devices: list) -> int:
+    """How many of `devices` belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in devices)
 
 
 def abstract_with_sharding(tree: Any, shardings: Any) -> Any:

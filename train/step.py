@@ -286,7 +286,7 @@ class Stepper:
 
     def _place(self, batch: dict) -> dict:
         if self.mode == "pmap":
-            return parallel.split_for_pmap(batch, len(self.devices))
+            return parallel.split_for_pmap(batch, self.devices)  # by this process's devices
         return parallel.shard_batch(batch, self.mesh)
 
     def _first(self, metrics):

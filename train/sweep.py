@@ -19,12 +19,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from typing import Any
 
+from solo import multihost
 from solo.config import ConfigError, RunConfig
 from solo.experiments import load_config
-from solo.files import write_atomic
+from solo.files import join, path, write_atomic
 from solo.train import workdir as wd_lib
 
 SUMMARY_FILE = "summary.json"
@@ -67,18 +67,20 @@ def run_sweep(config_name: str, grid: list[tuple[str, list[str]]], workdir: str,
     runs = []
     for overrides in points(grid):  # validate every point before training any
         config = RunConfig.from_config(load_config(config_name, list(base_overrides) + overrides))
+        multihost.initialize(config.dist)  # before the mesh uses devices (multi-host sweeps)
         validate_config(config, parallel.make_mesh(config.train.mesh))
-        runs.append((os.path.join(workdir, point_name(overrides)), config))
+        runs.append((join(workdir, point_name(overrides)), config))
     rows = []
     for i, (run_dir, config) in enumerate(runs, 1):
-        name = os.path.basename(run_dir)
+        name = path(run_dir).name
         if (wd_lib.latest_step(run_dir) or 0) >= config.train.steps:
             print(f"sweep {i}/{len(runs)}: {name} finished earlier", flush=True)
         else:
             print(f"sweep {i}/{len(runs)}: {name}", flush=True)
             train_and_evaluate(config, run_dir)
         rows = summarize([r for r, _ in runs[:i]])
-        write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(rows, indent=1))
+        if multihost.is_primary():
+            write_atomic(join(workdir, SUMMARY_FILE), json.dumps(rows, indent=1))
         print(format_table(rows), flush=True)
     return rows
 
@@ -88,16 +90,15 @@ def summarize(workdirs: list[str]) -> list[dict[str, Any]]:
     metrics.jsonl (the last eval and train rows), best eval loss first."""
     rows = []
     for wd in workdirs:
-        path = os.path.join(wd, "metrics.jsonl")
-        if not os.path.exists(path):
+        metrics = path(join(wd, "metrics.jsonl"))  # local or gs:// (solo.files)
+        if not metrics.exists():
             raise FileNotFoundError(f"{wd} has no metrics.jsonl; is it a solo workdir?")
         last: dict[str, dict] = {}
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                last[rec["split"]] = rec
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            last[rec["split"]] = rec
         ev, tr = last.get("eval", {}), last.get("train", {})
-        row = {"run": os.path.basename(os.path.normpath(wd)), "step": ev.get("step", 0)}
+        row = {"run": path(wd).name, "step": ev.get("step", 0)}
         row.update({f"eval/{k}": v for k, v in sorted(ev.items()) if k not in ("step", "split")})
         row["tokens_per_sec"] = tr.get("tokens_per_sec")
         rows.append(row)

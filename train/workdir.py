@@ -16,16 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
+import uuid
 from typing import Any
 
 from ml_collections import ConfigDict
 
-from solo import experiments
+from solo import experiments, multihost
 from solo.config import ConfigError, RunConfig
 from solo.experiments.base import get_config
-from solo.files import write_atomic
+from solo.files import join, path, write_atomic
 from solo.model.config import ModelConfig
 from solo.objectives import model_heads
 from solo.train.checkpoint import CKPT_DIR, Checkpointer
@@ -86,25 +85,24 @@ def _upgrade(saved: dict, base: dict, path: str = "") -> tuple[list[str], list[s
 
 def read_config(workdir: str) -> ConfigDict:
     """The run's config.json, brought to today's keys (see _upgrade; one warning if it was)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    cfg_path = join(workdir, CONFIG_FILE)
+    if not path(cfg_path).is_file():
         raise WorkdirError(f"{workdir}: not a solo workdir (no {CONFIG_FILE}); train into it first")
-    with open(path) as f:
-        text = f.read()
+    text = path(cfg_path).read_text()
     try:
         saved = json.loads(text)
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
         added, dropped = _upgrade(saved, get_config().to_dict())
         if added or dropped:
-            log.warning("%s was written by an older solo: %s", path, "; ".join(
+            log.warning("%s was written by an older solo: %s", cfg_path, "; ".join(
                 ([f"new keys take their defaults: {', '.join(added)}"] if added else [])
                 + ([f"keys no longer read: {', '.join(dropped)}"] if dropped else [])))
         config = experiments.from_json(json.dumps(saved))
         RunConfig.from_config(config)  # every key there and valid
     except ValueError as e:  # json.JSONDecodeError and ConfigError are ValueErrors
         raise WorkdirError(
-            f"{path} is damaged or incomplete ({str(e)[:160]}); restore it (the workdir keeps "
+            f"{cfg_path} is damaged or incomplete ({str(e)[:160]}); restore it (the workdir keeps "
             "earlier launches' configs as config.until-step-*.json), or train into a new "
             "--workdir") from None
     return config
@@ -115,21 +113,29 @@ def tokenizer_path(workdir: str) -> str:
     solo's own would be."""
     from solo.data.pipeline import workdir_tokenizer
 
-    return workdir_tokenizer(workdir) or os.path.join(workdir, TOKENIZER_FILE)
+    return workdir_tokenizer(workdir) or join(workdir, TOKENIZER_FILE)
 
 
 def check_workdir(config: Any, workdir: str) -> None:
-    """Fails (WorkdirError, one line) before anything is written if the workdir is unusable."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
+    """Fails (WorkdirError, one line) before anything is written if the workdir is unusable
+    (every process checks: each writes and removes its own probe file)."""
+    wd = path(workdir)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
-    except OSError as e:
-        raise WorkdirError(f"--workdir {workdir} is not writable ({e.strerror or e}); "
-                           "choose another --workdir") from None
-    if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+        if wd.exists() and not wd.is_dir():
+            raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
+        wd.mkdir(parents=True, exist_ok=True)
+        probe = wd / f".write_test_{uuid.uuid4().hex[:12]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (OSError, ImportError) as e:  # ImportError: gs:// without gcsfs installed
+        raise WorkdirError(f"--workdir {workdir} is not writable ({_reason(e)}); "
+                           "choose another --workdir" + _remote_hint(workdir)) from None
+    except WorkdirError:
+        raise
+    except Exception as e:  # noqa: BLE001 - object stores raise their own (credentials, ...)
+        raise WorkdirError(f"--workdir {workdir} cannot be used ({_reason(e)})"
+                           + _remote_hint(workdir)) from None
+    if path(join(workdir, CONFIG_FILE)).is_file():
         diff = shape_diff(read_config(workdir), config)
         if diff:
             raise WorkdirError(
@@ -137,10 +143,31 @@ def check_workdir(config: Any, workdir: str) -> None:
                 f"({', '.join(diff)}); pass a new --workdir to start a fresh run")
 
 
+def _reason(e: BaseException) -> str:
+    return " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())[:200]
+
+
+def _remote_hint(workdir: str) -> str:
+    if not workdir.startswith("gs://"):
+        return ""
+    return ("; gs:// workdirs need `pip install gcsfs` and credentials (`gcloud auth "
+            "application-default login`, or a service account on the VM)")
+
+
 def _latest_step_on_disk(workdir: str) -> int:
-    d = os.path.join(workdir, CKPT_DIR)
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    d = path(join(workdir, CKPT_DIR))
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
     return max(steps, default=0)
+
+
+def launch_neutral(text: str) -> str:
+    """The config JSON with its `dist` section at the defaults: how one launch joined its
+    processes (a coordinator address, this process's id) is not part of the run, and a later
+    `solo eval` on another machine must not try to reach that coordinator."""
+    plain = json.loads(text)
+    if "dist" in plain:
+        plain["dist"] = get_config().dist.to_dict()
+    return json.dumps(plain, indent=2, sort_keys=True, default=list)
 
 
 def write_config(config: RunConfig, workdir: str) -> None:
@@ -149,25 +176,30 @@ def write_config(config: RunConfig, workdir: str) -> None:
     A resume whose config differs (more steps, another learning rate; the model shape is checked
     by check_workdir) first keeps the previous file as config.until-step-<N>.json, N = the newest
     checkpoint it produced: the workdir records every config that trained it, and config.json
-    exists at every instant (archive written before the atomic replace)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    text = config.json
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
+    exists at every instant (archive written before the atomic replace). Process 0 writes it;
+    every process returns once it is there."""
+    if multihost.is_primary():
+        _write_config(launch_neutral(config.json), workdir)
+    multihost.barrier("config.json")
+
+
+def _write_config(text: str, workdir: str) -> None:
+    cfg = path(join(workdir, CONFIG_FILE))
+    if cfg.exists():
+        old = cfg.read_text()
         if old == text:
             return
-        stem = os.path.join(workdir, f"config.until-step-{_latest_step_on_disk(workdir)}")
+        stem = join(workdir, f"config.until-step-{_latest_step_on_disk(workdir)}")
         archive, n = stem + ".json", 1
-        while os.path.exists(archive):  # relaunched with new configs and no new checkpoint
+        while path(archive).exists():  # relaunched with new configs and no new checkpoint
             archive, n = f"{stem}.{n}.json", n + 1
         write_atomic(archive, old)
-    write_atomic(path, text)
+    write_atomic(cfg, text)
 
 
 def latest_step(workdir: str) -> int | None:
     """The newest checkpoint step in workdir (None if it has none); reads no arrays."""
-    if not os.path.isdir(os.path.join(workdir, CKPT_DIR)):
+    if not path(join(workdir, CKPT_DIR)).is_dir():
         return None
     ckpt = Checkpointer(workdir, read_only=True)
     try:
