@@ -9,6 +9,7 @@ of tinyshakespeare at seeded offsets, numbered), `solo prepare`d with 2 worker p
 1024 x 32 rows, pack fill): prepare tokens/s, the peak resident memory (RSS, summed over the
 process and its workers) while preparing and while streaming, and the streamed tokens/s against
 10x GPT-2 124M's consumption on one H200, taken as 0.5M tokens/s (GPT2_H200_TOKENS_PER_S).
+--num_workers N streams through N grain worker processes; --stream-only reuses the corpora.
 
 Tokens = batch slots (B*L, plus the second view / source for pairs / seq2seq) delivered per second;
 'real' counts only non-padding slots. The bar for the shakespeare char model (seq 256, batch 16) is

@@ -1,7 +1,8 @@
 """grain pipelines per task: tokenizer, resumable per-process train iterator, exact eval batches.
 
 Each split is tokenized and turned into fixed-length rows once, in memory (fine for corpora up to
-~1e8 tokens). Training: per component `MapDataset.range(rows).shuffle(seed).repeat()`, mixed by
+~1e8 tokens); a `prepared:DIR` component (data/prepared.py) gives the same rows read from disk.
+Training: per component `MapDataset.range(rows).shuffle(seed).repeat()`, mixed by
 weight for multi-source specs, then a per-index map (MLM masks / NSP pairs drawn from an rng seeded
 by (seed, global index), so the stream is a pure function of the index), then the per-process
 block of every global batch (process p of n takes rows [p*b, (p+1)*b) of each global batch of n*b
