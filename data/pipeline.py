@@ -1,7 +1,8 @@
 """grain pipelines per task: tokenizer, resumable per-process train iterator, exact eval batches.
 
 Each split is tokenized and turned into fixed-length rows once, in memory (fine for corpora up to
-~1e8 tokens). Training: per component `MapDataset.range(rows).shuffle(seed).repeat()`, mixed by
+~1e8 tokens); a `prepared:DIR` component (data/prepared.py) gives the same rows read from disk.
+Training: per component `MapDataset.range(rows).shuffle(seed).repeat()`, mixed by
 weight for multi-source specs, then a per-index map (MLM masks / NSP pairs drawn from an rng seeded
 by (seed, global index), so the stream is a pure function of the index), then the per-process
 block of every global batch (process p of n takes rows [p*b, (p+1)*b) of each global batch of n*b
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 
 from solo import multihost
-from solo.data import sources
+from solo.data import prepared, sources
 from solo.data import transforms as T
 from solo.data.config import DataConfig
 from solo.data.tasks import Prepared, get_task
@@ -82,11 +83,14 @@ def _build_tokenizer(d: DataConfig, workdir: str):
     from solo.data.hf_tokenizer import load_tokenizer
     from solo.data.tokenizer import Tokenizer
 
+    corpus = _prepared_tokenizer(d, workdir)  # checked before anything is written
     epath_of(workdir).mkdir(parents=True, exist_ok=True)
     existing = workdir_tokenizer(workdir)
     if existing:
         return load_tokenizer(existing)
     tc = d.tokenizer
+    if corpus and not tc.path:  # a prepared corpus's ids fix the tokenizer: its own
+        return load_tokenizer(save_tokenizer(corpus, workdir))
     if tc.path:
         if not epath_of(tc.path).exists():
             raise FileNotFoundError(f"config.data.tokenizer.path {tc.path!r} does not exist")
@@ -100,6 +104,33 @@ def _build_tokenizer(d: DataConfig, workdir: str):
                            vocab_size=tc.vocab_size, sample_size=tc.sample_size)
 
 
+def _prepared_tokenizer(d: DataConfig, workdir: str):
+    """The tokenizer of data.source's prepared corpora (None if it has none), after checking
+    that every corpus, data.tokenizer.path and the workdir's tokenizer agree."""
+    from solo.data.hf_tokenizer import load_tokenizer
+
+    specs = [c.spec for c in sources.parse_source(d.source)]
+    found = None
+    for spec in (s for s in specs if s.startswith(prepared.PREFIX)):
+        directory = prepared.corpus_dir(spec)
+        manifest = prepared.read_manifest(directory)
+        if found is None:
+            found = load_tokenizer(prepared.corpus_tokenizer_path(directory, manifest))
+            others = [(workdir_tokenizer(workdir), f"the workdir's tokenizer ({workdir})")]
+            if d.tokenizer.path:
+                src = (workdir_tokenizer(d.tokenizer.path)
+                       if epath_of(d.tokenizer.path).is_dir() else None) or d.tokenizer.path
+                others.append((src, "data.tokenizer.path"))
+            for path, what in others:
+                if path:
+                    prepared.check_tokenizer(load_tokenizer(path), directory, manifest, what)
+        prepared.check_tokenizer(found, directory, manifest, f"the tokenizer of {specs[0]}")
+    if found is not None and len(specs) > sum(s.startswith(prepared.PREFIX) for s in specs):
+        raise sources.SourceError("data.source mixes prepared corpora with raw sources; prepare "
+                                  "every component with `solo prepare` (one tokenizer)")
+    return found
+
+
 # ----------------------------------------------------------------------------- prepared splits
 
 
@@ -110,7 +141,14 @@ def prepare_split(d: DataConfig, tok, split: str) -> list[Prepared]:
         if len(_CACHE) > 8:
             _CACHE.clear()
         task = get_task(d.task)
-        _CACHE[key] = [task.prepare(tok, recs, d) for recs in sources.load_records(d, split)]
+        out = []
+        for c in sources.parse_source(d.source):
+            if c.spec.startswith(prepared.PREFIX):  # token ids streamed from disk
+                out.append(prepared.StreamRows(c.spec, d, split))
+            else:
+                out.append(task.prepare(tok, sources.load_component(c.spec, d, task.records,
+                                                                    split), d))
+        _CACHE[key] = out
     return _CACHE[key]
 
 
@@ -122,23 +160,48 @@ def _example(d: DataConfig, prep: Prepared, i: int, rng: np.random.Generator,
 # ----------------------------------------------------------------------------- train
 
 
-class TrainIterator:
-    """Iterator over per-process batches with JSON-serialisable get_state()/set_state()."""
+SOURCE_KEY = "_source"  # a mixture's per-row component index; the iterator strips it
 
-    def __init__(self, dataset: grain.IterDataset):
+
+class TrainIterator:
+    """Iterator over per-process batches with JSON-serialisable get_state()/set_state().
+
+    For a mixture it counts the rows drawn from each component (in the state too, so a resumed
+    run's realised proportions continue); metrics() gives them as data/mix_<i> fractions."""
+
+    def __init__(self, dataset: grain.IterDataset, num_sources: int = 1):
         self._dataset = dataset
         self._it = iter(dataset)
+        self._counts = np.zeros(num_sources, np.int64)
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
+        batch = next(self._it)
+        if SOURCE_KEY in batch:
+            batch = dict(batch)
+            self._counts += np.bincount(batch.pop(SOURCE_KEY), minlength=len(self._counts))
+        return batch
+
+    def metrics(self) -> dict[str, float]:
+        """Realised fraction of rows per mixture component so far ({} for one source)."""
+        if len(self._counts) < 2:
+            return {}
+        total = max(int(self._counts.sum()), 1)
+        return {f"data/mix_{i}": float(n) / total for i, n in enumerate(self._counts)}
 
     def get_state(self) -> dict:
-        return self._it.get_state()
+        state = self._it.get_state()
+        if len(self._counts) > 1:
+            state = {**state, "solo_mixture_counts": [int(n) for n in self._counts]}
+        return state
 
     def set_state(self, state: dict) -> None:
+        state = dict(state)
+        counts = state.pop("solo_mixture_counts", None)
+        if counts is not None and len(counts) == len(self._counts):
+            self._counts = np.asarray(counts, np.int64)
         self._it.set_state(state)
 
 
@@ -167,8 +230,9 @@ def make_train_dataset(
     ]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [c.weight for c in comps])
     def make(idx: int, cj: tuple[int, int]) -> dict[str, np.ndarray]:
-        return _example(d, preps[cj[0]], int(cj[1]), np.random.default_rng([seed, idx]),
-                        tokenizer)
+        row = _example(d, preps[cj[0]], int(cj[1]), np.random.default_rng([seed, idx]),
+                       tokenizer)
+        return row if len(parts) == 1 else {**row, SOURCE_KEY: np.int32(cj[0])}
 
     ds = _ProcessRows(ds.map_with_index(make), process_index, process_count, bs)
     ds = ds.batch(bs, drop_remainder=True)
@@ -220,7 +284,8 @@ def make_train_iterator(
 ) -> TrainIterator:
     """Endless per-process batches (global data.batch_size // process_count rows) for data.task."""
     return TrainIterator(
-        make_train_dataset(d, tokenizer, process_index=process_index, process_count=process_count)
+        make_train_dataset(d, tokenizer, process_index=process_index, process_count=process_count),
+        len(sources.parse_source(d.source)),
     )
 
 

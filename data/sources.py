@@ -6,6 +6,7 @@ Source spec syntax (a string, or a list/tuple of strings for a mixture):
   'path/file.txt' or a glob    one document per file (data.txt_split='file') or per blank-line block
   'path/file.jsonl' or a glob  a JSON object per line: data.text_field, or data.prompt_field +
                                data.response_field (chats / seq2seq / pairs), or a 'messages' list
+  'prepared:DIR'               token ids written by `solo prepare` (data/prepared.py)
   'a.txt:0.7,b.jsonl:0.3'      mixture: comma-separated components, optional ':WEIGHT' suffix
                                (default 1.0). A list ['a.txt:0.7', 'b.jsonl:0.3'] means the same.
 Record kinds: 'documents' {'text'}, 'pairs' {'text_a','text_b'}, 'chats' {'messages'}, 'seq2seq'
@@ -53,7 +54,7 @@ def parse_source(source: str | Sequence[str]) -> list[Component]:
     for p in parts:
         spec, weight = p, 1.0
         head, _, tail = p.rpartition(":")
-        if head and head not in ("tfds", "synthetic"):
+        if head and head not in ("tfds", "synthetic", "prepared"):
             try:
                 weight = float(tail)
                 spec = head
@@ -234,6 +235,9 @@ _WORLD_CACHE: dict = {}
 
 def load_component(spec: str, d: DataConfig, kind: str, split: str) -> list[dict]:
     """Records of one source component for one split."""
+    if spec.startswith("prepared:"):
+        raise SourceError(f"{spec} holds token ids, not records: only training and evaluation "
+                          "(tasks 'lm' and 'mlm') read it")
     if spec.startswith("synthetic:"):
         if spec != "synthetic:world":
             raise SourceError(f"unknown synthetic source {spec!r}; valid: 'synthetic:world'")

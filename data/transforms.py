@@ -61,23 +61,28 @@ def mlm_examples(docs: Sequence[np.ndarray], seq_len: int) -> list[Example]:
     return [{"tokens": ids[s : s + seq_len]} for ids in docs for s in range(0, len(ids), seq_len)]
 
 
-def pack_examples(
-    examples: Sequence[Example],
+def pack_plan(
+    lengths: Sequence[int],
     seq_len: int,
     *,
     window: int = 16,
     fill: bool = False,
     min_piece: int = 8,
-) -> Rows:
-    """Greedy first-fit packing over the last `window` open rows (keeps order roughly stable).
+) -> tuple[np.ndarray, int]:
+    """Greedy first-fit packing over the last `window` open rows (keeps order roughly stable),
+    from example lengths alone: pieces [P, 5] int64 (example, lo, hi, row, offset) and the number
+    of rows. A row's pieces appear in offset order. pack_examples and prepared corpora
+    (data/prepared.py) both place examples with it, so their rows are identical.
 
     fill=True: an example that fits no open row first fills the newest row's free space (if at
     least min_piece slots) and continues in a new row, as a separate segment (positions restart):
     ~100% packing at the cost of cutting documents, like nanoGPT's concatenated stream.
     """
-    pieces, used, open_rows = [], [], []  # pieces: (example, lo, hi, row, offset)
-    for e, ex in enumerate(examples):
-        n = len(next(iter(ex.values())))
+    from array import array
+
+    pieces, used, open_rows = array("q"), [], []  # pieces: (example, lo, hi, row, offset)...
+    for e, n in enumerate(lengths):
+        n = int(n)
         if not 0 < n <= seq_len:
             raise ValueError(f"example length {n} not in [1, {seq_len}]; chunk it first")
         lo = 0
@@ -93,10 +98,24 @@ def pack_examples(
                 open_rows.append(r)
                 if len(open_rows) > window:
                     open_rows.pop(0)
-            pieces.append((e, lo, hi, r, used[r]))
+            pieces.extend((e, lo, hi, r, used[r]))
             used[r] += hi - lo
             lo = hi
-    num_rows = len(used)
+    return np.frombuffer(pieces, np.int64).reshape(-1, 5), len(used)
+
+
+def pack_examples(
+    examples: Sequence[Example],
+    seq_len: int,
+    *,
+    window: int = 16,
+    fill: bool = False,
+    min_piece: int = 8,
+) -> Rows:
+    """Examples placed into fixed-length rows by pack_plan (see there for window/fill)."""
+    lengths = [len(next(iter(ex.values()))) for ex in examples]
+    pieces, num_rows = pack_plan(lengths, seq_len, window=window, fill=fill,
+                                 min_piece=min_piece)
     keys = list(examples[0]) if examples else ["tokens"]
     rows = {
         k: np.zeros((num_rows, seq_len), np.float32 if k == "weights" else np.int32) for k in keys
@@ -104,7 +123,7 @@ def pack_examples(
     rows["segment_ids"] = np.zeros((num_rows, seq_len), np.int32)
     rows["positions"] = np.zeros((num_rows, seq_len), np.int32)
     seg_count = np.zeros(num_rows, np.int32)
-    for e, lo, hi, r, o in pieces:
+    for e, lo, hi, r, o in pieces.tolist():
         n = hi - lo
         for k in keys:
             rows[k][r, o : o + n] = examples[e][k][lo:hi]

@@ -9,6 +9,7 @@
   serve    solo.agent.server.serve(workdir, ...)
   import   solo.train.hub.import_model(src, workdir)
   export   solo.train.hub.export_model(workdir, out)
+  prepare, tokenizer train   solo/data_cli.py (data.prepare.prepare, Tokenizer.train)
 
 Exit codes: 0 done; 2 an expected failure (a bad config or input, a missing or damaged file, an
 unusable workdir, no restorable checkpoint, a full disk or another OS error), printed as one line
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True)
     _checkpoint_arg(p)
     p.set_defaults(fn=_export)
+
+    from solo.data_cli import register  # prepare, tokenizer train: data commands (issue 14)
+
+    register(sub)
     return parser
 
 
@@ -366,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides, args.sweep_flags = overrides, sweep_flags
     if overrides and not getattr(args, "takes_overrides", False):
         print(f"solo {args.command}: --config.* overrides only apply to `solo train`, "
-              "`solo sweep` and `solo eval`", file=sys.stderr)
+              "`solo sweep`, `solo eval`, `solo prepare` and `solo tokenizer`", file=sys.stderr)
         return 2
     if sweep_flags and args.command != "sweep":
         print(f"solo {args.command}: --sweep.* flags only apply to `solo sweep`", file=sys.stderr)

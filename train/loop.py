@@ -318,6 +318,7 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             sec_per_step = (time.time() - t0) / timed
             tok_s = tokens_per_step / sec_per_step
             t0, timed = time.time(), 0
+        train_summary.update(getattr(train_iter, "metrics", dict)())  # mixture proportions
         train_summary.update(lr=float(run.schedule(step - 1)), tokens_per_sec=tok_s,
                              step_time=sec_per_step, mfu=metrics_lib.mfu(fpt, tok_s, ndev))
         # no value, not NaN, where a window has no data: a loss of skipped steps only (0 of 0),
