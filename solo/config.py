@@ -113,15 +113,20 @@ class RunConfig:
             objectives = active_objectives(config.objectives)
         except ValueError as e:
             raise ConfigError(f"config.objectives: {e}") from None
+        model = ModelConfig.from_config(config.model)
+        plain = json.loads(to_json(config))
+        for key in ("dtype", "scan_layers", "remat"):  # "auto" resolved by platform, saved so
+            if plain.get("model", {}).get(key) == "auto":  # (restores as it trained)
+                plain["model"][key] = getattr(model, key)
         return cls(name=str(config.name), seed=int(config.seed),
-                   model=ModelConfig.from_config(config.model),
+                   model=model,
                    data=DataConfig.from_config(config),
                    objectives=FrozenDict(objectives),
                    optim=from_section(OptimConfig, config.optim, "optim"),
                    train=TrainConfig.from_config(config.train),
                    lora=from_section(LoraConfig, config.lora, "lora"),
                    agent=from_section(AgentConfig, config.agent, "agent"),
-                   json=to_json(config))
+                   json=json.dumps(plain, indent=2, sort_keys=True, default=list))
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.json)
