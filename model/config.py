@@ -20,7 +20,7 @@ _CHOICES = {
     "remat": ("none", "full", "dots", "dots_no_batch", "offload"),
     "attention": ("auto", "einsum", "xla", "cudnn", "splash"),
 }
-_AUTO = ("dtype", "scan_layers", "remat")  # "auto": model/platform.py picks by backend
+_AUTO = ("dtype", "remat")  # "auto": model/platform.py picks by backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +61,11 @@ class ModelConfig:
     pooling: str
     dtype: str
     param_dtype: str
-    scan_layers: bool | str
+    scan_layers: bool
     remat: str
     attention: str
     vocab_multiple: int
+    logits_chunk: int
 
     def __post_init__(self):
         from solo.model.platform import platform_default
@@ -72,9 +73,8 @@ class ModelConfig:
         for name in _AUTO:  # frozen: resolved once, here
             if getattr(self, name) == "auto":
                 object.__setattr__(self, name, platform_default(name))
-        if not isinstance(self.scan_layers, bool):
-            raise ValueError(f"ModelConfig.scan_layers must be true, false or 'auto', got "
-                             f"{self.scan_layers!r}")
+        if int(self.logits_chunk) < 0:
+            raise ValueError(f"ModelConfig.logits_chunk must be >= 0, got {self.logits_chunk!r}")
         if int(self.vocab_multiple) < 1:
             raise ValueError(f"ModelConfig.vocab_multiple must be >= 1, got "
                              f"{self.vocab_multiple!r}")

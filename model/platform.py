@@ -1,14 +1,18 @@
 """Platform defaults: the one place where CPU and accelerator settings differ.
 
-`model.dtype`, `model.scan_layers` and `model.remat` accept "auto", resolved here from
-`jax.default_backend()` when the config is built (config.json then holds the resolved value, so
-a run restores with the layout it trained with on any platform):
+`model.dtype` and `model.remat` accept "auto", resolved here from `jax.default_backend()` when
+the config is built (config.json then holds the resolved value, so a run restores as it
+trained on any platform):
 
-    cpu   float32 compute, layers unrolled (~12% faster steps on XLA:CPU), no remat
-    gpu   bfloat16 compute, scanned layers (compile time flat in depth), no remat (H100/H200
-          memory holds GPT-2-class activations; set remat for bigger models)
-    tpu   bfloat16 compute, scanned layers, remat 'dots_no_batch' (MaxText's default policy
-          class: keep weight matmul outputs, recompute the rest; TPU HBM is smaller)
+    cpu   float32 compute, no remat
+    gpu   bfloat16 compute, no remat (H100/H200 memory holds GPT-2-class activations; set
+          model.remat for bigger models)
+    tpu   bfloat16 compute, remat 'dots_no_batch' (MaxText's default policy class: keep weight
+          matmul outputs, recompute the rest; TPU HBM is smaller)
+
+`model.scan_layers` is not among them: it decides the param tree's layout (one stacked
+'layers' or layers_0..N-1), and a checkpoint must restore wherever it is read. Accelerator
+experiments set it True (compile time flat in depth); XLA:CPU runs ~12% faster unrolled.
 
 Params stay float32 (`model.param_dtype`): the optimizer keeps float32 master weights, the
 forward casts them to the compute dtype; logits and losses are float32 on every platform.
@@ -19,9 +23,9 @@ from __future__ import annotations
 import jax
 
 PLATFORM_DEFAULTS: dict[str, dict[str, object]] = {
-    "cpu": dict(dtype="float32", scan_layers=False, remat="none"),
-    "gpu": dict(dtype="bfloat16", scan_layers=True, remat="none"),
-    "tpu": dict(dtype="bfloat16", scan_layers=True, remat="dots_no_batch"),
+    "cpu": dict(dtype="float32", remat="none"),
+    "gpu": dict(dtype="bfloat16", remat="none"),
+    "tpu": dict(dtype="bfloat16", remat="dots_no_batch"),
 }
 
 

@@ -196,6 +196,17 @@ class EmbedHead(nn.Module):
         return e_BE, logit_scale.astype(F32)
 
 
+def _chunks(x_BLD: jax.Array, chunk: int) -> jax.Array:
+    """[B,L,D] -> [B, ceil(L/c), c, D] (zero rows pad the last chunk): what the LM losses read
+    under model.logits_chunk (objectives.base.chunked_token_ce)."""
+    b, n, d = x_BLD.shape
+    c = min(chunk, n)
+    pad = -n % c
+    if pad:
+        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
+    return x_BLD.reshape(b, (n + pad) // c, c, d)
+
+
 def _self_mask(segment_ids_BL, causal: bool) -> jax.Array:
     seg = segment_ids_BL
     mask_BLL = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
@@ -253,6 +264,14 @@ class Transformer(nn.Module):
             return self.embedder.attend(x_BLD)
         return mask_padding(self.lm_head(x_BLD), self.cfg)
 
+    def _lm_kernel(self, x_BLD) -> jax.Array:
+        """The output projection [D, V] (V padded) in the compute dtype (model.logits_chunk)."""
+        if self.cfg.tie_embeddings:
+            return self.embedder.token.astype(self.cfg.dtype).T
+        self.lm_head(x_BLD[:, :0])  # creates the kernel (a 0-row product)
+        kernel = nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
+        return kernel.astype(self.cfg.dtype)
+
     def encode(self, batch: Mapping, *, deterministic: bool = True) -> jax.Array:
         """Encoder stack on src_tokens/src_segment_ids/src_positions -> encoded_BSD."""
         if self.cfg.kind != "encoder_decoder":
@@ -281,7 +300,11 @@ class Transformer(nn.Module):
         stack = self.encoder if cfg.kind == "encoder" else self.decoder
         x, _ = stack(x, ctx, None, deterministic)
         out = {"hidden": x}
-        if "lm" in heads:
+        if "lm" in heads and cfg.logits_chunk:  # the loss makes logits chunk by chunk
+            out["lm_kernel"], out["lm_hidden"] = self._lm_kernel(x), _chunks(x, cfg.logits_chunk)
+            out["lm_bias"] = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, 0.0,
+                                       -1e30).astype(F32)
+        elif "lm" in heads:
             out["logits"] = self._lm_logits(x)
         if "mlm" in heads:
             out["mlm_logits"] = self.mlm_head(

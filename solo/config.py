@@ -115,7 +115,7 @@ class RunConfig:
             raise ConfigError(f"config.objectives: {e}") from None
         model = ModelConfig.from_config(config.model)
         plain = json.loads(to_json(config))
-        for key in ("dtype", "scan_layers", "remat"):  # "auto" resolved by platform, saved so
+        for key in ("dtype", "remat"):  # "auto" resolved by platform (model/platform.py), saved so
             if plain.get("model", {}).get(key) == "auto":  # (restores as it trained)
                 plain["model"][key] = getattr(model, key)
         return cls(name=str(config.name), seed=int(config.seed),
