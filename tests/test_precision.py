@@ -136,3 +136,21 @@ def test_gpt2_step_memory_fits_budget_and_remat_lowers_it(gpt2_memory):
     params_and_moments = 124e6 * 12 / 8
     assert gpt2_memory["none"]["args"] > params_and_moments  # really FSDP-sharded, not less
     assert gpt2_memory["none"]["args"] < 2 * params_and_moments
+
+
+def test_gpt2_124m_config_validates_and_builds():
+    """The experiment validates on this host's mesh and builds GPT-2 124M exactly: GPT-2's
+    124,439,808 parameters plus the 47 padding rows of the tied table (50,257 -> 50,304)."""
+    from solo.config import RunConfig
+    from solo.experiments import gpt2_124m
+    from solo.train import inference, parallel
+    from solo.train.loop import validate_config
+
+    config = RunConfig.from_config(gpt2_124m.get_config())
+    validate_config(config, parallel.make_mesh(config.train.mesh))
+    model = inference.build_model(config, 50257)
+    assert model.cfg.padded_vocab == 50304 and model.cfg.dtype == "bfloat16"
+    shapes = jax.eval_shape(lambda k: nn.meta.unbox(init_params(model, k, ("lm",), 1024)),
+                            jax.random.key(0))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 124_439_808 + 47 * 768
+    assert config.optim.lr == 6e-4 and (config.optim.b1, config.optim.b2) == (0.9, 0.95)
