@@ -43,10 +43,10 @@ SIZES = {
     "tiny": (dict(d_model=64, num_layers=2, num_heads=4, d_ff=256), 64, 8),
     "small": (dict(d_model=192, num_layers=4, num_heads=6, d_ff=768), 128, 16),
     "nanogpt-char": (dict(d_model=384, num_layers=6, num_heads=6, d_ff=1536), 256, 16),
-    # experiments/gpt2_124m.py's model; 16 rows of 1,024 per device
+    # experiments/gpt2_124m.py's model; 32 rows of 1,024 per device (bfloat16 fits an H100/H200)
     "gpt2-124m": (dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072, vocab_size=50257,
                        vocab_multiple=128, norm_eps=1e-5, attn_bias=True, mlp_bias=True,
-                       scan_layers=True), 1024, 16),
+                       scan_layers=True), 1024, 32),
 }
 GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu", dropout=0.0,
                   tie_embeddings=True, vocab_size=65)
