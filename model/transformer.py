@@ -227,7 +227,9 @@ def _defaults(batch: Mapping, prefix: str):
 
 
 class Transformer(nn.Module):
-    """See the module docstring. Heads: 'lm' (logits), 'mlm' (mlm_logits), 'nsp' (nsp_logits),
+    """See the module docstring. Heads: 'lm' (logits [B,L,V], V = cfg.padded_vocab, padding ids
+    at -1e30; with model.logits_chunk instead lm_kernel, lm_hidden and lm_bias, which the LM
+    losses turn into logits chunk by chunk), 'mlm' (mlm_logits), 'nsp' (nsp_logits),
     'embed' (embedding, logit_scale); 'hidden' (the final-norm output) is always returned."""
 
     cfg: ModelConfig

@@ -105,8 +105,8 @@ def test_packed_segments_never_leak_on_any_path():
         np.testing.assert_allclose(a[0, 60:], c[0, 60:], atol=1e-6, err_msg=path)
         assert np.abs(a[0, 60:] - b[0, 60:]).max() > 1e-3  # the change did reach document 2
         logits[path] = a
-    for path in PATHS[1:]:
-        tol = 5e-2 if path == "cudnn" else 1e-4
+    for path in PATHS[1:]:  # dtype auto: bfloat16 on a GPU
+        tol = 1e-4 if _model(path).cfg.dtype == "float32" else 5e-2
         np.testing.assert_allclose(logits[path], logits["einsum"], atol=tol, rtol=tol,
                                    err_msg=path)
 

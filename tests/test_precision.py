@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 def _cfg(**kw) -> ModelConfig:
     c = base.get_config().model
     c.update({**dict(d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=32,
-                     vocab_size=50, vocab_multiple=16), **kw})
+                     vocab_size=50, vocab_multiple=16, dtype="float32"), **kw})
     return ModelConfig.from_config(c)
 
 
@@ -86,7 +86,7 @@ def test_remat_policies_give_the_same_gradients():
 def test_auto_settings_resolve_by_platform_and_are_saved_resolved():
     from solo.config import RunConfig
 
-    cfg = _cfg()
+    cfg = _cfg(dtype="auto")
     want = PLATFORM_DEFAULTS[jax.default_backend()]
     assert (cfg.dtype, cfg.remat) == (want["dtype"], want["remat"])
     saved = json.loads(RunConfig.from_config(base.get_config()).json)["model"]
