@@ -6,7 +6,9 @@ Shapes: B batch, L query length, S key length, H heads, G kv heads, K head width
     xla      `jax.nn.dot_product_attention(implementation='xla')`: the reference on any backend
     cudnn    the same call with implementation='cudnn' (GPU, bfloat16/float16): cuDNN's fused
              flash attention; packed segments go in as its mask (a [B,1,L,S] bias), causal as
-             its causal mask type (the masked-out half is skipped)
+             its causal mask type (the masked-out half is skipped). jax 0.10's public call
+             takes only one length per row (no packing); cuDNN's packed layout (segment
+             offsets) sits behind a private API and needs Hopper, so the mask carries them
     splash   Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly): segment
              ids and the causal mask handled block-sparsely in the kernel, GQA as one MQA kernel
              per kv head; under a mesh it runs in `jax.shard_map` over batch and heads
