@@ -156,3 +156,23 @@ def test_gpt2_124m_config_validates_and_builds():
                             jax.random.key(0))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 124_439_808 + 47 * 768
     assert config.optim.lr == 6e-4 and (config.optim.b1, config.optim.b2) == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_bfloat16_compute_keeps_float32_masters_logits_and_loss(chunk):
+    cfg = _cfg(dtype="bfloat16", logits_chunk=chunk)
+    batch = _batch()
+    params = nn.meta.unbox(init_params(Transformer(cfg), jax.random.key(0), ("lm",), 20))
+
+    def f(p):
+        out = Transformer(cfg).apply({"params": p}, batch, heads=("lm",))
+        return causal_lm.loss(out, batch, {"z_loss": 0.0})["loss"][0], out
+
+    (loss, out), grads = jax.value_and_grad(f, has_aux=True)(params)
+    assert loss.dtype == jnp.float32 and out["hidden"].dtype == jnp.bfloat16
+    assert out["logits" if not chunk else "lm_bias"].dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    whole = causal_lm.loss(Transformer(_cfg()).apply({"params": params}, batch), batch,
+                           {"z_loss": 0.0})["loss"][0]
+    np.testing.assert_allclose(float(loss), float(whole), rtol=2e-2)  # bf16 rounding only
