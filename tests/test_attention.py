@@ -126,3 +126,21 @@ def test_choice_by_backend_and_fallbacks():
     assert attn.resolve("xla", backend="gpu", **kw)[0] == "xla"
     assert "einsum" in attn.describe("auto", 128, 16, "float32") or \
         os.environ.get("JAX_PLATFORMS", "cpu") != "cpu"
+
+
+def test_gpu_check_script_stages_fit_eight_minutes(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run lists its stages (numerics tests, both benchmarks) and
+    their time limits add up to at most 8 minutes (what a GPU session gets for it)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    out = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    limits = [int(x) for x in re.findall(r"\(limit (\d+)s", out.stdout)]
+    assert sum(limits) <= 480, limits
+    for stage in ("tests/test_attention.py", "train_throughput.py --size gpt2-124m",
+                  "--set attention=xla", "decode_throughput.py"):
+        assert stage in out.stdout, stage
