@@ -303,13 +303,11 @@ class Attention(nn.Module):
                                 ("act_batch", "act_len", "act_heads", None, "act_kv"))
             q_BLHK = y_BLGCK[:, :, :, :r].reshape(b, n, h, k)
             k_BSGK, v_BSGK = y_BLGCK[:, :, :, r], y_BLGCK[:, :, :, r + 1]
-        else:
-            s = kv_BSD.shape[1]
+        else:  # cross-attention: queries and keys/values from different sequences
             proj = lambda z, w, bias, m: (matmul(z, w.reshape(d, -1)) + (
                 0.0 if bias is None else bias.reshape(-1))).reshape(z.shape[0], -1, m, k)
             q_BLHK = proj(x_BLD, wq, bq, h)
             k_BSGK, v_BSGK = proj(kv_BSD, wk, bk, g), proj(kv_BSD, wv, bv, g)
-            assert k_BSGK.shape[1] == s
         if self.rope and cfg.positions == "rope":  # self-attention only: kv positions == q's
             q_BLHK = apply_rope(q_BLHK, positions_BL, cfg.rope_theta)
             k_BSGK = apply_rope(k_BSGK, positions_BL, cfg.rope_theta)
