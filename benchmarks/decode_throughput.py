@@ -25,6 +25,12 @@ Every run also prints this machine's float32 ceilings per batch size, to read th
              attention, norms, head, sampling and the loop were free.
 
 Needs the `bench` extra (torch==2.13.0 CPU, transformers) for the HF side.
+
+On a GPU/TPU (any jax backend) ours runs there, in `--dtype` (auto: bfloat16 off CPU), and the
+HF side is skipped (PyTorch CPU is no yardstick for it); the ceilings are then the device's
+(its memory bandwidth, its GEMMs):
+
+  python benchmarks/decode_throughput.py --batches 1,8,64 --rounds 2      # e.g. on one H200
 """
 
 from __future__ import annotations
@@ -65,13 +71,14 @@ def make_hf(name: str):
     return tf.LlamaForCausalLM(cfg).eval()
 
 
-def make_ours(name: str, hf=None) -> Sampler:
-    """gpt6x384: solo's own random init (no torch needed); smollm2-135m: HF's weights."""
+def make_ours(name: str, hf=None, dtype: str = "float32") -> Sampler:
+    """gpt6x384: solo's own random init (no torch needed); smollm2-135m: HF's weights.
+    `dtype`: the compute (and KV cache) dtype; params stay float32."""
     if name == "gpt6x384":
         cfg = ModelConfig.from_config(
             get_config().model, vocab_size=65, d_model=384, num_layers=6, num_heads=6,
             d_ff=1536, max_len=PROMPT + NEW, positions="learned", norm="layernorm", mlp="gelu",
-            tie_embeddings=True)
+            tie_embeddings=True, dtype=dtype)
         model = Transformer(cfg)
         params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 8), jnp.int32)})
     else:
@@ -79,7 +86,8 @@ def make_ours(name: str, hf=None) -> Sampler:
 
         hf = hf or make_hf(name)
         state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-        cfg = ModelConfig.from_config(get_config().model, **model_overrides(hf.config.to_dict()))
+        cfg = ModelConfig.from_config(get_config().model, **{
+            **model_overrides(hf.config.to_dict()), "dtype": dtype})
         model, params = Transformer(cfg), {"params": params_from_hf(state, cfg, "llama")}
     return Sampler(model, params, None, cache_len=PROMPT + NEW, stop_ids=())
 
@@ -126,7 +134,8 @@ def ceilings(sampler: Sampler, batch: int, bandwidth: float, reps: int = 50) -> 
     ws = [w for p in layers for w in (cat(p["attn"], "qkv"), p["attn"]["o"].reshape(-1, d),
                                       cat(p["mlp"], ("wi", "wi_0", "wi_1")), p["mlp"]["wo"])]
     nbytes = sum(w.nbytes for w in ws) + params["embedder"]["token"].nbytes  # + the tied head
-    slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * batch  # k and v
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * batch  # k, v
     cache_bytes = slot_bytes * (PROMPT + (NEW - 1) / 2)  # mean filled slots over the steps
 
     @jax.jit
@@ -167,7 +176,10 @@ def main(argv=None):
     ap.add_argument("--model", choices=MODELS, default=MODELS[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true",
+                    help="ours only (always so off CPU)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
     ap.add_argument("--torch-threads", default="0,1",
                     help="HF runs, one per entry, interleaved with ours; 0 = torch's default")
     ap.add_argument("--json", default="", help="also write the results here")
@@ -177,7 +189,11 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
     hf, hf_names = None, []
-    if not args.skip_hf:
+    backend = jax.default_backend()
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if backend == "cpu" else "bfloat16")
+    print(f"device: {len(jax.devices())}x {jax.devices()[0].device_kind} ({backend}), "
+          f"dtype {dtype}", flush=True)
+    if not args.skip_hf and backend == "cpu":
         import torch
 
         default_threads = torch.get_num_threads()
@@ -185,7 +201,9 @@ def main(argv=None):
                    for n in map(int, args.torch_threads.split(","))}
         hf_names = list(threads)
         hf = make_hf(args.model)
-    ours = make_ours(args.model, hf)
+    if hf is None and args.model != "gpt6x384":
+        hf = make_hf(args.model)  # its weights
+    ours = make_ours(args.model, hf, dtype)
     vocab = ours.cfg.vocab_size
 
     def hf_round(name, p):

@@ -1,21 +1,29 @@
-"""Train-step throughput (tokens/s, ms/step, MFU) of the project's model + train step on CPU.
+"""Train-step throughput (tokens/s, ms/step, MFU) of the project's model and train step, on
+every local device through the mesh (data-parallel by default; --mesh for fsdp/tensor).
 
 Times the full compiled update (forward, backward, global-norm clip, AdamW) on one synthetic
-batch (no input pipeline) after warm-up. With --compare-torch it interleaves a minimal PyTorch
-nanoGPT-equivalent step (LayerNorm, GELU MLP 4x, SDPA causal attention, tied embeddings, biases,
-AdamW fused=False, clip 1.0) in the same process, so a shared/noisy machine affects both alike;
-report the *ratio*. Each side's figure is the min over rounds; process CPU time is printed too
-(robust to other processes stealing cores, but counts spin-waiting threads).
+batch (no input pipeline) after warm-up, placed and sharded as training places it
+(`Stepper`'s jit step: params and optimizer state by the logical rules, the batch over
+data/fsdp). MFU = flops_per_token x tokens/s / (peak x devices), the peak from
+`train/peaks.py` for the compute dtype (vendor data sheets; on CPU cores x clock x FLOPs a cycle,
+declared in the output). With --compare-torch (CPU) it interleaves a minimal PyTorch
+nanoGPT-equivalent step (LayerNorm, GELU MLP 4x, SDPA causal attention, tied embeddings,
+biases, AdamW fused=False, clip 1.0) in the same process, so a shared/noisy machine affects both
+alike; report the *ratio*. Each side's figure is the min over rounds; process CPU time is
+printed too (robust to other processes stealing cores, but counts spin-waiting threads).
 
   python benchmarks/train_throughput.py --size nanogpt-char --compare-torch
+  python benchmarks/train_throughput.py --size gpt2-124m            # GPU/TPU: bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,15 +32,21 @@ from solo.compile_options import compiler_options
 from solo.config import RunConfig
 from solo.experiments import base
 from solo.model import ModelConfig, Transformer, flops_per_token
+from solo.model.attention import describe
+from solo.train import parallel
 from solo.train.optim import make_optimizer
-from solo.train.state import TrainState
-from solo.train.step import make_train_step
+from solo.train.peaks import cpu_peak, peak_flops
+from solo.train.step import init_state_fns, make_train_step
 
-# name -> (model overrides, seq_len, batch)
+# name -> (model overrides, seq_len, batch per device)
 SIZES = {
     "tiny": (dict(d_model=64, num_layers=2, num_heads=4, d_ff=256), 64, 8),
     "small": (dict(d_model=192, num_layers=4, num_heads=6, d_ff=768), 128, 16),
     "nanogpt-char": (dict(d_model=384, num_layers=6, num_heads=6, d_ff=1536), 256, 16),
+    # experiments/gpt2_124m.py's model; 32 rows of 1,024 per device (bfloat16 fits an H100/H200)
+    "gpt2-124m": (dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072, vocab_size=50257,
+                       vocab_multiple=128, norm_eps=1e-5, attn_bias=True, mlp_bias=True,
+                       scan_layers=True), 1024, 32),
 }
 GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu", dropout=0.0,
                   tie_embeddings=True, vocab_size=65)
@@ -52,8 +66,9 @@ def _time(fn, n: int) -> list[tuple[float, float]]:
     return out
 
 
-def measure_peak(n: int = 2048, reps: int = 5) -> float:
-    """float32 GEMM FLOP/s of this machine (XLA, all cores): min time of an n^3 matmul."""
+def measure_gemm(n: int = 2048, reps: int = 5) -> float:
+    """float32 GEMM FLOP/s of this machine now (XLA, all cores): a reference beside the
+    declared peak (a loaded machine under-reads it, so it is never the MFU denominator)."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -61,37 +76,53 @@ def measure_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def make_jax_step(size: str, dtype: str, extra: dict, xla_defaults: bool = False):
+def make_config(size: str, dtype: str, extra: dict, mesh: dict, batch_per_device: int = 0):
     overrides, seq_len, batch = SIZES[size]
     config = base.get_config()
-    config.model.update(**{**overrides, **GPT2_STYLE, "max_len": seq_len, "dtype": dtype, **extra})
-    config.data.update(seq_len=seq_len, batch_size=batch)
+    config.model.update(**{**GPT2_STYLE, **overrides, "max_len": seq_len, "dtype": dtype,
+                           **extra})
+    config.train.mesh.update(mesh)
+    tensor = int(mesh.get("tensor", 1))  # the vocabulary padded to split over it
+    config.model.vocab_multiple = math.lcm(config.model.vocab_multiple, tensor)
+    dp = parallel.data_parallel_size(parallel.make_mesh(config.train.mesh))
+    config.data.update(seq_len=seq_len, batch_size=(batch_per_device or batch) * dp)
     config.optim.update(b2=0.99, weight_decay=0.1, clip_norm=1.0)
-    cfg = ModelConfig.from_config(config.model)
+    return config
+
+
+def make_jax_step(size: str, dtype: str, extra: dict, xla_defaults: bool = False,
+                  mesh: dict | None = None, batch_per_device: int = 0):
+    """(run one step, flops/token, tokens/step, params, config) on all local devices."""
+    config = RunConfig.from_config(make_config(size, dtype, extra, mesh or {},
+                                               batch_per_device))
+    cfg = config.model
+    mesh_ = parallel.make_mesh(config.train.mesh)
     model = Transformer(cfg)
     tx, schedule = make_optimizer(config.optim, 1000)
-    step = jax.jit(make_train_step(model, RunConfig.from_config(config), tx, schedule),
-                   donate_argnums=0,
-                   compiler_options=compiler_options("train", xla_defaults))
+    init_boxed, init_state = init_state_fns(model, config, tx)
+    key = jax.random.key(0)
+    boxed = jax.eval_shape(init_boxed, key)
+    psh = parallel.param_shardings(boxed, mesh_)
+    ssh = parallel.state_shardings(tx, nn.meta.unbox(boxed), psh, mesh_)
+    bsh = parallel.batch_sharding(mesh_)
+    step = jax.jit(make_train_step(model, config, tx, schedule, mesh=mesh_),
+                   in_shardings=(ssh, bsh), out_shardings=(ssh, parallel.replicated(mesh_)),
+                   donate_argnums=0, compiler_options=compiler_options("train", xla_defaults))
+    b, seq_len = config.data.batch_size, config.data.seq_len
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len + 1))
-    data = dict(tokens=jnp.asarray(tokens[:, :-1], jnp.int32),
-                targets=jnp.asarray(tokens[:, 1:], jnp.int32),
-                weights=jnp.ones((batch, seq_len), jnp.float32))
-    params = jax.jit(lambda k: model.init(k, {"tokens": data["tokens"][:1]}))(
-        jax.random.key(0))["params"]
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                          is_leaf=lambda x: hasattr(x, "value"))
-    state = [TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        rng=jax.random.key_data(jax.random.key(1)))]
+    tokens = rng.integers(0, cfg.vocab_size, (b, seq_len + 1))
+    data = jax.device_put(dict(tokens=np.asarray(tokens[:, :-1], np.int32),
+                               targets=np.asarray(tokens[:, 1:], np.int32),
+                               weights=np.ones((b, seq_len), np.float32)), bsh)
+    state = [jax.jit(init_state, out_shardings=ssh)(key)]
 
     def run():
         state[0], metrics = step(state[0], data)
         return float(metrics["loss"][0])
 
     fpt = flops_per_token(cfg, seq_len)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return run, fpt, batch * seq_len, n_params
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state[0].params))
+    return run, fpt, b * seq_len, n_params, config
 
 
 def make_torch_step(size: str):
@@ -159,19 +190,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per side (split in rounds)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="interleaving rounds")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--mesh", default="", metavar="data=N,fsdp=N,tensor=N",
+                   help="mesh axes over the local devices (default: all on data)")
+    p.add_argument("--batch-per-device", type=int, default=0,
+                   help="rows per data-parallel device (default: the size's)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--xla-defaults", action="store_true",
                    help="XLA:CPU library fusions as jaxlib ships them, not the project's choice "
                         "(solo/compile_options.py)")
     p.add_argument("--scan-layers", type=int, choices=(0, 1), default=None,
-                   help="override model.scan_layers (default: the project's default)")
+                   help="override model.scan_layers (default: the size's)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra ModelConfig override, e.g. --set norm=rmsnorm --set mlp=swiglu "
-                        "--set positions=rope (the torch reference stays GPT-2 style)")
-    p.add_argument("--peak-gflops", type=float, default=0.0,
-                   help="MFU denominator; 0 = measure a 2048^3 float32 GEMM now (a loaded "
-                        "machine under-reads it)")
+                        "--set remat=dots_no_batch --set attention=xla (the torch reference "
+                        "stays GPT-2 style)")
+    p.add_argument("--json", default="", help="also write the figures here")
     args = p.parse_args(argv)
 
     extra = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
@@ -180,8 +215,12 @@ def main(argv=None):
         default = base.get_config().model[key]
         extra[key] = (value.lower() in ("1", "true") if isinstance(default, bool)
                       else type(default)(value))
+    mesh = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}
     runs = {}
-    run, fpt, tokens, n_params = make_jax_step(args.size, args.dtype, extra, args.xla_defaults)
+    run, fpt, tokens, n_params, config = make_jax_step(args.size, args.dtype, extra,
+                                                       args.xla_defaults, mesh,
+                                                       args.batch_per_device)
+    cfg, ndev = config.model, len(jax.devices())
     runs["jax"] = run
     if args.compare_torch:
         try:
@@ -191,10 +230,18 @@ def main(argv=None):
         else:
             del torch  # its default intra-op threads = cores, like XLA
             runs["torch"] = make_torch_step(args.size)
-    peak = args.peak_gflops * 1e9 or measure_peak()
+    dev = jax.devices()[0]
+    peak, how = peak_flops(cfg.dtype, dev)
     print(f"size={args.size} params={n_params / 1e6:.2f}M tokens/step={tokens} "
-          f"flops/token={fpt / 1e6:.1f}M  fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s "
-          f"({'given' if args.peak_gflops else 'measured'})")
+          f"flops/token={fpt / 1e6:.1f}M dtype={cfg.dtype} remat={cfg.remat} "
+          f"devices={ndev}x {dev.device_kind} "
+          f"mesh={dict(parallel.make_mesh(config.train.mesh).shape)}")
+    print(describe(cfg.attention, config.data.seq_len, cfg.head_dim, cfg.dtype))
+    print(f"peak {peak / 1e12:.3f} TFLOP/s per device ({how})")
+    gemm = measure_gemm() if dev.platform == "cpu" else float("nan")
+    if dev.platform == "cpu":
+        print(f"measured float32 2048^3 GEMM now: {gemm / 1e9:.0f} GFLOP/s for the host "
+              f"(declared peak {cpu_peak(1)[0] / 1e9:.0f})")
     for fn in runs.values():
         for _ in range(args.warmup):
             fn()
@@ -208,13 +255,26 @@ def main(argv=None):
     overrides, seq_len, _ = SIZES[args.size]
     fpts = {"jax": fpt,  # the torch model is always GPT-2 style
             "torch": flops_per_token(ModelConfig.from_config(
-                base.get_config().model, **overrides, **GPT2_STYLE, max_len=seq_len), seq_len)}
+                base.get_config().model, **{**GPT2_STYLE, **overrides}, max_len=seq_len),
+                seq_len)}
+    out = {}
     for k, (w, c, med) in best.items():
+        mfu = tokens * fpts[k] / w / (peak * (ndev if k == "jax" else 1))
+        out[k] = dict(ms_step=w * 1e3, tokens_s=tokens / w, mfu=mfu)
+        extra_s = (f"  ({tokens * fpts[k] / w / gemm:.0%} of the measured GEMM rate)"
+                   if dev.platform == "cpu" else "")
         print(f"{k:6s} step {w * 1e3:8.1f} ms (median {med * 1e3:.1f}, cpu {c * 1e3:.0f} ms)  "
-              f"{tokens / w:8.0f} tokens/s  MFU {tokens * fpts[k] / w / peak:6.1%}")
+              f"{tokens / w:8.0f} tokens/s  MFU {mfu:6.1%}{extra_s}")
     if "torch" in best:
         (jw, jc, _), (tw, tc, _) = best["jax"], best["torch"]
         print(f"jax/torch throughput ratio: {tw / jw:.3f} (wall min), {tc / jc:.3f} (cpu time)")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(dict(size=args.size, device=dev.device_kind, devices=ndev,
+                           dtype=cfg.dtype, peak=peak, **out), f, indent=2)
+    return out
 
 
 if __name__ == "__main__":

@@ -47,13 +47,30 @@ def get_config() -> ConfigDict:
             type_vocab_size=0,  # > 0: BERT token-type embeddings
             embed_dim=128,  # embedding head width
             pooling="mean",  # mean | first
-            dtype="float32",  # compute dtype: float32 | bfloat16 (logits stay float32)
+            # compute dtype: float32 | bfloat16 | auto (model/platform.py: float32 on CPU,
+            # bfloat16 on GPU/TPU); params stay param_dtype, logits and losses float32
+            dtype="auto",
             # storage: float32 | bfloat16 (half the memory; for inference: optimizer updates
             # of bfloat16 params lose their low bits, so train in float32)
             param_dtype="float32",
-            # True: nn.scan (fast compiles for deep models); False: ~12% faster steps on XLA:CPU
+            # True: nn.scan (fast compiles for deep models; accelerator experiments set it);
+            # False: ~12% faster steps on XLA:CPU. Not "auto": it decides the checkpoint's param
+            # layout, which must not depend on where a run trains
             scan_layers=False,
-            remat="none",  # none | full | dots
+            # rematerialisation of each block in the backward: none | full | dots (keep every
+            # matmul output) | dots_no_batch (keep weight matmuls', recompute attention's) |
+            # offload (dots_no_batch's kept values in pinned host memory; GPU/TPU) | auto
+            remat="auto",
+            # auto (einsum on CPU, cudnn on GPU, splash on TPU) | einsum | xla | cudnn | splash
+            # (model/attention.py; the path in use is logged at start)
+            attention="auto",
+            # the vocabulary padded to a multiple of this (64-128 for GPU/TPU matmuls; a
+            # multiple of train.mesh.tensor when tensor > 1); padding ids are never sampled
+            vocab_multiple=1,
+            # > 0: the 'lm' head returns the output table and the LM losses compute logits this
+            # many positions at a time (recomputed in the backward), so [B,L,V] float32 logits
+            # are never whole in memory; 0: whole logits (outputs['logits'])
+            logits_chunk=0,
         )
     )
 

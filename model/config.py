@@ -17,8 +17,10 @@ _CHOICES = {
     "pooling": ("mean", "first"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
-    "remat": ("none", "full", "dots"),
+    "remat": ("none", "full", "dots", "dots_no_batch", "offload"),
+    "attention": ("auto", "einsum", "xla", "cudnn", "splash"),
 }
+_AUTO = ("dtype", "remat")  # "auto": model/platform.py picks by backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +63,21 @@ class ModelConfig:
     param_dtype: str
     scan_layers: bool
     remat: str
+    attention: str
+    vocab_multiple: int
+    logits_chunk: int
 
     def __post_init__(self):
+        from solo.model.platform import platform_default
+
+        for name in _AUTO:  # frozen: resolved once, here
+            if getattr(self, name) == "auto":
+                object.__setattr__(self, name, platform_default(name))
+        if int(self.logits_chunk) < 0:
+            raise ValueError(f"ModelConfig.logits_chunk must be >= 0, got {self.logits_chunk!r}")
+        if int(self.vocab_multiple) < 1:
+            raise ValueError(f"ModelConfig.vocab_multiple must be >= 1, got "
+                             f"{self.vocab_multiple!r}")
         for name, valid in _CHOICES.items():
             if getattr(self, name) not in valid:
                 raise ValueError(
@@ -110,6 +125,12 @@ class ModelConfig:
         values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
         values.update(overrides)
         return from_section(cls, values, "model")
+
+    @property
+    def padded_vocab(self) -> int:
+        """vocab_size rounded up to vocab_multiple: the embedding/output table rows. Logits of
+        the padding ids are masked to -1e30 (never sampled, no share of the softmax)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

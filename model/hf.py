@@ -154,10 +154,41 @@ def _t(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, np.float32).T)
 
 
+# path -> vocabulary axis of every table with a row or column per token id
+_VOCAB_AXES = {("embedder", "token"): 0, ("lm_head", "kernel"): 1,
+               ("mlm_head", "decoder", "kernel"): 1, ("mlm_head", "bias"): 0}
+
+
+def _resize_vocab(params: Mapping, size: int) -> dict:
+    """A copy of params with every vocabulary table cut or zero-padded to `size` ids
+    (model.vocab_multiple pads solo's tables; HF's have the real vocabulary)."""
+    def resize(x, axis):
+        x = np.asarray(x)
+        if x.shape[axis] >= size:
+            return np.take(x, np.arange(size), axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, size - x.shape[axis])
+        return np.pad(x, pad)
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
+        axis = _VOCAB_AXES.get(path)
+        return node if axis is None else resize(node, axis)
+
+    return walk(params, ())
+
+
 def params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig, arch: str,
                    heads: tuple[str, ...] = ("lm",)) -> dict:
     """solo's param tree (layers unrolled) from an HF state dict; `heads` as the run uses them.
-    Missing or misshaped tensors are a ConversionError naming them."""
+    Missing or misshaped tensors are a ConversionError naming them. Vocabulary tables are
+    zero-padded to cfg.padded_vocab rows."""
+    return _resize_vocab(_params_from_hf(state, cfg, arch, heads), cfg.padded_vocab)
+
+
+def _params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig, arch: str,
+                    heads: tuple[str, ...]) -> dict:
     get = _getter(state)
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if arch == "gpt2":
@@ -265,8 +296,10 @@ def _getter(state: Mapping[str, np.ndarray]):
 
 
 def hf_from_params(params: Mapping, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
-    """The HF state dict of solo params (unrolled layers; inverse of params_from_hf)."""
+    """The HF state dict of solo params (unrolled layers; inverse of params_from_hf); the
+    vocabulary padding (model.vocab_multiple) is cut off."""
     check_expressible(cfg, arch)
+    params = _resize_vocab(params, cfg.vocab_size)
     P = lambda x: np.asarray(x, np.float32)
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     emb = params["embedder"]

@@ -13,11 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from solo.model import attention as attention_lib
 from solo.model.config import ModelConfig
 from solo.model.kvcache import LayerCache
+from solo.model.sharding import constrain
 
 F32 = jnp.float32
 _NEG_INF = -1e30  # finite: fully-masked rows (padding queries) stay NaN-free
+RESIDUAL = ("act_batch", "act_len", "act_embed")  # [B,L,D] activations' logical axes
 
 
 def param(mod: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
@@ -98,7 +101,7 @@ class Embedder(nn.Module):
     def setup(self):
         cfg = self.cfg
         emb_init = nn.initializers.normal(0.02)
-        self.token = param(self, "token", emb_init, (cfg.vocab_size, cfg.d_model),
+        self.token = param(self, "token", emb_init, (cfg.padded_vocab, cfg.d_model),
                            ("vocab", "embed"), cfg)
         if cfg.positions == "learned":
             self.position = param(self, "position", emb_init, (cfg.max_len, cfg.d_model),
@@ -109,7 +112,11 @@ class Embedder(nn.Module):
 
     def __call__(self, tokens_BL, positions_BL, token_types_BL=None) -> jax.Array:
         cfg = self.cfg
-        x_BLD = jnp.take(self.token, tokens_BL, axis=0)
+        # the table gathered over fsdp first (as FSDP does for any weight): a lookup into a
+        # D-sharded table would come out D-sharded, and resharding that to batch-sharded rows
+        # is what XLA calls an involuntary full rematerialization
+        table_VD = constrain(self.token, ("act_vocab", "act_embed"))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0)
         if cfg.positions == "learned":  # out-of-range positions give NaN (jnp.take fill mode)
             x_BLD = x_BLD + jnp.take(self.position, positions_BL, axis=0)
         if cfg.type_vocab_size > 0:
@@ -118,12 +125,22 @@ class Embedder(nn.Module):
             x_BLD = x_BLD + jnp.take(self.token_type, token_types_BL, axis=0)
         if cfg.embed_scale:  # Gemma: the tied table serves both ends at sqrt(D) apart
             x_BLD = x_BLD * jnp.asarray(math.sqrt(cfg.d_model), x_BLD.dtype)
-        return x_BLD.astype(cfg.dtype)
+        return constrain(x_BLD.astype(cfg.dtype), RESIDUAL)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
-        """Tied output projection: float32 logits [B,L,V]."""
+        """Tied output projection: float32 logits [B,L,V] (V padded: see mask_padding)."""
         dt = self.cfg.dtype
-        return matmul(x_BLD.astype(dt), self.token.astype(dt).T, F32)
+        return mask_padding(matmul(x_BLD.astype(dt), self.token.astype(dt).T, F32), self.cfg)
+
+
+def mask_padding(logits_BLV: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits of the vocabulary's padding ids (>= cfg.vocab_size) set to -1e30: never sampled,
+    no share of any softmax; sharded over the vocabulary like the output table."""
+    logits_BLV = constrain(logits_BLV, ("act_batch", "act_len", "act_vocab")[-logits_BLV.ndim:])
+    if cfg.padded_vocab == cfg.vocab_size:
+        return logits_BLV
+    real_V = jnp.arange(logits_BLV.shape[-1]) < cfg.vocab_size
+    return jnp.where(real_V, logits_BLV, jnp.asarray(_NEG_INF, logits_BLV.dtype))
 
 
 def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -189,12 +206,13 @@ class Mlp(nn.Module):
                 y = y + b.astype(dt)
             return y
 
+        hidden = ("act_batch", "act_len", "act_mlp")
         if cfg.mlp == "swiglu":
-            h_BLF = nn.silu(proj(x, "wi_0", (d, f), ("embed", "mlp"))) * proj(
-                x, "wi_1", (d, f), ("embed", "mlp"))
+            h_BLF = nn.silu(constrain(proj(x, "wi_0", (d, f), ("embed", "mlp")), hidden)) * \
+                constrain(proj(x, "wi_1", (d, f), ("embed", "mlp")), hidden)
         else:
-            h_BLF = activation(cfg)(proj(x, "wi", (d, f), ("embed", "mlp")))
-        return proj(h_BLF, "wo", (f, d), ("mlp", "embed"))
+            h_BLF = activation(cfg)(constrain(proj(x, "wi", (d, f), ("embed", "mlp")), hidden))
+        return constrain(proj(h_BLF, "wo", (f, d), ("mlp", "embed")), RESIDUAL)
 
 
 def attention_core(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
@@ -242,14 +260,21 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD, kv_BSD, mask_BLS, positions_BL=None, cache: LayerCache | None = None,
-                 slot=None, causal: bool = False):
+                 slot=None, causal: bool = False, segment_ids_BL=None):
         """Returns (out_BLD, new cache or None). With `cache` (decoding, self-attention only) the
         L new tokens are written at cache slots [slot, slot+L) and attend over the cache under
-        mask_BLS [B,L,S]; without it they attend over kv_BSD.
+        mask_BLS [B,L,S]; without it they attend over kv_BSD by `cfg.attention`
+        (model/attention.py; segment_ids_BL, self-attention only, feed the fused kernels).
 
-        causal: the mask is known causal (see attention_core); only without a cache."""
+        causal: the mask is known causal (see attention_core); only without a cache.
+
+        Self-attention computes q, k, v as ONE GEMM with the weight laid out kv-head-major,
+        [D, G, R+2, K] (each kv head's R query heads, then its k and v): split over 'tensor'
+        along G, every shard holds whole groups, so q, k and v come out already sharded by
+        heads (no collective-permute, which the [q | k | v] column order needs)."""
         cfg = self.cfg
         dt, d, h, g, k = cfg.dtype, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        r = h // g
         proj_in = fan_in_init(0, (1, 2))
         wq = param(self, "q", proj_in, (d, h, k), ("embed", "heads", "kv"), cfg).astype(dt)
         wk = param(self, "k", proj_in, (d, g, k), ("embed", "heads", "kv"), cfg).astype(dt)
@@ -257,39 +282,48 @@ class Attention(nn.Module):
         wo = param(self, "o", fan_in_init((0, 1), 2), (h, k, d), ("heads", "kv", "embed"),
                    cfg).astype(dt)
         zero = nn.initializers.zeros
-        bq = bk = bv = bo = 0.0
+        bq = bk = bv = bo = None
         if cfg.attn_bias:
-            bq = param(self, "q_bias", zero, (h, k), ("heads", "kv"), cfg).astype(dt).reshape(-1)
-            bk = param(self, "k_bias", zero, (g, k), ("heads", "kv"), cfg).astype(dt).reshape(-1)
-            bv = param(self, "v_bias", zero, (g, k), ("heads", "kv"), cfg).astype(dt).reshape(-1)
+            bq = param(self, "q_bias", zero, (h, k), ("heads", "kv"), cfg).astype(dt)
+            bk = param(self, "k_bias", zero, (g, k), ("heads", "kv"), cfg).astype(dt)
+            bv = param(self, "v_bias", zero, (g, k), ("heads", "kv"), cfg).astype(dt)
             bo = param(self, "o_bias", zero, (d,), ("embed",), cfg).astype(dt)
+        heads = ("act_batch", "act_len", "act_heads", "act_kv")
         self_attn = kv_BSD is x_BLD
         x_BLD, kv_BSD = x_BLD.astype(dt), kv_BSD.astype(dt)
-        if self_attn:  # self-attention: q, k, v as one [D, (H+2G)K] GEMM
-            w = jnp.concatenate([wq.reshape(d, h * k), wk.reshape(d, g * k),
-                                 wv.reshape(d, g * k)], axis=1)
-            qkv = matmul(x_BLD, w)
+        b, n = x_BLD.shape[:2]
+        if self_attn:
+            w_DGCK = jnp.concatenate([wq.reshape(d, g, r, k), wk[:, :, None], wv[:, :, None]],
+                                     axis=2)
+            y = matmul(x_BLD, w_DGCK.reshape(d, -1))
             if cfg.attn_bias:
-                qkv = qkv + jnp.concatenate([bq, bk, bv])
-            q_BLHK = qkv[..., :h * k].reshape(*x_BLD.shape[:2], h, k)
-            k_BSGK = qkv[..., h * k:(h + g) * k].reshape(*x_BLD.shape[:2], g, k)
-            v_BSGK = qkv[..., (h + g) * k:].reshape(*x_BLD.shape[:2], g, k)
-        else:
-            q_BLHK = (matmul(x_BLD, wq.reshape(d, h * k)) + bq).reshape(*x_BLD.shape[:2], h, k)
-            k_BSGK = (matmul(kv_BSD, wk.reshape(d, g * k)) + bk).reshape(*kv_BSD.shape[:2], g, k)
-            v_BSGK = (matmul(kv_BSD, wv.reshape(d, g * k)) + bv).reshape(*kv_BSD.shape[:2], g, k)
+                y = y + jnp.concatenate([bq.reshape(g, r, k), bk[:, None], bv[:, None]],
+                                        axis=1).reshape(-1)
+            y_BLGCK = constrain(y.reshape(b, n, g, r + 2, k),
+                                ("act_batch", "act_len", "act_heads", None, "act_kv"))
+            q_BLHK = y_BLGCK[:, :, :, :r].reshape(b, n, h, k)
+            k_BSGK, v_BSGK = y_BLGCK[:, :, :, r], y_BLGCK[:, :, :, r + 1]
+        else:  # cross-attention: queries and keys/values from different sequences
+            proj = lambda z, w, bias, m: (matmul(z, w.reshape(d, -1)) + (
+                0.0 if bias is None else bias.reshape(-1))).reshape(z.shape[0], -1, m, k)
+            q_BLHK = proj(x_BLD, wq, bq, h)
+            k_BSGK, v_BSGK = proj(kv_BSD, wk, bk, g), proj(kv_BSD, wv, bv, g)
         if self.rope and cfg.positions == "rope":  # self-attention only: kv positions == q's
             q_BLHK = apply_rope(q_BLHK, positions_BL, cfg.rope_theta)
             k_BSGK = apply_rope(k_BSGK, positions_BL, cfg.rope_theta)
+        q_BLHK, k_BSGK, v_BSGK = (constrain(t, heads) for t in (q_BLHK, k_BSGK, v_BSGK))
         if cache is not None:  # decode: write this step's k/v, attend over all cache slots
             cache = cache.write(k_BSGK, v_BSGK, slot)
             out_BLHK = cache.attend(q_BLHK, mask_BLS)
         else:
-            out_BLHK = attention_core(q_BLHK, k_BSGK, v_BSGK, mask_BLS, causal=causal)
-        out_BLD = matmul(out_BLHK.reshape(*out_BLHK.shape[:2], h * k), wo.reshape(h * k, d))
+            out_BLHK = attention_lib.attend(cfg.attention, q_BLHK, k_BSGK, v_BSGK, mask_BLS,
+                                            segment_ids_BL if self_attn else None,
+                                            causal=causal)
+        out_BLHK = constrain(out_BLHK, heads)
+        out_BLD = matmul(out_BLHK.reshape(b, n, h * k), wo.reshape(h * k, d))
         if cfg.attn_bias:
             out_BLD = out_BLD + bo
-        return out_BLD, cache
+        return constrain(out_BLD, RESIDUAL), cache
 
 
 class Block(nn.Module):
@@ -320,7 +354,8 @@ class Block(nn.Module):
 
         def self_attention(h):
             h, new_cache[0] = Attention(cfg, name="attn")(h, h, ctx["mask"], ctx["positions"],
-                                                          cache, ctx["slot"], causal)
+                                                          cache, ctx["slot"], causal,
+                                                          ctx.get("segment_ids"))
             return h
 
         x_BLD = residual(x_BLD, "attn_norm", self_attention)
@@ -328,4 +363,4 @@ class Block(nn.Module):
             x_BLD = residual(x_BLD, "cross_norm", lambda h: Attention(
                 cfg, rope=False, name="cross_attn")(h, ctx["encoded"], ctx["cross_mask"])[0])
         x_BLD = residual(x_BLD, "mlp_norm", Mlp(cfg, name="mlp"))
-        return x_BLD, new_cache[0]
+        return constrain(x_BLD, RESIDUAL), new_cache[0]

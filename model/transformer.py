@@ -26,7 +26,7 @@ import numpy as np
 
 from solo.model.config import ModelConfig
 from solo.model.kvcache import DecodeCache
-from solo.model.layers import F32, Block, Dense, Embedder, Norm, activation, param
+from solo.model.layers import F32, Block, Dense, Embedder, Norm, activation, mask_padding, param
 
 HEADS = ("lm", "mlm", "nsp", "embed")
 
@@ -61,7 +61,17 @@ def init_params(model: Transformer, key: jax.Array, heads: Sequence[str], seq_le
 
 
 def _remat_policy(name: str):
-    return {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[name]
+    """jax.checkpoint policy of model.remat (None: save nothing, recompute the whole block).
+    offload needs pinned host memory (GPU/TPU); elsewhere it falls back to dots_no_batch."""
+    cp = jax.checkpoint_policies
+    if name == "offload":
+        from solo.model.platform import has_host_offload
+
+        if has_host_offload():
+            return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+        name = "dots_no_batch"
+    return {"full": None, "dots": cp.checkpoint_dots,
+            "dots_no_batch": cp.dots_with_no_batch_dims_saveable}[name]
 
 
 class Stack(nn.Module):
@@ -144,13 +154,13 @@ class MlmHead(nn.Module):
         h = activation(cfg)(Dense(cfg, cfg.d_model, name="transform")(x_BLD))
         h = Norm(cfg, name="norm")(h)
         if table_VD is None:
-            logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+            logits = Dense(cfg, cfg.padded_vocab, ("embed", "vocab"), use_bias=False,
                            out_dtype="float32", name="decoder")(h)
         else:
             logits = jnp.einsum("BLD,VD->BLV", h, table_VD.astype(cfg.dtype),
                                 preferred_element_type=F32)
-        bias = param(self, "bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",), cfg)
-        return logits + bias.astype(F32)
+        bias = param(self, "bias", nn.initializers.zeros, (cfg.padded_vocab,), ("vocab",), cfg)
+        return mask_padding(logits + bias.astype(F32), cfg)
 
 
 class NspHead(nn.Module):
@@ -186,6 +196,17 @@ class EmbedHead(nn.Module):
         return e_BE, logit_scale.astype(F32)
 
 
+def _chunks(x_BLD: jax.Array, chunk: int) -> jax.Array:
+    """[B,L,D] -> [B, ceil(L/c), c, D] (zero rows pad the last chunk): what the LM losses read
+    under model.logits_chunk (objectives.base.chunked_token_ce)."""
+    b, n, d = x_BLD.shape
+    c = min(chunk, n)
+    pad = -n % c
+    if pad:
+        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
+    return x_BLD.reshape(b, (n + pad) // c, c, d)
+
+
 def _self_mask(segment_ids_BL, causal: bool) -> jax.Array:
     seg = segment_ids_BL
     mask_BLL = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
@@ -206,7 +227,9 @@ def _defaults(batch: Mapping, prefix: str):
 
 
 class Transformer(nn.Module):
-    """See the module docstring. Heads: 'lm' (logits), 'mlm' (mlm_logits), 'nsp' (nsp_logits),
+    """See the module docstring. Heads: 'lm' (logits [B,L,V], V = cfg.padded_vocab, padding ids
+    at -1e30; with model.logits_chunk instead lm_kernel, lm_hidden and lm_bias, which the LM
+    losses turn into logits chunk by chunk), 'mlm' (mlm_logits), 'nsp' (nsp_logits),
     'embed' (embedding, logit_scale); 'hidden' (the final-norm output) is always returned."""
 
     cfg: ModelConfig
@@ -226,7 +249,7 @@ class Transformer(nn.Module):
             self.decoder = Stack(cfg, cfg.num_decoder_layers if cfg.kind == "encoder_decoder"
                                  else cfg.num_layers, cross=cfg.kind == "encoder_decoder")
         if not cfg.tie_embeddings:
-            self.lm_head = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+            self.lm_head = Dense(cfg, cfg.padded_vocab, ("embed", "vocab"), use_bias=False,
                                  out_dtype="float32")
         self.mlm_head = MlmHead(cfg)
         self.nsp_head = NspHead(cfg)
@@ -241,7 +264,15 @@ class Transformer(nn.Module):
     def _lm_logits(self, x_BLD):
         if self.cfg.tie_embeddings:
             return self.embedder.attend(x_BLD)
-        return self.lm_head(x_BLD)
+        return mask_padding(self.lm_head(x_BLD), self.cfg)
+
+    def _lm_kernel(self, x_BLD) -> jax.Array:
+        """The output projection [D, V] (V padded) in the compute dtype (model.logits_chunk)."""
+        if self.cfg.tie_embeddings:
+            return self.embedder.token.astype(self.cfg.dtype).T
+        self.lm_head(x_BLD[:, :0])  # creates the kernel (a 0-row product)
+        kernel = nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
+        return kernel.astype(self.cfg.dtype)
 
     def encode(self, batch: Mapping, *, deterministic: bool = True) -> jax.Array:
         """Encoder stack on src_tokens/src_segment_ids/src_positions -> encoded_BSD."""
@@ -250,7 +281,7 @@ class Transformer(nn.Module):
         tokens, seg, pos = _defaults(batch, "src_")
         x = self._embed(tokens, pos, None, deterministic)
         ctx = dict(mask=_self_mask(seg, causal=False), positions=pos, slot=None, encoded=None,
-                   cross_mask=None)
+                   cross_mask=None, segment_ids=seg)
         return self.encoder(x, ctx, None, deterministic)[0]
 
     def __call__(self, batch: Mapping, heads: Sequence[str] = ("lm",), *,
@@ -263,7 +294,7 @@ class Transformer(nn.Module):
         token_types = batch.get("token_types")
         x = self._embed(tokens, pos, token_types, deterministic)
         ctx = dict(mask=_self_mask(seg, causal=cfg.kind != "encoder"), positions=pos, slot=None,
-                   encoded=None, cross_mask=None)
+                   encoded=None, cross_mask=None, segment_ids=seg)
         if cfg.kind == "encoder_decoder":
             src_seg = _defaults(batch, "src_")[1]
             ctx["encoded"] = self.encode(batch, deterministic=deterministic)
@@ -271,7 +302,11 @@ class Transformer(nn.Module):
         stack = self.encoder if cfg.kind == "encoder" else self.decoder
         x, _ = stack(x, ctx, None, deterministic)
         out = {"hidden": x}
-        if "lm" in heads:
+        if "lm" in heads and cfg.logits_chunk:  # the loss makes logits chunk by chunk
+            out["lm_kernel"], out["lm_hidden"] = self._lm_kernel(x), _chunks(x, cfg.logits_chunk)
+            out["lm_bias"] = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, 0.0,
+                                       -1e30).astype(F32)
+        elif "lm" in heads:
             out["logits"] = self._lm_logits(x)
         if "mlm" in heads:
             out["mlm_logits"] = self.mlm_head(

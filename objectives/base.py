@@ -84,6 +84,50 @@ def token_ce(
     return metrics
 
 
+def chunked_token_ce(hidden_BNCD: Array, kernel_DV: Array, bias_V: Array, targets_BL: Array,
+                     weights_BL: Array, z_loss: float = 0.0) -> Metrics:
+    """`token_ce` of logits = hidden @ kernel made one chunk of C positions at a time
+    (model.logits_chunk): a scan over the N chunks whose body is rematerialised, so the backward
+    recomputes each chunk's [B,C,V] float32 logits instead of keeping all of them. bias_V
+    (float32: 0, or -1e30 on the vocabulary's padding ids) is added as the model adds it. Same
+    metrics as token_ce (the sums in another order)."""
+    b, n, c, d = hidden_BNCD.shape
+    length = targets_BL.shape[1]
+    pad = ((0, 0), (0, n * c - length))
+    t_NBC = jnp.pad(targets_BL.astype(jnp.int32), pad).reshape(b, n, c).swapaxes(0, 1)
+    w_NBC = jnp.pad(weights_BL.astype(jnp.float32), pad).reshape(b, n, c).swapaxes(0, 1)
+    x_NBCD = hidden_BNCD.swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk(x_BCD, t_BC, w_BC):
+        logits_BCV = jnp.einsum("BCD,DV->BCV", x_BCD.astype(kernel_DV.dtype), kernel_DV,
+                                preferred_element_type=jnp.float32)
+        logits_BCV = logits_BCV + bias_V
+        ce, lse = cross_entropy(logits_BCV, t_BC)
+        correct = (jnp.argmax(logits_BCV, axis=-1) == t_BC).astype(jnp.float32)
+        return jnp.stack([jnp.sum(w_BC * ce), jnp.sum(w_BC * correct),
+                          jnp.sum(w_BC * jnp.square(lse))])
+
+    def body(acc, xs):
+        return acc + chunk(*xs), None
+
+    sums, _ = jax.lax.scan(body, jnp.zeros((3,), jnp.float32), (x_NBCD, t_NBC, w_NBC))
+    count = jnp.sum(weights_BL.astype(jnp.float32))
+    metrics = {"loss": pair(sums[0], count), "accuracy": pair(sums[1], count)}
+    if z_loss:
+        metrics["z_loss"] = pair(z_loss * sums[2], count)
+    return metrics
+
+
+def lm_ce(outputs: Batch, batch: Batch, z_loss: float = 0.0) -> Metrics:
+    """Token CE of the 'lm' head's outputs: whole `logits`, or chunked (`lm_hidden` and
+    `lm_kernel` and `lm_bias`, model.logits_chunk > 0)."""
+    if "logits" in outputs:
+        return token_ce(outputs["logits"], batch["targets"], batch["weights"], z_loss)
+    return chunked_token_ce(outputs["lm_hidden"], outputs["lm_kernel"], outputs["lm_bias"],
+                            batch["targets"], batch["weights"], z_loss)
+
+
 def row_weights(batch: Mapping[str, Array], key: str, rows: int) -> Array:
     """Per-row weights [B] float32: batch[key] if present (0 marks padding rows), else ones."""
     if key in batch:

@@ -7,17 +7,16 @@ from solo.objectives.base import (
     Metrics,
     Objective,
     Options,
+    lm_ce,
     perplexity,
-    token_ce,
     weight_sum,
 )
 
 
 def loss(outputs: Batch, batch: Batch, options: Options) -> Metrics:
-    """CE of `logits` [B,L,V] vs `targets` [B,L], weighted by `weights`; option `z_loss` (coeff)."""
-    return token_ce(
-        outputs["logits"], batch["targets"], batch["weights"], float(options["z_loss"])
-    )
+    """CE of `logits` [B,L,V] (or, under model.logits_chunk, of `lm_hidden` @ `lm_kernel`,
+    chunk by chunk) vs `targets` [B,L], weighted by `weights`; option `z_loss` (coeff)."""
+    return lm_ce(outputs, batch, float(options["z_loss"]))
 
 
 OBJECTIVE = Objective(

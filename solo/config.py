@@ -115,8 +115,13 @@ class RunConfig:
             objectives = active_objectives(config.objectives)
         except ValueError as e:
             raise ConfigError(f"config.objectives: {e}") from None
+        model = ModelConfig.from_config(config.model)
+        plain = json.loads(to_json(config))
+        for key in ("dtype", "remat"):  # "auto" resolved by platform (model/platform.py), saved so
+            if plain.get("model", {}).get(key) == "auto":  # (restores as it trained)
+                plain["model"][key] = getattr(model, key)
         return cls(name=str(config.name), seed=int(config.seed),
-                   model=ModelConfig.from_config(config.model),
+                   model=model,
                    data=DataConfig.from_config(config),
                    objectives=FrozenDict(objectives),
                    optim=from_section(OptimConfig, config.optim, "optim"),
@@ -124,7 +129,7 @@ class RunConfig:
                    lora=from_section(LoraConfig, config.lora, "lora"),
                    agent=from_section(AgentConfig, config.agent, "agent"),
                    dist=DistConfig.from_config(config.dist),
-                   json=to_json(config))
+                   json=json.dumps(plain, indent=2, sort_keys=True, default=list))
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.json)

@@ -28,7 +28,8 @@ from solo.data import pipeline
 from solo.data.tasks import TASKS, get_task
 from solo.experiments.base import get_config
 from solo.files import path
-from solo.model import flops_per_token
+from solo.model import attention, flops_per_token
+from solo.model import sharding as model_sharding
 from solo.objectives import get_objective, summarize
 from solo.train import checkpoint as ckpt_lib
 from solo.train import inference, lora, parallel, preemption, runtime
@@ -69,6 +70,10 @@ def validate_config(config: RunConfig, mesh) -> None:
     if config.train.parallel == "pmap" and mesh.shape["fsdp"] * mesh.shape["tensor"] != 1:
         raise TrainConfigError("train.parallel='pmap' is data-parallel only: set "
                                "train.mesh.fsdp=1 and train.mesh.tensor=1 (or use 'jit')")
+    try:  # model dims vs mesh axes (heads, kv heads, MLP, vocabulary; issue 13)
+        model_sharding.check_divisible(config.model, dict(mesh.shape))
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 def _add(a, b):
@@ -192,6 +197,8 @@ def _setup(config: RunConfig, workdir: str) -> _Run:
     tokenizer = pipeline.build_tokenizer(config.data, workdir)
     wd_lib.write_config(config, workdir)
     model = inference.build_model(config, tokenizer.vocab_size)
+    print(attention.describe(model.cfg.attention, config.data.seq_len, model.cfg.head_dim,
+                             model.cfg.dtype), file=sys.stderr)  # the path in use (issue 13)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     key = jax.random.PRNGKey(config.seed)
     boxed = jax.eval_shape(init_state_fns(model, config, tx)[0], key)  # params only: no tx

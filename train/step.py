@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from solo.compile_options import train_options
 from solo.model import init_params
+from solo.model import sharding as model_sharding
 from solo.objectives import (
     active_objectives,
     compute_loss,
@@ -192,11 +193,23 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, metrics
 
-    return train_step
+    return _with_activation_sharding(train_step, mesh)
 
 
-def make_eval_step(model: nn.Module, config: Any, *, axis_name: str | None = None
-                   ) -> Callable[[Any, dict], Metrics]:
+def _with_activation_sharding(fn: Callable, mesh: Mesh | None) -> Callable:
+    """fn traced with the model's activation sharding constraints on `mesh` (jit steps)."""
+    if mesh is None:
+        return fn
+
+    def sharded(*args):
+        with model_sharding.activation_sharding(mesh):
+            return fn(*args)
+
+    return sharded
+
+
+def make_eval_step(model: nn.Module, config: Any, *, axis_name: str | None = None,
+                   mesh: Mesh | None = None) -> Callable[[Any, dict], Metrics]:
     """Pure `eval_step(params, batch) -> metrics` ((sum, count) pairs, summed over devices)."""
     names = objective_names(config)
 
@@ -209,7 +222,7 @@ def make_eval_step(model: nn.Module, config: Any, *, axis_name: str | None = Non
             metrics = jax.lax.psum(metrics, axis_name)
         return metrics
 
-    return eval_step
+    return _with_activation_sharding(eval_step, mesh)
 
 
 class PmapWithOptions:
@@ -248,7 +261,7 @@ class Stepper:
                 make_train_step(model, config, tx, schedule, mesh=mesh),
                 in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, rep),
                 donate_argnums=0, compiler_options=opts)
-            self._eval = jax.jit(make_eval_step(model, config),
+            self._eval = jax.jit(make_eval_step(model, config, mesh=mesh),
                                  in_shardings=(state_sharding.params, batch_sh),
                                  out_shardings=rep, compiler_options=opts)
         elif self.mode == "pmap":

@@ -1,0 +1,146 @@
+"""Attention by backend (model/attention.py): solo's einsum path, the XLA reference
+(`jax.nn.dot_product_attention`) and Pallas splash attention (interpret mode on CPU) agree with
+a float64 numpy reference on packed segments, causal and bidirectional, grouped-query; packed
+segments never leak through a whole model on any path; the path choice and its fallbacks.
+(cuDNN needs a GPU: benchmarks/gpu_check.sh runs these tests there with model.attention=cudnn.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from solo.experiments import base
+from solo.model import ModelConfig, Transformer, init_params
+from solo.model import attention as attn
+
+B, N, H, G, K = 2, 128, 4, 2, 16  # GQA: 2 query heads per kv head; splash tiles by 128
+# where a GPU runs this file (benchmarks/gpu_check.sh), cudnn joins the paths under test
+PATHS = ["einsum", "xla", "splash"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+
+
+def _segments() -> np.ndarray:
+    seg = np.ones((B, N), np.int32)
+    seg[0, 50:], seg[0, 100:] = 2, 0  # two documents then padding
+    seg[1, 30:], seg[1, 77:] = 3, 4  # three documents
+    return seg
+
+
+def _mask(seg, causal):
+    m = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    if causal:
+        m = m & (np.arange(N)[:, None] >= np.arange(N)[None])
+    return m
+
+
+def _qkv(dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    shapes = [(B, N, H, K), (B, N, G, K), (B, N, G, K)]
+    return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_match_float64_reference(path, causal):
+    seg = _segments()
+    mask = _mask(seg, causal)
+    q, k, v = _qkv(jnp.bfloat16 if path == "cudnn" else jnp.float32)
+    ref = attn.reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                         mask)
+    out = np.asarray(attn.attend(path, q, k, v, jnp.asarray(mask), jnp.asarray(seg),
+                                 causal=causal), np.float64)
+    real = seg != 0  # padding queries' outputs carry no loss weight; any finite value will do
+    assert np.all(np.isfinite(out))
+    tol = 3e-2 if path == "cudnn" else 2e-5
+    np.testing.assert_allclose(out[real], ref[real], atol=tol, rtol=tol)
+
+
+def test_splash_gradients_match_xla():
+    seg = jnp.asarray(_segments())
+    mask = jnp.asarray(_mask(_segments(), True))
+    q, k, v = _qkv()
+    real = jnp.asarray(_segments() != 0)[:, :, None, None]
+
+    def loss(path):
+        return lambda q, k, v: jnp.sum(jnp.where(
+            real, attn.attend(path, q, k, v, mask, seg, causal=True), 0.0) ** 2)
+
+    gs = jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v)
+    gx = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(gs, gx, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def _model(path: str) -> Transformer:
+    c = base.get_config().model
+    c.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_len=N,
+                  vocab_size=40, attention=path))
+    return Transformer(ModelConfig.from_config(c))
+
+
+def test_packed_segments_never_leak_on_any_path():
+    """Row 0 packs documents 1 and 2: changing document 2's tokens leaves document 1's logits
+    unchanged (bit for bit up to 1e-6) on every path, and the paths agree with each other."""
+    rng = np.random.default_rng(1)
+    seg = np.ones((1, N), np.int32)
+    seg[0, 60:] = 2
+    pos = np.concatenate([np.arange(60), np.arange(N - 60)])[None].astype(np.int32)
+    tokens = rng.integers(0, 40, (1, N)).astype(np.int32)
+    other = tokens.copy()
+    other[0, 60:] = rng.integers(0, 40, N - 60)
+    other_first = tokens.copy()
+    other_first[0, :60] = rng.integers(0, 40, 60)
+    params = init_params(_model("einsum"), jax.random.key(0), ("lm",), N)
+    logits = {}
+    for path in PATHS:
+        model = _model(path)
+        fn = jax.jit(lambda t, model=model: model.apply(
+            {"params": params}, dict(tokens=t, segment_ids=seg, positions=pos))["logits"])
+        a, b, c = (np.asarray(fn(t)) for t in (tokens, other, other_first))
+        np.testing.assert_allclose(a[0, :60], b[0, :60], atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(a[0, 60:], c[0, 60:], atol=1e-6, err_msg=path)
+        assert np.abs(a[0, 60:] - b[0, 60:]).max() > 1e-3  # the change did reach document 2
+        logits[path] = a
+    for path in PATHS[1:]:  # dtype auto: bfloat16 on a GPU
+        tol = 1e-4 if _model(path).cfg.dtype == "float32" else 5e-2
+        np.testing.assert_allclose(logits[path], logits["einsum"], atol=tol, rtol=tol,
+                                   err_msg=path)
+
+
+def test_choice_by_backend_and_fallbacks():
+    kw = dict(seq_len=1024, head_dim=64, dtype=jnp.bfloat16)
+    assert attn.resolve("auto", backend="cpu", **kw)[0] == "einsum"
+    assert attn.resolve("auto", backend="gpu", **kw)[0] == "cudnn"
+    assert attn.resolve("auto", backend="tpu", **kw)[0] == "splash"
+    impl, why = attn.resolve("auto", backend="gpu", **{**kw, "dtype": jnp.float32})
+    assert impl == "xla" and "bfloat16" in why
+    impl, why = attn.resolve("auto", backend="tpu", **{**kw, "seq_len": 100})
+    assert impl == "xla" and "multiple of 128" in why
+    impl, why = attn.resolve("cudnn", backend="cpu", **kw)
+    assert impl == "xla" and "GPU" in why
+    assert attn.resolve("auto", backend="gpu", segments=False, **kw)[0] == "xla"
+    assert attn.resolve("xla", backend="gpu", **kw)[0] == "xla"
+    assert "einsum" in attn.describe("auto", 128, 16, "float32") or \
+        os.environ.get("JAX_PLATFORMS", "cpu") != "cpu"
+
+
+def test_gpu_check_script_stages_fit_eight_minutes(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run lists its stages (numerics tests, both benchmarks) and
+    their time limits add up to at most 8 minutes (what a GPU session gets for it)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    out = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    limits = [int(x) for x in re.findall(r"\(limit (\d+)s", out.stdout)]
+    assert sum(limits) <= 480, limits
+    for stage in ("tests/test_attention.py", "train_throughput.py --size gpt2-124m",
+                  "--set attention=xla", "decode_throughput.py"):
+        assert stage in out.stdout, stage
