@@ -266,15 +266,17 @@ def test_mesh_shape_resolution_and_errors():
 
 
 def test_mfu_formula_and_peak_table(monkeypatch):
-    from solo.train import metrics
+    from solo.train import metrics, peaks
 
     # 1e6 FLOPs/token * 3e5 tok/s over 2 devices of 1e12 FLOP/s peak -> 15 %
     # three float64 operations (<= eps/2 each), and 0.15's own rounding
     assert metrics.mfu(1e6, 3e5, 2, peak=1e12) == pytest.approx(0.15, rel=2 * np.finfo(float).eps)
     monkeypatch.setenv("SOLO_PEAK_FLOPS", "5e11")
-    assert metrics.peak_flops() == 5e11
+    assert peaks.peak_flops()[0] == 5e11
+    assert metrics.mfu(5e5, 1e6, 1) == pytest.approx(1.0)  # the training log's default peak
     monkeypatch.delenv("SOLO_PEAK_FLOPS")
-    assert metrics.peak_flops() == metrics.CPU_DEFAULT_PEAK  # tests run on CPU
+    cpu, how = peaks.peak_flops("float32")  # tests run on CPU: cores x clock x FLOPs a cycle
+    assert cpu == peaks.cpu_peak(len(jax.devices("cpu")))[0] and "cores" in how
 
     class Dev:
         platform = "gpu"
@@ -282,10 +284,13 @@ def test_mfu_formula_and_peak_table(monkeypatch):
         def __init__(self, kind):
             self.device_kind = kind
 
-    assert metrics.peak_flops(Dev("NVIDIA H100 80GB HBM3")) == 989e12
-    assert metrics.peak_flops(Dev("NVIDIA H200")) == 989e12
-    assert metrics.peak_flops(Dev("TPU v5 lite")) == 197e12
-    assert math.isnan(metrics.peak_flops(Dev("mystery")))
+    assert peaks.peak_flops("bfloat16", Dev("NVIDIA H100 80GB HBM3"))[0] == 989e12
+    assert peaks.peak_flops("bfloat16", Dev("NVIDIA H100 PCIe"))[0] == 756e12
+    assert peaks.peak_flops("float32", Dev("NVIDIA H200"))[0] == 494.5e12
+    assert peaks.peak_flops("float16", Dev("NVIDIA B200"))[0] == 2250e12
+    assert peaks.peak_flops("bfloat16", Dev("TPU v6 lite"))[0] == 918e12
+    assert peaks.peak_flops("bfloat16", Dev("TPU v5 lite"))[0] == 197e12
+    assert math.isnan(peaks.peak_flops("bfloat16", Dev("mystery"))[0])
 
 
 def test_progress_line_plain_and_tty():

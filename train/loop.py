@@ -36,6 +36,7 @@ from solo.train import inference, lora, parallel, preemption, runtime
 from solo.train import metrics as metrics_lib
 from solo.train import workdir as wd_lib
 from solo.train.optim import make_optimizer
+from solo.train.peaks import peak_flops
 from solo.train.step import Stepper, init_state_fns, make_eval_step
 
 
@@ -309,6 +310,7 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
     tokens_per_step = config.data.batch_size * config.data.seq_len
     fpt = flops_per_token(run.model.cfg, config.data.seq_len)
     ndev = run.mesh.devices.size
+    peak = peak_flops(run.model.cfg.dtype)[0]  # per device, for the compute dtype
     log_every, eval_every = config.train.log_every, config.train.eval_every
     ckpt_every = config.train.ckpt_every
     guard = _Guard(config.train.max_skipped_steps, ckpt)
@@ -327,7 +329,8 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             t0, timed = time.time(), 0
         train_summary.update(getattr(train_iter, "metrics", dict)())  # mixture proportions
         train_summary.update(lr=float(run.schedule(step - 1)), tokens_per_sec=tok_s,
-                             step_time=sec_per_step, mfu=metrics_lib.mfu(fpt, tok_s, ndev))
+                             step_time=sec_per_step,
+                             mfu=metrics_lib.mfu(fpt, tok_s, ndev, peak=peak))
         # no value, not NaN, where a window has no data: a loss of skipped steps only (0 of 0),
         # the throughput of the first window (its one step is the compilation)
         train_summary = {k: v for k, v in train_summary.items() if not math.isnan(v)}

@@ -4,11 +4,9 @@ MFU (model FLOP utilisation):
     MFU = flops_per_token * tokens_per_second / (peak_flops_per_device * num_devices)
 with `flops_per_token` from `model.flops_per_token(cfg, seq_len)` (6N + attention, fwd+bwd) and
 tokens counted as every position of every row processed (padding included: MFU measures the
-hardware, not the data). Peak FLOP/s per device comes from `PEAK_FLOPS` by `device_kind` (dense
-bf16 for GPUs/TPUs). `SOLO_PEAK_FLOPS` (env, FLOP/s per device) overrides any entry; CPUs have
-no meaningful table value and default to 2e11 FLOP/s per jax CPU device (= one per host, sized
-for a 2-core host; forced host device counts divide one host, so set the env var for a meaningful
-CPU MFU). Unknown accelerators report MFU as NaN.
+hardware, not the data). The peak comes from the one table, `train/peaks.py`, for the run's
+compute dtype (an accelerator's data sheet; a CPU's cores x clock x vector FLOPs;
+`SOLO_PEAK_FLOPS` overrides). Unknown accelerators report MFU as NaN.
 """
 
 from __future__ import annotations
@@ -25,37 +23,14 @@ import jax
 
 from solo.files import is_remote, join, path, write_atomic
 
-PEAK_FLOPS = {  # per device, dense bf16
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,
-    "TPU v5p": 459e12,
-    "A100": 312e12,
-    "H100": 989e12,
-    "H200": 989e12,
-}
-CPU_DEFAULT_PEAK = 2e11  # per CPU device (jax exposes one per host unless forced)
-
-
-def peak_flops(device: Any = None) -> float:
-    """Peak FLOP/s of one device: SOLO_PEAK_FLOPS env, else the table, else NaN."""
-    env = os.environ.get("SOLO_PEAK_FLOPS")
-    if env:
-        return float(env)
-    device = device or jax.devices()[0]
-    if device.platform == "cpu":
-        return CPU_DEFAULT_PEAK
-    kind = str(getattr(device, "device_kind", ""))
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # longest match first (v5e vs v5)
-        if name.lower() in kind.lower():
-            return PEAK_FLOPS[name]
-    return math.nan
-
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
-        peak: float | None = None) -> float:
-    peak = peak_flops() if peak is None else peak
+        peak: float | None = None, dtype: str = "bfloat16") -> float:
+    """Model FLOP utilisation; `peak` per device, by default train/peaks.py's for `dtype`."""
+    if peak is None:
+        from solo.train.peaks import peak_flops
+
+        peak = peak_flops(dtype)[0]
     return flops_per_token * tokens_per_sec / (peak * num_devices)
 
 

@@ -72,7 +72,8 @@ def peak_flops(dtype: str = "bfloat16", device: Any = None) -> tuple[float, str]
     kind = str(getattr(device, "device_kind", ""))
     for name in sorted(PEAKS, key=len, reverse=True):
         if name.lower() in kind.lower():
-            return PEAKS[name][str(dtype)], f"{name} {dtype} data sheet"
+            table = PEAKS[name]  # float16 runs at the bfloat16 rate on every listed device
+            return table.get(str(dtype), table["bfloat16"]), f"{name} {dtype} data sheet"
     return math.nan, f"no table entry for {kind!r} (set SOLO_PEAK_FLOPS)"
 
 
