@@ -220,6 +220,8 @@ def train_and_evaluate(config: ConfigDict | RunConfig, workdir: str) -> dict[str
     'num_devices', 'flops_per_token'}. SIGTERM or Ctrl-C ends it after the current step with a
     checkpoint of that step and raises `preemption.Stopped` (see train/preemption.py).
     """
+    if not isinstance(config, RunConfig):  # join first: resolving model 'auto' keys starts jax
+        multihost.initialize(multihost.DistConfig.from_config(config.dist))
     config = RunConfig.from_config(config)
     multihost.initialize(config.dist)  # multi-host: before any device is used (solo/multihost.py)
     runtime.set_compilation_cache(config.train.compilation_cache_dir)
