@@ -8,8 +8,8 @@ INTRA_OP_THREADS); the checkpoint the two processes wrote restores on this 1-dev
 exactly as they restored it; only process 0 wrote the shared files (config.json, tokenizer,
 metrics) and trained the tokenizer.
 
-Both runs are started together (3 processes; 32 s on a 2-core Xeon, most of it start-up and
-compilation); a failure kills every child.
+Both runs are started together (3 processes; 70 s on a 2-core Xeon while the rest of the suite
+ran beside it, most of it start-up and compilation); a failure kills every child.
 """
 
 from __future__ import annotations
@@ -37,15 +37,17 @@ TIMEOUT_S = 400
 #   the weight-gradient sums associate differently with 4 threads (4 devices on 2 cores) than
 #   with 8 (x.T @ y of [16384, 64] x [16384, 96] gives 3 different results with 1, 4 and 8 fake
 #   devices). DefaultThreadPoolSize() honours the NPROC environment variable: NPROC=8 gives every
-#   process 8 threads, as on an 8-core host. This is also what made the compiled steps differ
-#   (an argmax fusion's outer_dimension_partitions [2,4] vs [2,2]; output elements per thread
-#   only, no sum changed). --xla_cpu_multi_thread_eigen=false (per jit or in XLA_FLAGS) does not
-#   change the dot's bits; train.xla_defaults=True neither.
+#   process 8 threads, as on an 8-core host. The pool size is also the only difference in the
+#   compiled steps: the ParallelTaskAssigner splits an argmax fusion's outputs [2,2] ways with 4
+#   threads, [2,4] with 8 (outputs per thread only, no sum changed). Not a fix:
+#   --xla_cpu_multi_thread_eigen=false (per jit or in XLA_FLAGS: the dot's bits do not change),
+#   YNNPACK fusions on or off (train.xla_defaults), taskset.
 # - The same collectives. Within one process XLA:CPU all-reduces and reduce-scatters the devices'
 #   partial sums in its own order, gloo (what jax.distributed uses across processes) in another:
-#   with the threads equal, an in-process reference still ends 1 step 479 of 156,992 params apart
-#   (the loss 1 ulp), and after 4 steps ~11%. So the reference also runs through jax.distributed,
-#   as a run of one process with 8 devices (gloo), and then every param of every step agrees.
+#   with the threads equal, an in-process reference ends 1 step 479 of 156,992 params apart (the
+#   loss 1 ulp), and 4 steps 17,658 apart; with gloo but 4 threads, 694 after 1 step. So the
+#   reference also runs through jax.distributed, as a run of one process with 8 devices (gloo),
+#   and then every param agrees after every step.
 # Test-only: solo leaves the pool at XLA's default (more threads than cores costs speed).
 INTRA_OP_THREADS = 8
 WALL_CLOCK = {"tokens_per_sec", "step_time", "mfu"}  # train-row keys that vary run to run
