@@ -171,7 +171,7 @@ def test_a_full_disk_is_a_few_lines_and_the_run_resumes(tmp_path):
                        timeout=900)
     if r.returncode == 77 or not (out / "full.rc").exists():
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:200]})")
-    progress = ("step ", "eval step ", "resumed from ")
+    progress = ("step ", "eval step ", "resumed from ", "attention: ")  # + the start line
     full = [ln for ln in (out / "full.err").read_text().splitlines()
             if not ln.startswith(progress)]
     assert (out / "full.rc").read_text().strip() == "2", full
