@@ -373,3 +373,36 @@ def test_prepared_chats_refusals_are_one_line(chats, tmp_path):
                  progress=False, records="chats",
                  unit_bytes=os.path.getsize(tmp / "chats.jsonl") // 3 + 1)  # mended
     assert (other / "manifest.json").read_text() == (tmp / "pc" / "manifest.json").read_text()
+
+
+def test_gpt2_124m_config_reads_a_prepared_corpus(tmp_path):
+    """experiments/gpt2_124m.py's prepare -> train path, abstractly: a corpus prepared with
+    GPT-2's BPE files; the experiment's config on prepared:DIR validates, uses GPT-2's ids, and
+    its first global batch is 512 rows of 1,024 tokens. No step is run; the batch is read
+    without grain's thread pool (512 rows through it take ~30 s on a loaded 2-core machine)."""
+    from reference import gpt2_bpe_dir
+
+    from solo.config import RunConfig
+    from solo.experiments import gpt2_124m
+    from solo.train import parallel
+    from solo.train.loop import validate_config
+
+    bpe = str(gpt2_bpe_dir())
+    write_text(tmp_path / "owt.txt", 6, paragraphs=80)
+    prep.prepare(str(tmp_path / "owt.txt"), bpe, str(tmp_path / "owt"),
+                 config(str(tmp_path / "owt.txt")), workers=0, progress=False)
+    c = gpt2_124m.get_config()
+    c.data.update(dict(source=f"prepared:{tmp_path / 'owt'}", split_mode="random"))
+    run = RunConfig.from_config(c)
+    validate_config(run, parallel.make_mesh(run.train.mesh))
+    tok = P.build_tokenizer(run.data, str(tmp_path / "wd"))
+    assert tok.vocab_size == 50257 and tok.encode(" the king") == [262, 5822]  # GPT-2's ids
+    rows = P.prepare_split(run.data, tok, "train")[0]
+    batch = P.eval_batches(run.data, tok, "train", batch_size=run.data.batch_size,
+                           max_batches=1)[0]  # rows in order, then all-zero padding rows
+    assert {k: v.shape for k, v in batch.items()} == {
+        k: (512, 1024) for k in ("tokens", "targets", "weights", "segment_ids", "positions")}
+    real = batch["segment_ids"] > 0
+    assert real.sum() == rows.stats(run.data)[1] > 1024 * (len(rows) - 1)  # fill packing
+    assert batch["weights"].sum() == real.sum() and not real[len(rows):].any()
+    assert batch["tokens"].max() < 50257 and (batch["targets"] == 50256).any()  # <|endoftext|>
