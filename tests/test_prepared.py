@@ -406,3 +406,20 @@ def test_gpt2_124m_config_reads_a_prepared_corpus(tmp_path):
     assert real.sum() == rows.stats(run.data)[1] > 1024 * (len(rows) - 1)  # fill packing
     assert batch["weights"].sum() == real.sum() and not real[len(rows):].any()
     assert batch["tokens"].max() < 50257 and (batch["targets"] == 50256).any()  # <|endoftext|>
+
+
+def test_prepared_world_chats_give_the_in_memory_sft_rows(corpus, tmp_path):
+    """synthetic:world's chat splits (multi-turn too), prepared with --records chats: the same
+    sft rows per split as the in-memory path."""
+    tmp, tok = corpus
+    world = dict(base.get_config().data.world.to_dict(), num_people=30, chat_turns=2)
+    mem = config("synthetic:world", "sft", world=world)
+    m = prep.prepare("synthetic:world", tok.path, str(tmp_path / "w"), mem, workers=0,
+                     progress=False, records="chats")
+    assert set(m["splits"]) == {"train", "validation"}
+    disk = mem.replace(source=f"prepared:{tmp_path / 'w'}")
+    for split in ("train", "validation"):
+        a, b = P.prepare_split(mem, tok, split)[0], P.prepare_split(disk, tok, split)[0]
+        assert len(a) == len(b) > 0 and a.stats(mem) == b.stats(disk)
+        assert all(same(a.example(i, None, mem), b.example(i, None, disk))
+                   for i in range(len(a))), split
