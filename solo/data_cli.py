@@ -31,7 +31,8 @@ def _prepare(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k}: {s['docs']:,} documents, {s['tokens']:,} tokens in "
                        f"{len(s['shards'])} shard(s)" for k, s in sorted(m["splits"].items()))
     print(f"prepared {args.out} ({counts}); train on it with "
-          f"--config.data.source=prepared:{args.out}")
+          f"--config.data.source=prepared:{args.out}"
+          + (" --config.data.task=sft" if args.records == "chats" else ""))
     return 0
 
 
