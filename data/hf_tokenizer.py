@@ -477,14 +477,18 @@ class HFTokenizer:
 
 def load_tokenizer(path: str) -> Tokenizer | HFTokenizer:
     """solo's own `Tokenizer` for a sentencepiece .model file (ids 0..9 = solo's specials), an
-    `HFTokenizer` for a directory holding tokenizer.json or for a .gguf model file."""
+    `HFTokenizer` for a directory holding tokenizer.json (or GPT-2's encoder.json + vocab.bpe)
+    or for a .gguf model file."""
     path = os.fspath(path)
     p = epath_of(path)  # a workdir's tokenizer may be remote (gs://): solo.files
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             return HFTokenizer.from_dir(path)
+        if (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file():  # GPT-2's own files
+            return HFTokenizer.from_gpt2_files(str(p / "encoder.json"), str(p / "vocab.bpe"))
         raise TokenizerError(f"{path}: directory without tokenizer.json; expected a sentencepiece "
-                             ".model file, a directory holding tokenizer.json, or a .gguf file")
+                             ".model file, a directory holding tokenizer.json (or GPT-2's "
+                             "encoder.json + vocab.bpe), or a .gguf file")
     if path.endswith(".model") and p.is_file():
         return Tokenizer.load(path)  # checks ids 0..9 are solo's specials
     if path.endswith(".gguf") and p.is_file():

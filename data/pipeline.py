@@ -144,7 +144,7 @@ def prepare_split(d: DataConfig, tok, split: str) -> list[Prepared]:
         out = []
         for c in sources.parse_source(d.source):
             if c.spec.startswith(prepared.PREFIX):  # token ids streamed from disk
-                out.append(prepared.StreamRows(c.spec, d, split))
+                out.append(prepared.StreamRows(c.spec, d, split, tok))
             else:
                 out.append(task.prepare(tok, sources.load_component(c.spec, d, task.records,
                                                                     split), d))

@@ -9,7 +9,10 @@ the markers in unit order, so an interrupted run completes to the manifest an un
 writes. A finished directory is left as it is (a no-op).
 
 Documents are encoded as the in-memory path encodes them (transforms.encode_docs: [BOS] ids [EOS];
-chat records through the chat template), in record order.
+chat records through the chat template), in record order. With records='chats' (`--records chats`:
+JSONL lines with 'messages' or data.prompt_field/response_field, synthetic:world's chats, a TFDS
+chat split) each shard also gets SPLIT-NNNNN.weights.arrayrecord, the template's per-token loss
+weights (0/1, uint8) in the same record layout as its ids, so task 'sft' can stream it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ AR_OPTIONS = "group_size:1,uncompressed"  # one record per read: random access a
 JOB = "prepare.json"  # the arguments of the run that owns the directory
 
 
+RECORDS = ("documents", "chats")  # what a corpus is prepared from (--records)
+
+
 @dataclasses.dataclass(frozen=True)
 class Unit:
     split: str
@@ -47,11 +53,11 @@ class Unit:
     size: int  # input bytes (or records), for the progress bar's ETA
 
 
-def _units(d, spec: str, unit_bytes: int) -> list[Unit]:
+def _units(d, spec: str, unit_bytes: int, kind: str) -> list[Unit]:
     if spec.startswith(("synthetic:", "tfds:")):
         out = []
         for split in ("train", "validation"):
-            n = len(sources.load_component(spec, d, "documents", split))
+            n = len(sources.load_component(spec, d, kind, split))
             out += [Unit(split, "records", spec, lo, min(n, lo + UNIT_RECORDS),
                          min(n, lo + UNIT_RECORDS) - lo) for lo in range(0, n, UNIT_RECORDS)]
         return out
@@ -60,6 +66,10 @@ def _units(d, spec: str, unit_bytes: int) -> list[Unit]:
         size = os.path.getsize(path)
         if not size:
             raise SourceError(f"{path}: file is empty")
+        if path.endswith(".txt") and kind == "chats":
+            raise SourceError(f"{path}: .txt files give documents; --records chats reads JSONL "
+                              "('messages' lists, or data.prompt_field/response_field) or "
+                              "synthetic:world")
         if path.endswith(".txt") and d.txt_split == "file":
             out.append(Unit("all", "file", path, 0, size, size))
         elif path.endswith((".txt", ".jsonl")):
@@ -118,7 +128,7 @@ def _blocks(path: str, lo: int, hi: int) -> Iterator[dict]:
             pos = f.tell()
 
 
-def _lines(path: str, lo: int, hi: int, field: str) -> Iterator[dict]:
+def _lines(path: str, lo: int, hi: int, d, kind: str) -> Iterator[dict]:
     with open(path, "rb") as f:
         pos = _line_start_at_or_after(f, lo)
         while pos < hi:
@@ -132,22 +142,27 @@ def _lines(path: str, lo: int, hi: int, field: str) -> Iterator[dict]:
                 except json.JSONDecodeError as e:
                     raise SourceError(f"{path}: line at byte {pos} is not valid JSON ({e.msg})") \
                         from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                if kind == "chats" and isinstance(obj, dict):  # as read_jsonl maps a line
+                    yield sources.jsonl_record(obj, kind, d.text_field, d.prompt_field,
+                                               d.response_field, path, f"{path}: line at byte "
+                                               f"{pos}")
+                elif not isinstance(obj, dict) or not isinstance(obj.get(d.text_field), str):
                     raise SourceError(f"{path}: line at byte {pos} has no string field "
-                                      f"{field!r} (data.text_field)")
-                yield {"text": obj[field]}
+                                      f"{d.text_field!r} (data.text_field)")
+                else:
+                    yield {"text": obj[d.text_field]}
             pos = f.tell()
 
 
-def _records(unit: Unit, d) -> Iterator[dict]:
+def _records(unit: Unit, d, kind: str) -> Iterator[dict]:
     if unit.kind == "file":
         yield from sources.read_txt(unit.where, "file")
     elif unit.kind == "blocks":
         yield from _blocks(unit.where, unit.lo, unit.hi)
     elif unit.kind == "lines":
-        yield from _lines(unit.where, unit.lo, unit.hi, d.text_field)
+        yield from _lines(unit.where, unit.lo, unit.hi, d, kind)
     else:
-        yield from sources.load_component(unit.where, d, "documents", unit.split)[unit.lo:unit.hi]
+        yield from sources.load_component(unit.where, d, kind, unit.split)[unit.lo:unit.hi]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -155,35 +170,56 @@ def _records(unit: Unit, d) -> Iterator[dict]:
 _W: dict = {}
 
 
-def _init_worker(d, tok_path: str, counters) -> None:
+def _init_worker(d, tok_path: str, counters, kind: str = "documents") -> None:
     from solo.data.hf_tokenizer import load_tokenizer
 
-    _W.update(d=d, tok=load_tokenizer(tok_path), counters=counters)
+    _W.update(d=d, tok=load_tokenizer(tok_path), counters=counters, kind=kind)
+
+
+def _encode(tok, rec: dict, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A record's ids (and, for chats, the template's 0/1 loss weights as uint8)."""
+    from solo.data import transforms as T
+    from solo.data.chat import chat_template
+
+    if kind != "chats":
+        return (T.encode_chat_docs(tok, [rec]) if "messages" in rec
+                else T.encode_docs(tok, [rec["text"]]))[0], None
+    ids, w = chat_template(tok).encode(rec["messages"], add_generation_prompt=False)
+    w = np.asarray(w, np.float32)
+    if not np.all((w == 0) | (w == 1)):
+        raise SourceError("the chat template gives loss weights other than 0 and 1; a prepared "
+                          "corpus stores 0/1 weights: train 'sft' from the source itself")
+    return np.asarray(ids, np.int32), w.astype(np.uint8)
 
 
 def _write_shard(args: tuple[Unit, str, str, str]) -> dict:
     """Tokenizes one unit into base.arrayrecord (+ .lengths.npy, then .done.json)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from solo.data import transforms as T
-
     unit, out, base, dtype = args
     dtype = np.dtype(dtype).newbyteorder("<")
-    d, tok, counters = _W["d"], _W["tok"], _W["counters"]
+    d, tok, counters, kind = _W["d"], _W["tok"], _W["counters"], _W["kind"]
     final = os.path.join(out, base + ".arrayrecord")
+    wfinal = os.path.join(out, base + ".weights.arrayrecord")
     tmp = final + ".tmp"
     writer = ArrayRecordWriter(tmp, AR_OPTIONS)
+    wwriter = ArrayRecordWriter(wfinal + ".tmp", AR_OPTIONS) if kind == "chats" else None
     buf, lengths, records, tokens = np.zeros(0, dtype), [], 0, 0
+    wbuf = np.zeros(0, np.uint8)
     pending, sent = [0, 0, 0], 0  # docs, tokens, input size not yet counted; size counted
-    for rec in _records(unit, d):
-        ids = (T.encode_chat_docs(tok, [rec]) if "messages" in rec
-               else T.encode_docs(tok, [rec["text"]]))[0]
+    for rec in _records(unit, d, kind):
+        ids, w = _encode(tok, rec, kind)
         lengths.append(len(ids))
         tokens += len(ids)
         buf = np.concatenate([buf, ids.astype(dtype)])
-        while len(buf) >= CHUNK_TOKENS:
+        if wwriter:
+            wbuf = np.concatenate([wbuf, w])
+        while len(buf) >= CHUNK_TOKENS:  # weights: the same records, a byte a token
             writer.write(buf[:CHUNK_TOKENS].tobytes())
             buf, records = buf[CHUNK_TOKENS:], records + 1
+            if wwriter:
+                wwriter.write(wbuf[:CHUNK_TOKENS].tobytes())
+                wbuf = wbuf[CHUNK_TOKENS:]
         step = 1 if unit.kind == "records" else len(rec.get("text", ""))  # ~ input bytes
         step = min(step, unit.size - sent - pending[2])
         pending = [pending[0] + 1, pending[1] + len(ids), pending[2] + step]
@@ -193,7 +229,15 @@ def _write_shard(args: tuple[Unit, str, str, str]) -> dict:
     if len(buf):
         writer.write(buf.tobytes())
         records += 1
+        if wwriter:
+            wwriter.write(wbuf.tobytes())
     writer.close()
+    extra = {}
+    if wwriter:  # renamed before the ids: a complete ids shard implies complete weights
+        wwriter.close()
+        extra = dict(weights_file=os.path.basename(wfinal), weights_sha256=_sha256(wfinal + ".tmp"),
+                     weights_bytes=os.path.getsize(wfinal + ".tmp"))
+        os.replace(wfinal + ".tmp", wfinal)
     _count(counters, pending[0], pending[1], unit.size - sent)
     sha = _sha256(tmp)
     os.replace(tmp, final)
@@ -201,7 +245,7 @@ def _write_shard(args: tuple[Unit, str, str, str]) -> dict:
     np.save(os.path.join(out, index + ".tmp.npy"), np.asarray(lengths, np.int64))
     os.replace(os.path.join(out, index + ".tmp.npy"), os.path.join(out, index))
     done = dict(file=base + ".arrayrecord", index=index, docs=len(lengths), tokens=tokens,
-                records=records, bytes=os.path.getsize(final), sha256=sha)
+                records=records, bytes=os.path.getsize(final), sha256=sha, **extra)
     write_atomic(os.path.join(out, base + ".done.json"), json.dumps(done, sort_keys=True))
     return done
 
@@ -248,26 +292,39 @@ def _shard_ok(out: str, base: str) -> dict | None:
         path = os.path.join(out, done["file"])
         ok = (os.path.getsize(path) == done["bytes"] and _sha256(path) == done["sha256"]
               and os.path.isfile(os.path.join(out, done["index"])))
+        if ok and "weights_file" in done:
+            wpath = os.path.join(out, done["weights_file"])
+            ok = (os.path.getsize(wpath) == done["weights_bytes"]
+                  and _sha256(wpath) == done["weights_sha256"])
         return done if ok else None
     except (OSError, ValueError, KeyError):
         return None
 
 
 def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
-            progress: bool = True, unit_bytes: int = UNIT_BYTES) -> dict:
+            progress: bool = True, unit_bytes: int = UNIT_BYTES,
+            records: str = "documents") -> dict:
     """Prepares `source` (one spec; data options from the DataConfig d) with `tokenizer` into
     `out` by `workers` processes (0: in this one), a shard per `unit_bytes` of large text files;
-    returns the manifest. A finished `out` is returned as it is."""
+    returns the manifest. A finished `out` is returned as it is. records='chats': the source's
+    chat records, with their loss weights (for task 'sft')."""
     from solo.data.pipeline import save_tokenizer, workdir_tokenizer
 
     if "," in source or source.startswith(P.PREFIX):
         raise SourceError(f"solo prepare takes one source, not {source!r}: prepare each "
                           "component, then train on 'prepared:A:0.7,prepared:B:0.3'")
+    if records not in RECORDS:
+        raise SourceError(f"records={records!r}: prepare 'documents' or 'chats'")
     tok = resolve_tokenizer(tokenizer)
     fp = P.tokenizer_fingerprint(tok)
     opts = dict(txt_split=d.txt_split, text_field=d.text_field, world=dict(d.world),
                 data_dir=d.data_dir)
-    job = dict(source=source, tokenizer_fingerprint=fp, options=opts, unit_bytes=unit_bytes)
+    chats = {}  # only a chat corpus records these (a documents corpus stays format 1)
+    if records == "chats":
+        opts.update(prompt_field=d.prompt_field, response_field=d.response_field)
+        chats = dict(records="chats", chat_template=P.chat_template_fingerprint(tok))
+    job = dict(source=source, tokenizer_fingerprint=fp, options=opts, unit_bytes=unit_bytes,
+               **chats)
     job_path = os.path.join(out, JOB)
     if os.path.isfile(job_path):
         with open(job_path, encoding="utf-8") as f:
@@ -276,7 +333,7 @@ def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
             raise SourceError(f"{out} holds a corpus prepared from {before['source']!r} with other "
                               "arguments or another tokenizer; choose another --out (nothing "
                               "there was changed)")
-    units = _units(d, source, unit_bytes)
+    units = _units(d, source, unit_bytes, records)
     if not units:
         raise SourceError(f"source {source!r} has no documents")
     os.makedirs(out, exist_ok=True)
@@ -297,7 +354,7 @@ def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
         return P.read_manifest(out)  # finished: a no-op
     todo = [t for t in tasks if not done[t[2]]]
     if todo and workers == 0:  # in this process (tests, debugging)
-        _init_worker(d, tok_path, mp.get_context("spawn").Array("q", 3))
+        _init_worker(d, tok_path, mp.get_context("spawn").Array("q", 3), records)
         for t in todo:
             _write_shard(t)
         done = {t[2]: _shard_ok(out, t[2]) for t in tasks}
@@ -306,7 +363,7 @@ def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
         counters = ctx.Array("q", 3)
         total = sum(t[0].size for t in todo)
         with ctx.Pool(max(1, min(workers, len(todo))), _init_worker,
-                      (d, tok_path, counters)) as pool:
+                      (d, tok_path, counters, records)) as pool:
             pending = pool.imap_unordered(_write_shard, todo)
             t0, left, shown = time.time(), len(todo), 0.0
             tty = sys.stderr.isatty()
@@ -330,10 +387,10 @@ def prepare(source: str, tokenizer: str, out: str, d, *, workers: int = 2,
     for name, s in splits.items():
         if not s["docs"]:
             raise SourceError(f"source {source!r} has no documents in split {name!r}")
-    manifest = dict(format=P.FORMAT, format_version=P.FORMAT_VERSION, source=source,
-                    options=opts, dtype=dtype, chunk_tokens=CHUNK_TOKENS,
+    manifest = dict(format=P.FORMAT, format_version=P.FORMAT_VERSION if chats else 1,
+                    source=source, options=opts, dtype=dtype, chunk_tokens=CHUNK_TOKENS,
                     tokenizer=dict(fingerprint=fp, file=os.path.relpath(tok_path, out),
-                                   vocab_size=tok.vocab_size), splits=splits)
+                                   vocab_size=tok.vocab_size), splits=splits, **chats)
     write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 

