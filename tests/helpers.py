@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 from solo.config import RunConfig
 from solo.data.config import DataConfig
 from solo.experiments.base import get_config
@@ -20,3 +25,23 @@ def data_config(config=None, **overrides) -> DataConfig:
 
 def run_config(config=None) -> RunConfig:
     return RunConfig.from_config(config or get_config())
+
+
+@contextlib.contextmanager
+def serving(app):
+    """A real uvicorn server on a free localhost port, in a thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -2,10 +2,6 @@
 /health, the tokenizer endpoints) against the official `openai` client on a real localhost
 server; every log-probability and embedding is compared with the model's own forward pass."""
 
-import contextlib
-import socket
-import threading
-import time
 
 import httpx
 import jax
@@ -13,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-import uvicorn
-from helpers import model_config
+from helpers import model_config, serving
 
 from solo.agent.chat import CHAT_STOP_IDS
 from solo.agent.sampler import Sampler
@@ -30,24 +25,6 @@ from solo.model.transformer import Transformer
 # the server scores may sum in another order than the reference's exact-length row
 TOL = 1e-4
 PROMPT = "Anya Dorsey lives in"
-
-
-@contextlib.contextmanager
-def serving(app):
-    """A real uvicorn server on a free localhost port, in a thread; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,8 @@
 """OpenAI-compatible server against the official `openai` client on a real localhost uvicorn."""
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import socket
-import threading
 import time
 
 import httpx
@@ -12,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import openai
 import pytest
-import uvicorn
-from helpers import model_config
+from helpers import model_config, serving
 
 from solo.agent.chat import CHAT_STOP_IDS, ChatSession
 from solo.agent.guards import NO_LIMITS, Guards
@@ -38,24 +35,6 @@ def sampler(tmp_path_factory):
     # their budget (a reply may stop at once: the tests need text to stream and cut)
     params = model.init(jax.random.key(2), {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
     return Sampler(model, params, tok, cache_len=96, stop_ids=CHAT_STOP_IDS)
-
-
-@contextlib.contextmanager
-def serving(app):
-    """A real uvicorn server on a free localhost port, in a thread; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
