@@ -340,6 +340,17 @@ def _quiet_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+def _quiet_teardown() -> None:
+    """After a failure the command reported as one line, the same failure surfaces again while the
+    process tears down: writers' atexit flushes and their threads (TensorBoard's event file on a
+    full disk, say) print tracebacks of it. Those are dropped; SOLO_DEBUG=1 keeps everything."""
+    import threading
+
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    logging.disable(logging.CRITICAL)
+
+
 class _OrbaxBackgroundFailures(logging.Filter):
     """Orbax reports a failed background save (a full disk, say) with a traceback from every
     thread it ran in, then raises the same error in the caller, where the command prints it as
@@ -397,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"solo {args.command}: error: {_one_line(e, getattr(args, 'workdir', ''))} "
               "(SOLO_DEBUG=1 for the traceback)", file=sys.stderr)
+        _quiet_teardown()
         return 2
     except Diverged as e:
         print(f"solo {args.command}: {e}", file=sys.stderr)
