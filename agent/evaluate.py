@@ -113,14 +113,8 @@ def heldout_report(workdir: str, checkpoint: str | int = "latest") -> str:
     lines = [f"heldout exact-match accuracy: {res['accuracy']:.3f} "
              f"({res['correct']}/{res['n']} questions, chat path)"]
     if loaded.config.data.world["unknown_people"]:
-        ab = abstention(loaded, session=session)
-        a, f = ab["abstain"], ab["false_abstain"]
-        lines.append(f"abstention on questions no fact answers: {a['rate']:.3f} "
-                     f"({a['hits']}/{a['n']}); on held-out questions: {f['rate']:.3f} "
-                     f"({f['hits']}/{f['n']})")
-    for ex in res["examples"]:
-        mark = "ok " if ex["correct"] else "bad"
-        lines.append(f"  [{mark}] Q: {ex['question']}  A: {ex['reply']!r}  (want {ex['answer']!r})")
+        lines.append(abstention_line(abstention(loaded, session=session)))
+    lines += example_lines(res)
     lines.append(transcript(session, [ex["question"] for ex in res["examples"][:2]]))
     return "\n".join(lines)
 
@@ -150,6 +144,19 @@ def world_qa(config) -> bool:
     from solo.data.tasks import chat_eval
 
     return chat_eval(config.data)
+
+
+def abstention_line(ab: dict) -> str:
+    """The report line of `abstention(...)`'s two rates."""
+    a, f = ab["abstain"], ab["false_abstain"]
+    return (f"abstention on questions no fact answers: {a['rate']:.3f} ({a['hits']}/{a['n']}); "
+            f"on held-out questions: {f['rate']:.3f} ({f['hits']}/{f['n']})")
+
+
+def example_lines(res: dict) -> list[str]:
+    """One report line per example question of an exact-match result, marked right or wrong."""
+    return [f"  [{'ok ' if ex['correct'] else 'bad'}] Q: {ex['question']}  "
+            f"A: {ex['reply']!r}  (want {ex['answer']!r})" for ex in res["examples"]]
 
 
 def eval_command(workdir: str, checkpoint: str | int = "latest", *,
@@ -201,14 +208,8 @@ def eval_command(workdir: str, checkpoint: str | int = "latest", *,
         if qa_source == "world:test" and config.data.world["unknown_people"]:
             ab = abstention(loaded, session=session)
             result["qa"]["abstention"] = ab
-            a, f = ab["abstain"], ab["false_abstain"]
-            lines.append(f"abstention on questions no fact answers: {a['rate']:.3f} "
-                         f"({a['hits']}/{a['n']}); on held-out questions: {f['rate']:.3f} "
-                         f"({f['hits']}/{f['n']})")
-        for ex in res["examples"]:
-            mark = "ok " if ex["correct"] else "bad"
-            lines.append(f"  [{mark}] Q: {ex['question']}  A: {ex['reply']!r}  "
-                         f"(want {ex['answer']!r})")
+            lines.append(abstention_line(ab))
+        lines += example_lines(res)
         if qa_source == "world:test":  # a short multi-turn demo, as at the end of training
             lines.append(transcript(session, [ex["question"] for ex in res["examples"][:2]]))
     if not name:

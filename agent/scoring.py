@@ -87,6 +87,18 @@ class Scorer:
         top_v_BLK, top_i_BLK = jax.lax.top_k(logp_BLV, k)
         return lp_BL, top_v_BLK, top_i_BLK
 
+    def _padded(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows right-padded into a [b, length] bucket (fewer shapes to compile) and their
+        segment ids (1 on tokens, 0 on padding)."""
+        length = min(_bucket(max(map(len, rows))), self.max_len)
+        b = _bucket(len(rows), 1)
+        tokens = np.zeros((b, length), np.int32)
+        seg = np.zeros((b, length), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+            seg[i, : len(r)] = 1
+        return tokens, seg
+
     def score(self, rows: Sequence[Sequence[int]], top_k: int = 0) -> list[TokenScores]:
         """Per-token log-probabilities of each row under the model, with the top_k alternatives
         at each position (top_k 0: none)."""
@@ -102,13 +114,7 @@ class Scorer:
                                f"is {self.max_len} tokens")
         if min(map(len, rows)) < 1:
             raise ScoringError("an empty row cannot be scored")
-        length = min(_bucket(longest), self.max_len)
-        b = _bucket(len(rows), 1)
-        tokens = np.zeros((b, length), np.int32)
-        seg = np.zeros((b, length), np.int32)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = r
-            seg[i, : len(r)] = 1
+        tokens, seg = self._padded(rows)
         # one compiled function per shape: the top 20 are always computed, top_k of them kept
         k = min(MAX_TOP_K, self.cfg.vocab_size)
         if top_k > k:
@@ -173,13 +179,7 @@ class Scorer:
         if any(len(r) > self.max_len for r in rows):
             raise ScoringError(f"an input is longer than this model's maximum context length "
                                f"of {self.max_len} tokens")
-        length = min(_bucket(max(map(len, rows))), self.max_len)
-        b = _bucket(len(rows), 1)
-        tokens = np.zeros((b, length), np.int32)
-        seg = np.zeros((b, length), np.int32)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = r
-            seg[i, : len(r)] = 1
+        tokens, seg = self._padded(rows)
         e = self._embed(self.params, jnp.asarray(tokens), jnp.asarray(seg),
                         head=self.has_embed_head)
         return np.asarray(jax.device_get(e))[: len(rows)]
