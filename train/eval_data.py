@@ -36,14 +36,12 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from solo.compile_options import train_options
 from solo.config import ConfigError, RunConfig
 from solo.data import pipeline, sources
 from solo.data.tasks import get_task
 from solo.experiments import apply_overrides
 from solo.train import parallel
-from solo.train.loop import _add, _summary, validate_config
-from solo.train.step import make_eval_step
+from solo.train.loop import _add, _summary, mesh_eval_fn, validate_config
 
 SPLITS = ("train", "validation", "test")
 
@@ -128,22 +126,13 @@ def evaluate_data(loaded, config: RunConfig, splits: Sequence[str] = ("validatio
     'tokens', 'bytes' and 'bits_per_byte' where defined."""
     splits = check_splits(splits)
     nbytes = [scored_bytes(config, loaded.tokenizer, s) for s in splits]
-    mesh = parallel.data_mesh()
-    ebs = config.data.eval_batch
-    if ebs % mesh.devices.size:  # exact for any eval batch size: pad it to the device count
-        config = config.replace(data=config.data.replace(
-            eval_batch_size=ebs + (-ebs) % mesh.devices.size))
-    params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
-    eval_fn = jax.jit(make_eval_step(loaded.model, config),
-                      in_shardings=(params_sh, parallel.batch_sharding(mesh)),
-                      out_shardings=parallel.replicated(mesh),
-                      compiler_options=train_options(config))
+    config, eval_fn = mesh_eval_fn(loaded, config)
     acc = None
     for split in splits:
         for batch in pipeline.eval_batches(config.data, loaded.tokenizer, split,
                                            process_index=jax.process_index(),
                                            process_count=jax.process_count()):
-            acc = _add(acc, eval_fn(loaded.params, parallel.shard_batch(batch, mesh)))
+            acc = _add(acc, eval_fn(loaded.params, batch))
     if acc is None:
         raise ValueError(f"no examples in split(s) {', '.join(splits)} of "
                          f"data.source={config.data.source!r}")

@@ -381,6 +381,23 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             "workdir": run.workdir, "num_devices": ndev, "flops_per_token": fpt}
 
 
+def mesh_eval_fn(loaded, config: RunConfig):
+    """`loaded`'s (train.inference.load) eval step on every device, taking host batches: returns
+    (config with its eval batch padded to a multiple of the device count, fn(params, batch)).
+    Padding rows carry zero weight, so the metrics are exact for any eval batch size."""
+    mesh = parallel.data_mesh()
+    ebs = config.data.eval_batch
+    if ebs % mesh.devices.size:
+        config = config.replace(data=config.data.replace(
+            eval_batch_size=ebs + (-ebs) % mesh.devices.size))
+    params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
+    eval_fn = jax.jit(make_eval_step(loaded.model, config),
+                      in_shardings=(params_sh, parallel.batch_sharding(mesh)),
+                      out_shardings=parallel.replicated(mesh),
+                      compiler_options=train_options(config))
+    return config, lambda params, batch: eval_fn(params, parallel.shard_batch(batch, mesh))
+
+
 def evaluate(workdir: str, checkpoint: str | int = "latest",
              dist: multihost.DistConfig | None = None) -> dict[str, Any]:
     """Eval-split metrics of a workdir's checkpoint ('latest', 'best' or a step number), on the
@@ -388,18 +405,6 @@ def evaluate(workdir: str, checkpoint: str | int = "latest",
     defaults, i.e. automatic on a detected cluster; a workdir's config.json never says)."""
     multihost.initialize(dist or multihost.DistConfig.from_config(get_config().dist))
     loaded = inference.load(workdir, checkpoint)
-    config = loaded.config
-    mesh = parallel.data_mesh()
-    ebs = config.data.eval_batch
-    if ebs % mesh.devices.size:  # exact for any eval batch size: pad it to the device count
-        config = config.replace(data=config.data.replace(
-            eval_batch_size=ebs + (-ebs) % mesh.devices.size))
-    params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
-    opts = train_options(config)
-    eval_fn = jax.jit(make_eval_step(loaded.model, config),
-                      in_shardings=(params_sh, parallel.batch_sharding(mesh)),
-                      out_shardings=parallel.replicated(mesh),
-                      compiler_options=opts)
-    place = lambda params, batch: eval_fn(params, parallel.shard_batch(batch, mesh))
+    config, place = mesh_eval_fn(loaded, loaded.config)
     out = run_eval(place, loaded.params, config, loaded.tokenizer)
     return {"step": loaded.step, "eval": out, "workdir": workdir, "config": config}
