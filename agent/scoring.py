@@ -80,12 +80,14 @@ class Scorer:
     def _logprobs_impl(self, params, tokens_BL, seg_BL, k: int):
         out = self.model.apply({"params": params}, {"tokens": tokens_BL, "segment_ids": seg_BL},
                                heads=("lm",))
-        logp_BLV = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)[:, :-1]
-        lp_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
+        # log p = logit - logsumexp(logits): no second [B,L,V] array besides the logits
+        logits_BLV = out["logits"].astype(jnp.float32)[:, :-1]
+        lse_BL1 = jax.nn.logsumexp(logits_BLV, axis=-1, keepdims=True)
+        lp_BL = (jnp.take_along_axis(logits_BLV, tokens_BL[:, 1:, None], axis=-1) - lse_BL1)[..., 0]
         if not k:
             return lp_BL, None, None
-        top_v_BLK, top_i_BLK = jax.lax.top_k(logp_BLV, k)
-        return lp_BL, top_v_BLK, top_i_BLK
+        top_v_BLK, top_i_BLK = jax.lax.top_k(logits_BLV, k)
+        return lp_BL, top_v_BLK - lse_BL1, top_i_BLK
 
     def _padded(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Rows right-padded into a [b, length] bucket (fewer shapes to compile) and their

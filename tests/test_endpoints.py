@@ -157,7 +157,7 @@ def test_chat_logprobs_are_the_models_log_softmax(client, sampler, tok):
 
 def test_bad_completion_requests_are_400(base_url, client):
     def post(path, body):
-        r = httpx.post(base_url + path, json=body)
+        r = httpx.post(base_url + path, json=body, timeout=60)
         assert r.status_code == 400, r.text
         return r.json()["error"]
 
@@ -182,7 +182,7 @@ def test_chat_only_server_refuses_completions(sampler):
         assert e.value.code == "chat_only"
         assert client.chat.completions.create(model="tiny", messages=[
             {"role": "user", "content": "hi"}], max_tokens=2).choices[0].message is not None
-        h = httpx.get(url + "/health")
+        h = httpx.get(url + "/health", timeout=60)
         assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["chat_only"]
 
 
@@ -224,10 +224,10 @@ def test_mean_pooled_embeddings_of_a_decoder(decoder, tok):
 
 
 def test_tokenizer_endpoints(base_url, tok):
-    info = httpx.get(base_url + "/tokenizer_info").json()
+    info = httpx.get(base_url + "/tokenizer_info", timeout=60).json()
     assert info["eos_token"] == "</s>" and info["model_max_length"] == 96
     ids = httpx.post(base_url + "/tokenize", json={"prompt": PROMPT,
-                                                    "add_special_tokens": False}).json()
+                                                    "add_special_tokens": False}, timeout=60).json()
     assert ids["tokens"] == tok.encode(PROMPT)
-    text = httpx.post(base_url + "/detokenize", json={"tokens": ids["tokens"]}).json()
+    text = httpx.post(base_url + "/detokenize", json={"tokens": ids["tokens"]}, timeout=60).json()
     assert text["prompt"] == PROMPT

@@ -89,7 +89,7 @@ def test_input_guard_refusal(client):
 ])
 def test_bad_requests_are_400(base_url, body, code):
     r = httpx.post(base_url + "/v1/chat/completions", content=body,
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
@@ -175,7 +175,7 @@ def test_concurrent_requests_all_answered(client):
 def test_client_disconnect_mid_stream_keeps_serving(base_url, client):
     body = {"model": "tiny", "messages": QUESTION, "max_tokens": 60, "stream": True,
             "temperature": 1.0}
-    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body) as r:
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # first event, then hang up
     r = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4)
@@ -206,7 +206,7 @@ def test_concurrent_requests_are_batched_and_each_answer_is_its_own(sampler):
 
     def hang_up(url):  # greedy, so it joins the batch; leaves once its answer has begun
         body = {"model": "tiny", "messages": QUESTION, "max_tokens": 60, "stream": True}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
                     return line
