@@ -265,6 +265,31 @@ def test_mesh_shape_resolution_and_errors():
         parallel.mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
 
 
+@dataclasses.dataclass(frozen=True)
+class _FakeDevice:  # what mesh_utils reads of a device
+    id: int
+    slice_index: int
+    process_index: int = 0
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def test_device_grid_keeps_multislice_inner_axes_within_a_slice():
+    # 2 slices x 8 devices, ids interleaved between slices so a plain reshape would mix them
+    devices = [_FakeDevice(id=i, slice_index=i % 2) for i in range(16)]
+    grid = parallel.device_grid((4, 2, 2), devices)
+    assert grid.shape == (4, 2, 2) and sorted(d.id for d in grid.flat) == list(range(16))
+    slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+    # fsdp and tensor groups never cross the data-center network; data rows 0-1 on slice 0
+    assert (slice_of == np.array([0, 0, 1, 1])[:, None, None]).all()
+    with pytest.raises(ValueError, match="multiple of the 2 slices"):
+        parallel.device_grid((1, 8, 2), devices)
+    # one slice (and CPU): jax.devices() order, as before
+    cpu = [_FakeDevice(id=i, slice_index=0) for i in range(8)]
+    np.testing.assert_array_equal(parallel.device_grid((2, 2, 2), cpu),
+                                  np.array(cpu, dtype=object).reshape(2, 2, 2))
+
+
 def test_mfu_formula_and_peak_table(monkeypatch):
     from solo.train import metrics, peaks
 

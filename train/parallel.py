@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from solo.model import sharding as model_sharding
@@ -46,7 +47,26 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(device_grid(shape, devices), MESH_AXES)
+
+
+def device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
+    """`devices` as a (data, fsdp, tensor) array laid out on the physical topology.
+
+    jax's mesh_utils give the inner axes (tensor, then fsdp: the most communication) the fastest
+    links: TPU torus neighbours, NVLink ids in order on GPU; on CPU this is a plain reshape. With
+    several TPU slices (multislice: devices carry `slice_index`) only `data` spans slices, over
+    the data-center network, and each slice holds a (data / slices, fsdp, tensor) block."""
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise ValueError(f"train.mesh.data={shape[0]} must be a multiple of the {slices} "
+                             "slices (only data parallelism spans slices); set data to a "
+                             f"multiple of {slices}")
+        return mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+            allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
