@@ -159,7 +159,8 @@ def test_schedule_matches_hand_values():
 
 
 def test_weight_decay_mask_excludes_norms_biases_embeddings():
-    c = tiny_config(norm="layernorm", positions="learned", type_vocab_size=2, mlp="gelu")
+    c = tiny_config(norm="layernorm", positions="learned", type_vocab_size=2, mlp="gelu",
+                    attn_bias=True, mlp_bias=True)  # q/k/v biases are rank 2 ([H, K])
     c.data.task = "bert"
     c.objectives = get_config().objectives
     c.objectives.causal_lm.weight = 0.0
@@ -176,10 +177,11 @@ def test_weight_decay_mask_excludes_norms_biases_embeddings():
                 for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
         for name, decayed in flat.items():
             leaf = name.split("/")[-1]
-            excluded = (name.startswith("embedder/") or leaf in ("scale", "bias", "logit_scale"))
+            excluded = name.startswith("embedder/") or leaf.endswith(("scale", "bias"))
             assert decayed == (not excluded), (scan, name, decayed)
         assert any(flat.values()) and not all(flat.values())
         assert not flat["embedder/token"] and not flat["embedder/position"]
+        assert any(n.endswith("attn/q_bias") for n in flat)
 
 
 def test_loss_decreases_on_fixed_batch():

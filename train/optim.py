@@ -7,9 +7,11 @@ so lr ends at r * lr at step T and stays there.
 
 Weight decay applies only to matmul weights. A leaf is decayed iff
   * it is not under the `embedder` module (token / position / token-type tables: decaying them
-    shrinks rare-token rows toward 0, the usual GPT/T5 practice is to exclude them), and
+    shrinks rare-token rows toward 0, the usual GPT/T5 practice is to exclude them),
+  * its name does not end in `bias` or `scale` (attention's q/k/v biases are [H, K]: rank 2, yet
+    biases, which nanoGPT and HF leave undecayed), and
   * its rank, not counting the leading scan axis of a scanned stack (path has `layers`), is >= 2.
-Rank < 2 catches biases, norm scales/biases, the MLM output bias and scalars (`logit_scale`).
+The rank test catches any other vector or scalar.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def decay_mask(params: Any) -> Any:
     def keep(path, x) -> bool:
         names = _path_names(path)
         rank = jnp.ndim(x) - (1 if "layers" in names else 0)
-        return "embedder" not in names and rank >= 2
+        return ("embedder" not in names and not names[-1].endswith(("bias", "scale"))
+                and rank >= 2)
 
     return jax.tree_util.tree_map_with_path(keep, params)
 
