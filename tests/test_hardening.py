@@ -32,9 +32,13 @@ def diverging_config(steps=6, **train):
     return c
 
 
-def saved_params(wd, step):
+def saved_state(wd, step):
     with ocp.PyTreeCheckpointer() as ckptr:  # the saved state as it is on disk (numpy)
-        return ckptr.restore(str(wd / "checkpoints" / str(step) / "state"))["params"]
+        return ckptr.restore(str(wd / "checkpoints" / str(step) / "state"))
+
+
+def saved_params(wd, step):
+    return saved_state(wd, step)["params"]
 
 
 def test_a_nonfinite_loss_stops_the_run_and_nothing_nonfinite_is_saved(tmp_path):
@@ -61,8 +65,16 @@ def test_skipped_steps_change_nothing_and_are_counted(tmp_path):
     first_bad = e.value.step - 2
     assert "after 2 skipped" in str(e.value)
     before = saved_params(wd, first_bad - 1)
+    moments = lambda st: [x for x in jax.tree.leaves(st["opt_state"])
+                          if not np.issubdtype(np.asarray(x).dtype, np.integer)]
     for s in (first_bad, first_bad + 1):  # skipped: saved, and exactly the state before them
         jax.tree.map(np.testing.assert_array_equal, saved_params(wd, s), before)
+        jax.tree.map(np.testing.assert_array_equal, moments(saved_state(wd, s)),
+                     moments(saved_state(wd, first_bad - 1)))
+        # but the optimizer's counts (its lr schedule) still follow the step
+        counts = [int(x) for x in jax.tree.leaves(saved_state(wd, s)["opt_state"])
+                  if np.issubdtype(np.asarray(x).dtype, np.integer)]
+        assert counts and set(counts) == {s}, (s, counts)
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in rows if r["step"] >= first_bad]
     assert [r["skipped_steps"] for r in skipped] == [1.0, 2.0]
