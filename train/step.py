@@ -159,7 +159,8 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
         rng = state.step_rng()
         dens = denominators(batch, obj_cfg)
-        if axis_name is not None:
+        if axis_name is not None:  # pmap: the state is replicated, so each device folds in its
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # own dropout draws
             dens = jax.lax.psum(dens, axis_name)
         if k == 1:
             (loss, metrics), grads = grad_fn(state.params, batch, dens, rng)
