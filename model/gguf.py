@@ -58,7 +58,17 @@ def hf_config(r) -> dict[str, Any]:
     names = {t.name for t in r.tensors}
     vocab = len(field(r, "tokenizer.ggml.tokens", [])) or int(g("vocab_size"))
     d = int(g("embedding_length"))
-    return dict(model_type="llama", vocab_size=vocab, hidden_size=d,
+    # RoPE scaling changes the model's logits: hand it on so model_overrides refuses it (as an HF
+    # config.json's rope_scaling), never dropped. llama.cpp writes Llama 3.1's per-frequency
+    # factors as a rope_freqs tensor and linear/yarn scaling as metadata
+    scaling = str(field(r, f"{arch}.rope.scaling.type", "none"))
+    rope = {}
+    if "rope_freqs.weight" in names:
+        rope = dict(rope_scaling={"rope_type": "llama3", "source": "GGUF rope_freqs tensor"})
+    elif scaling != "none":
+        rope = dict(rope_scaling={"rope_type": scaling,
+                                  "factor": float(field(r, f"{arch}.rope.scaling.factor", 1.0))})
+    return dict(model_type="llama", vocab_size=vocab, hidden_size=d, **rope,
                 num_hidden_layers=int(g("block_count")), num_attention_heads=heads,
                 num_key_value_heads=int(g("attention.head_count_kv", heads)),
                 head_dim=int(g("rope.dimension_count", d // heads)),

@@ -79,13 +79,17 @@ def model_overrides(hf: Mapping[str, Any]) -> dict[str, Any]:
     if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise ConversionError(f"rope scaling {scaling!r} is not supported (plain RoPE only)")
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    # sliding-window attention (Mistral v0.1: 4096) equals full causal attention on sequences no
+    # longer than the window, so the context is capped there rather than the import refused
+    max_len = hf.get("max_position_embeddings", 2048)
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
+        max_len = min(max_len, int(hf["sliding_window"]))
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     return dict(kind="decoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                 num_layers=hf["num_hidden_layers"], num_heads=heads,
                 num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-                d_ff=hf["intermediate_size"], max_len=hf.get("max_position_embeddings", 2048),
-                positions="rope", rope_theta=theta,
+                d_ff=hf["intermediate_size"], max_len=max_len, positions="rope", rope_theta=theta,
                 norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_position="pre",
                 embed_norm=False, embed_scale=False, mlp="swiglu",
                 attn_bias=bool(hf.get("attention_bias", False)),

@@ -127,3 +127,60 @@ def test_what_hf_cannot_express_is_named():
                                           "num_attention_heads": 2, "intermediate_size": 16}))
     with pytest.raises(ConversionError, match="lacks tensor 'layers.0.self_attn.q_proj"):
         params_from_hf({}, cfg, "llama")
+
+
+LLAMA = {"model_type": "mistral", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 32768}
+
+
+def test_sliding_window_caps_the_context_where_it_equals_full_attention():
+    assert model_overrides(LLAMA)["max_len"] == 32768
+    assert model_overrides({**LLAMA, "sliding_window": 4096})["max_len"] == 4096  # Mistral v0.1
+    assert model_overrides({**LLAMA, "sliding_window": 4096,
+                            "use_sliding_window": False})["max_len"] == 32768  # Qwen2's switch
+    assert model_overrides({**LLAMA, "sliding_window": None})["max_len"] == 32768
+
+
+def _gguf_model(path, rope_scaling: str | None = None, rope_freqs: bool = False) -> str:
+    gguf = require("gguf")
+    d, h, ff, vocab = 8, 2, 16, 10
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(h)
+    w.add_head_count_kv(h)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    if rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
+        w.add_rope_scaling_factor(8.0)
+    rng = np.random.default_rng(0)
+    t = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    w.add_tensor("token_embd.weight", t(vocab, d))
+    w.add_tensor("output_norm.weight", t(d))
+    if rope_freqs:  # what llama.cpp writes for Llama 3.1's rope_type llama3
+        w.add_tensor("rope_freqs.weight", np.full(d // h // 2, 8.0, np.float32))
+    for n, shape in dict(attn_norm=(d,), ffn_norm=(d,), attn_q=(d, d), attn_k=(d, d),
+                         attn_v=(d, d), attn_output=(d, d), ffn_gate=(ff, d), ffn_up=(ff, d),
+                         ffn_down=(d, ff)).items():
+        w.add_tensor(f"blk.0.{n}.weight", t(*shape))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_gguf_rope_scaling_is_refused_not_dropped(tmp_path):
+    from solo.model import gguf as gguf_lib
+
+    plain = gguf_lib.hf_config(gguf_lib.reader(_gguf_model(tmp_path / "plain.gguf")))
+    assert model_overrides(plain)["rope_theta"] == 500000.0
+    for name, kw in (("linear", dict(rope_scaling="linear")),
+                     ("llama3", dict(rope_freqs=True))):
+        cfg = gguf_lib.hf_config(gguf_lib.reader(_gguf_model(tmp_path / f"{name}.gguf", **kw)))
+        with pytest.raises(ConversionError, match=f"rope scaling .*{name}.* is not supported"):
+            model_overrides(cfg)
