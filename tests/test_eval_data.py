@@ -147,3 +147,38 @@ def test_a_tfds_split(run):
     assert result["tokens"] == count and path.endswith("tfds_solo_eval_corpus-test.json")
     assert result["bits_per_byte"] == pytest.approx(
         nll / len("".join(docs).encode()) / math.log(2), rel=1e-5)
+
+
+def _gpt2_piece_bytes() -> dict[int, int]:
+    """GPT-2 id -> its piece's byte count (encoder.json's pieces spell bytes through GPT-2's
+    bytes_to_unicode table: 188 printable bytes as themselves, the other 68 as chr(256 + i))."""
+    from reference import gpt2_bpe_dir
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    spelled = {chr(b) for b in printable} | {chr(256 + i) for i in range(256 - len(printable))}
+    vocab = json.loads((gpt2_bpe_dir() / "encoder.json").read_text(encoding="utf-8"))
+    assert all(ch in spelled for piece in vocab for ch in piece)
+    return {i: len(piece) for piece, i in vocab.items()}
+
+
+def test_bits_per_byte_counts_no_first_token_bytes_without_bos(tmp_path):
+    """GPT-2's tokenizer has no BOS: each document's first token is context, never scored, so
+    its bytes stay out of the byte count (or bits per byte would come out low)."""
+    from reference import gpt2_bpe_dir
+
+    from solo.config import RunConfig
+    from solo.data.hf_tokenizer import HFTokenizer
+    from solo.train.eval_data import scored_bytes
+
+    tok = HFTokenizer.from_gpt2_files(*(str(gpt2_bpe_dir() / n)
+                                        for n in ("encoder.json", "vocab.bpe")))
+    assert tok.bos_id is None or not tok.add_bos
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    c = get_config()
+    c.data.update(dict(source=str(path), txt_split="blank_lines", task="lm", val_fraction=0.0))
+    got = scored_bytes(RunConfig.from_config(c), tok, "train")
+    piece = _gpt2_piece_bytes()
+    docs = TEXT.split("\n\n")
+    expect = sum(len(d.encode("utf-8")) - piece[tok.encode(d)[0]] for d in docs)
+    assert got == expect and expect < len(TEXT.replace("\n\n", "").encode("utf-8"))
