@@ -181,4 +181,5 @@ def test_bits_per_byte_counts_no_first_token_bytes_without_bos(tmp_path):
     piece = _gpt2_piece_bytes()
     docs = TEXT.split("\n\n")
     expect = sum(len(d.encode("utf-8")) - piece[tok.encode(d)[0]] for d in docs)
-    assert got == expect and expect < len(TEXT.replace("\n\n", "").encode("utf-8"))
+    assert got == expect, (got, expect)
+    assert expect < len(TEXT.replace("\n\n", "").encode("utf-8"))

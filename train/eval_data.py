@@ -16,7 +16,8 @@ of UTF-8 bytes of the raw text they encode:
   - task `lm`: every document's tokens after BOS, and the EOS that ends it (predicting where a
     document ends is part of the score; a document longer than data.seq_len is scored in chunks,
     each token once); bytes = the documents' UTF-8 bytes as read from the source, before
-    tokenization (SentencePiece's dummy-prefix space is not counted).
+    tokenization (SentencePiece's dummy-prefix space is not counted). A tokenizer without BOS
+    (GPT-2's) leaves each document's first token unscored: its bytes are not counted either.
   - task `sft`: the assistant turns' tokens and their end-of-turn marker; bytes = the assistant
     messages' content bytes.
 Anywhere else (masked LM, pairs, chat transcripts mixed into an lm corpus, an SFT conversation cut
@@ -37,7 +38,7 @@ import jax
 from ml_collections import ConfigDict
 
 from solo.config import ConfigError, RunConfig
-from solo.data import pipeline, sources
+from solo.data import pipeline, sources, transforms
 from solo.data.tasks import get_task
 from solo.experiments import apply_overrides
 from solo.train import parallel
@@ -105,7 +106,12 @@ def scored_bytes(config: RunConfig, tokenizer, split: str) -> int | None:
     if d.task == "lm":
         if any("text" not in r for r in records):
             return None  # chat transcripts as documents: role markers have no bytes
-        return sum(len(r["text"].encode("utf-8")) for r in records)
+        if transforms.bos(tokenizer):
+            return sum(len(r["text"].encode("utf-8")) for r in records)
+        # no BOS (byte-level BPE imports: GPT-2, SmolLM2): a document's first token is context,
+        # never a target, so its bytes are not scored either
+        return sum(len(tokenizer.decode(tokenizer.encode(r["text"])[1:]).encode("utf-8"))
+                   for r in records)
     if d.task == "sft":
         from solo.data.chat import chat_template
 
