@@ -241,9 +241,10 @@ def test_bad_sources_are_one_line_and_write_nothing(tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".import")]
 
 
-def test_an_unsupported_quantization_is_named(tmp_path):
+def _q8_1_gguf(file) -> None:
+    """A one-tensor GGUF file in a quantization solo does not read (Q8_1)."""
     gguf = require("gguf")
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w = gguf.GGUFWriter(str(file), "llama")
     for key, value in dict(block_count=1, embedding_length=32, feed_forward_length=64,
                            context_length=16, vocab_size=32).items():
         w.add_uint32(f"llama.{key}", value)
@@ -254,9 +255,31 @@ def test_an_unsupported_quantization_is_named(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_an_unsupported_quantization_is_named(tmp_path):
+    _q8_1_gguf(tmp_path / "q.gguf")
     with pytest.raises(ConversionError, match="quantization type Q8_1"):
         import_model(str(tmp_path / "q.gguf"), str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
+
+
+def test_a_gcs_gguf_is_read_from_a_local_copy(tmp_path, fake_gcs, monkeypatch):  # noqa: F811
+    """A gs:// .gguf is downloaded into a temporary directory (its reader memory-maps a local
+    file), read (here: to the error naming its quantization) and the copy removed."""
+    import tempfile
+
+    from solo.files import path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    _q8_1_gguf(tmp_path / "q.gguf")
+    path("gs://bucket/models").mkdir(parents=True)
+    path("gs://bucket/models/q.gguf").write_bytes((tmp_path / "q.gguf").read_bytes())
+    with pytest.raises(ConversionError, match="quantization type Q8_1"):
+        import_model("gs://bucket/models/q.gguf", "gs://bucket/runs/q")
+    assert not list((tmp_path / "tmp").iterdir())
+    assert not path("gs://bucket/runs/q").exists()
 
 
 def test_a_solo_model_exports_as_llama_and_what_hf_cannot_express_writes_nothing(
