@@ -1,7 +1,8 @@
 """Attention by backend (model/attention.py): solo's einsum path, the XLA reference
 (`jax.nn.dot_product_attention`) and Pallas splash attention (interpret mode on CPU) agree with
 a float64 numpy reference on packed segments, causal and bidirectional, grouped-query; packed
-segments never leak through a whole model on any path; the path choice and its fallbacks.
+segments never leak through a whole model on any path; splash in `jax.shard_map` on 8 fake
+devices; the path choice and its fallbacks.
 (cuDNN needs a GPU: benchmarks/gpu_check.sh runs these tests there with model.attention=cudnn.)
 """
 

@@ -393,14 +393,14 @@ def test_import_and_export_through_gcs_equal_the_local_round_trip(
     assert len(calls) == 3 and not _tree("gs://bucket/runs/again")  # 3 written, then removed
 
 
-def test_gcs_paths_without_gcsfs_are_one_line(gpt2_dir, capsys):
+def test_gcs_paths_without_gcsfs_are_one_line(tmp_path, capsys):
+    """Checked before any source is read or anything written."""
     try:
         import gcsfs  # noqa: F401
         pytest.skip("gcsfs installed: it would try real credentials")
     except ImportError:
         pass
-    src, _ = gpt2_dir
-    for argv in (["import", str(src), "--workdir", "gs://b/run"],
+    for argv in (["import", str(tmp_path), "--workdir", "gs://b/run"],
                  ["import", "gs://b/model.gguf", "--workdir", "/nonexistent/never-written"],
                  ["export", "gs://b/run", "--to", "gs://b/out"]):
         assert cli.main(argv) == 2
