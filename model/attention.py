@@ -152,7 +152,10 @@ def splash_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool,
         from jax.sharding import PartitionSpec as P
 
         batch = sharding.mesh_axes_for(active, "act_batch", b)
-        heads = sharding.mesh_axes_for(active, "act_heads", g)
+        # heads split by the kv head count (each shard keeps whole GQA groups), never over an
+        # axis the batch already took (custom rules could name one for both)
+        used = (batch,) if isinstance(batch, str) else (batch or ())
+        heads = sharding.mesh_axes_for(active, "act_heads", g, used)
         spec = P(batch, heads, None, None)
         out_BHLK = jax.shard_map(local, mesh=active, in_specs=(spec, spec, spec, P(batch, None)),
                                  out_specs=spec, check_vma=False)(q_BHLK, k_BGLK, v_BGLK, seg)

@@ -46,10 +46,21 @@ def read_bytes(p: PathLike) -> bytes:
 
 
 @contextlib.contextmanager
-def staged_dir(target: str, prefix: str = ".staging-"):
+def staged_dir(target: str, prefix: str = ".staging-", commit: tuple[str, ...] = ()):
     """Yields a new directory beside `target` (an ordinary directory's mode; mkdtemp's is 0700)
     to write in full; on success it is renamed to `target` (which must be absent or empty), on
-    any error removed: the result is all there or not at all."""
+    any error removed: the result is all there or not at all.
+
+    A remote `target` (gs://): the directory is a local temporary one, uploaded on success by
+    `upload_tree` with the files named in `commit` last (see there for what that guarantees)."""
+    if is_remote(target):
+        tmp = tempfile.mkdtemp(prefix=prefix)
+        try:
+            yield tmp
+            upload_tree(tmp, target, commit)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
@@ -62,6 +73,60 @@ def staged_dir(target: str, prefix: str = ".staging-"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+COMMIT_MARKERS = ("commit_success.txt",)  # Orbax's mark of a finished checkpoint on GCS
+
+
+def upload_tree(local: str, target: PathLike, commit: tuple[str, ...] = ()) -> None:
+    """Copies the local directory `local` to the remote directory `target` (absent or empty).
+
+    An object store cannot rename a directory (a rename is a copy then a delete per object), so
+    there is no atomic publish of many objects; what it does give is that each object appears
+    whole or not at all. So the upload is ordered: ordinary files first, then Orbax's
+    commit_success.txt markers (a checkpoint counts only once its marker exists), then the
+    top-level files named in `commit` (a workdir's config.json, an HF directory's config.json),
+    which readers look for first. A crash mid-upload leaves a directory without them (`solo`
+    reports it as no workdir; transformers as no model); any other error removes what was
+    uploaded."""
+    dst = path(target)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{target} exists and is not empty (a partial upload?); remove "
+                              "it or choose another destination")
+    files = sorted(os.path.relpath(os.path.join(d, f), local)
+                   for d, _, names in os.walk(local) for f in names)
+    rank = lambda rel: (2 if rel in commit else 1 if os.path.basename(rel) in COMMIT_MARKERS
+                        else 0)
+    done: list[epath.Path] = []
+    try:
+        for rel in sorted(files, key=rank):  # stable: the sorted order within each rank
+            out = dst.joinpath(*rel.split(os.sep))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(os.path.join(local, rel), "rb") as f, out.open("wb") as g:
+                shutil.copyfileobj(f, g, 1 << 24)  # streamed: checkpoints may be large
+            done.append(out)
+    except BaseException:
+        for out in reversed(done):
+            with contextlib.suppress(Exception):
+                out.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def local_file(p: PathLike):
+    """`p` as a local file path for readers that need one (memory-mapped GGUF): a remote file
+    is downloaded into a temporary directory, removed on exit; a local path is yielded as is."""
+    if not is_remote(p):
+        yield os.fspath(p)
+        return
+    tmp = tempfile.mkdtemp(prefix=".download-")
+    try:
+        local = os.path.join(tmp, path(p).name)
+        with path(p).open("rb") as f, open(local, "wb") as g:
+            shutil.copyfileobj(f, g, 1 << 24)
+        yield local
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

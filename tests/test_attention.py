@@ -1,13 +1,16 @@
 """Attention by backend (model/attention.py): solo's einsum path, the XLA reference
 (`jax.nn.dot_product_attention`) and Pallas splash attention (interpret mode on CPU) agree with
 a float64 numpy reference on packed segments, causal and bidirectional, grouped-query; packed
-segments never leak through a whole model on any path; the path choice and its fallbacks.
+segments never leak through a whole model on any path; splash in `jax.shard_map` on 8 fake
+devices; the path choice and its fallbacks.
 (cuDNN needs a GPU: benchmarks/gpu_check.sh runs these tests there with model.attention=cudnn.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +147,85 @@ def test_gpu_check_script_stages_fit_eight_minutes(tmp_path):
     for stage in ("tests/test_attention.py", "train_throughput.py --size gpt2-124m",
                   "--set attention=xla", "decode_throughput.py"):
         assert stage in out.stdout, stage
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from solo.model import attention as attn, sharding
+    assert jax.device_count() == 8, jax.devices()
+    B, N, H, G, K = 4, 128, 4, 2, 16
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32)
+               for s in [(B, N, H, K), (B, N, G, K), (B, N, G, K)])
+    seg = np.ones((B, N), np.int32)
+    seg[0, 50:], seg[0, 100:] = 2, 0  # documents then padding, a different packing per row
+    seg[1, 30:], seg[1, 77:] = 3, 4
+    seg[2, 64:] = 5
+    seg[3, 10:], seg[3, 120:] = 6, 0
+    real = seg != 0
+    out = {}
+    for shape in [(2, 2, 2), (4, 1, 2)]:  # data x fsdp x tensor
+        mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
+        put = lambda x, *s: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), *s)))
+        args = put(q, None, "tensor"), put(k, None, "tensor"), put(v, None, "tensor"), put(seg)
+        for causal in (True, False):
+            mask = (seg[:, :, None] == seg[:, None, :]) & real[:, :, None]
+            if causal:
+                mask = mask & (np.arange(N)[:, None] >= np.arange(N)[None])
+
+            def fn(path, causal=causal, mask=mask):
+                def f(q, k, v, s):
+                    with sharding.activation_sharding(mesh):
+                        return attn.attend(path, q, k, v, jnp.asarray(mask), s, causal=causal)
+                return f
+
+            def loss(path):  # padding queries carry no loss weight
+                return lambda *a: jnp.sum(jnp.where(real[:, :, None, None], fn(path)(*a),
+                                                    0.0) ** 2)
+
+            name = f"{'x'.join(map(str, shape))}_{'causal' if causal else 'bidir'}"
+            specs = [str(e.params["in_specs"]) for e in jax.make_jaxpr(fn("splash"))(
+                *args).jaxpr.eqns if e.primitive.name == "shard_map"]
+            ref = attn.reference(q, k, v, mask)
+            got = np.asarray(jax.jit(fn("splash"))(*args), np.float64)
+            xla = np.asarray(jax.jit(fn("xla"))(*args), np.float64)
+            grads = [jax.jit(jax.grad(loss(p), argnums=(0, 1, 2)))(*args)
+                     for p in ("splash", "xla")]
+            out[name] = dict(
+                specs=specs,
+                ref_err=float(np.abs(got - ref)[real].max()),
+                xla_err=float(np.abs(got - xla)[real].max()),
+                grad_err=max(float(np.abs(np.asarray(a) - np.asarray(b)).max() /
+                                   np.abs(np.asarray(b)).max())
+                             for a, b in zip(*grads)),
+                finite=bool(np.isfinite(got).all()))
+    print("RESULT", json.dumps(out))
+""")
+
+
+def test_splash_under_an_eight_device_mesh_matches_xla():
+    """The splash path run numerically (interpret mode) in `jax.shard_map` on 8 fake CPU devices,
+    data x fsdp x tensor = 2x2x2 and 4x1x2: rows sharded over data and fsdp (each shard packs its
+    own documents), query and kv heads over tensor (GQA: each shard's 2 query heads with their
+    one kv head), causal and bidirectional. Outputs equal the float64 reference and the xla path
+    on the same mesh; gradients equal xla's. The shard_map's specs are checked too, so the test
+    cannot pass by silently running replicated."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert len(res) == 4
+    sharded = "P(('data', 'fsdp'), 'tensor', None, None)"
+    for name, r in res.items():
+        assert len(r["specs"]) == 1 and r["specs"][0].count(sharded) == 3, (name, r["specs"])
+        assert "P(('data', 'fsdp'), None)" in r["specs"][0], (name, r["specs"])  # segment ids
+        assert r["finite"], name
+        assert r["ref_err"] < 2e-5 and r["xla_err"] < 2e-5, (name, r)
+        assert r["grad_err"] < 1e-4, (name, r)

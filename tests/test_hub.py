@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from reference import gpt2_bpe_dir, require, smollm2_gguf
 from test_hf import jitter
+from test_multihost import fake_gcs  # noqa: F401 - a fixture: gs:// as an in-memory store
 
 from solo import cli
 from solo.agent.sampler import Sampler
@@ -239,9 +241,10 @@ def test_bad_sources_are_one_line_and_write_nothing(tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".import")]
 
 
-def test_an_unsupported_quantization_is_named(tmp_path):
+def _q8_1_gguf(file) -> None:
+    """A one-tensor GGUF file in a quantization solo does not read (Q8_1)."""
     gguf = require("gguf")
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w = gguf.GGUFWriter(str(file), "llama")
     for key, value in dict(block_count=1, embedding_length=32, feed_forward_length=64,
                            context_length=16, vocab_size=32).items():
         w.add_uint32(f"llama.{key}", value)
@@ -252,9 +255,31 @@ def test_an_unsupported_quantization_is_named(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_an_unsupported_quantization_is_named(tmp_path):
+    _q8_1_gguf(tmp_path / "q.gguf")
     with pytest.raises(ConversionError, match="quantization type Q8_1"):
         import_model(str(tmp_path / "q.gguf"), str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
+
+
+def test_a_gcs_gguf_is_read_from_a_local_copy(tmp_path, fake_gcs, monkeypatch):  # noqa: F811
+    """A gs:// .gguf is downloaded into a temporary directory (its reader memory-maps a local
+    file), read (here: to the error naming its quantization) and the copy removed."""
+    import tempfile
+
+    from solo.files import path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    _q8_1_gguf(tmp_path / "q.gguf")
+    path("gs://bucket/models").mkdir(parents=True)
+    path("gs://bucket/models/q.gguf").write_bytes((tmp_path / "q.gguf").read_bytes())
+    with pytest.raises(ConversionError, match="quantization type Q8_1"):
+        import_model("gs://bucket/models/q.gguf", "gs://bucket/runs/q")
+    assert not list((tmp_path / "tmp").iterdir())
+    assert not path("gs://bucket/runs/q").exists()
 
 
 def test_a_solo_model_exports_as_llama_and_what_hf_cannot_express_writes_nothing(
@@ -279,3 +304,105 @@ def test_a_solo_model_exports_as_llama_and_what_hf_cannot_express_writes_nothing
     assert len(err) == 1 and "no Hugging Face architecture expresses this model" in err[0]
     assert "cannot express model.norm='layernorm'" in err[0]
     assert not (tmp_path / "out2").exists()
+
+
+def _tree(root) -> dict[str, bytes]:
+    """Every file under an epath directory (local or gs://): relative path -> bytes."""
+    from solo.files import path
+
+    def walk(p):  # epath has no recursive glob on object stores
+        for child in p.iterdir():
+            yield from walk(child) if child.is_dir() else (child,)
+
+    root = path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in walk(root)}
+
+
+def test_import_and_export_through_gcs_equal_the_local_round_trip(
+        gpt2_dir, tmp_path, fake_gcs, monkeypatch):  # noqa: F811 - the imported fixture
+    """`solo import` from a gs:// HF directory into a gs:// workdir and `solo export` from it to
+    a gs:// directory (fsspec's in-memory store as GCS, test_multihost's fixture) give what the
+    local round trip gives: the exported files byte for byte, the workdir's config and tokenizer
+    files byte for byte and its params value for value. Remote outputs go up in order (config.json
+    last, after the checkpoint's commit marker), leave no temporaries, and an upload that fails
+    halfway removes what it wrote. Orbax reads gs:// checkpoints through tensorstore, which the
+    fake store cannot serve: `load` reads the gs:// workdir through a local mirror here."""
+    from solo.files import path
+    from solo.train import inference
+
+    src, _ = gpt2_dir
+    import_model(str(src), str(tmp_path / "wd"))
+    export_model(str(tmp_path / "wd"), str(tmp_path / "out"))
+
+    for rel, data in _tree(src).items():
+        path(f"gs://bucket/hf/gpt2/{rel}").parent.mkdir(parents=True, exist_ok=True)
+        path(f"gs://bucket/hf/gpt2/{rel}").write_bytes(data)
+    written, real_open = [], fake_gcs._open
+
+    def recording_open(self, p, mode="rb", *args, **kwargs):
+        if "w" in mode:
+            written.append(self._strip_protocol(p))
+        return real_open(self, p, mode, *args, **kwargs)
+
+    monkeypatch.setattr(fake_gcs, "_open", recording_open)
+    config = import_model("gs://bucket/hf/gpt2", "gs://bucket/runs/gpt2")
+    assert config.name == "gpt2" and config.model.attn_bias
+    names = [w.split("/runs/gpt2/", 1)[1] for w in written]
+    assert names[-1] == "config.json"
+    assert names.index("checkpoints/0/commit_success.txt") > max(
+        i for i, n in enumerate(names) if n.startswith("checkpoints/0/") and "commit" not in n)
+
+    real_load = inference.load
+
+    def load_through_mirror(workdir, checkpoint="latest"):
+        for rel, data in _tree(workdir).items():
+            (tmp_path / "mirror" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "mirror" / rel).write_bytes(data)
+        return real_load(str(tmp_path / "mirror"), checkpoint)
+
+    monkeypatch.setattr(inference, "load", load_through_mirror)
+    assert export_model("gs://bucket/runs/gpt2", "gs://bucket/out/gpt2") == "gpt2"
+
+    local_out, remote_out = _tree(tmp_path / "out"), _tree("gs://bucket/out/gpt2")
+    assert set(local_out) == {"model.safetensors", "config.json", "tokenizer.json",
+                              "tokenizer_config.json"}
+    assert remote_out == local_out
+    local_wd, remote_wd = _tree(tmp_path / "wd"), _tree("gs://bucket/runs/gpt2")
+    plain = [rel for rel in local_wd if not rel.startswith("checkpoints/")]
+    assert plain and {r: remote_wd[r] for r in plain} == {r: local_wd[r] for r in plain}
+    a, b = real_load(str(tmp_path / "wd")), real_load(str(tmp_path / "mirror"))
+    for x, y in zip(*(jax.tree.leaves(t.params) for t in (a, b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    everything = [n for rel in _tree("gs://bucket") for n in rel.split("/")]
+    assert not [n for n in everything if n.startswith(".") or n.endswith(".tmp")], everything
+
+    with pytest.raises(ConversionError, match="exists and is not empty"):
+        export_model("gs://bucket/runs/gpt2", "gs://bucket/out/gpt2")
+    calls = []
+
+    def failing_open(self, p, mode="rb", *args, **kwargs):
+        if "w" in mode:
+            if len(calls) == 3:
+                raise OSError("quota exceeded")
+            calls.append(p)
+        return real_open(self, p, mode, *args, **kwargs)
+
+    monkeypatch.setattr(fake_gcs, "_open", failing_open)
+    with pytest.raises(OSError, match="quota exceeded"):
+        import_model("gs://bucket/hf/gpt2", "gs://bucket/runs/again")
+    assert len(calls) == 3 and not _tree("gs://bucket/runs/again")  # 3 written, then removed
+
+
+def test_gcs_paths_without_gcsfs_are_one_line(tmp_path, capsys):
+    """Checked before any source is read or anything written."""
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs installed: it would try real credentials")
+    except ImportError:
+        pass
+    for argv in (["import", str(tmp_path), "--workdir", "gs://b/run"],
+                 ["import", "gs://b/model.gguf", "--workdir", "/nonexistent/never-written"],
+                 ["export", "gs://b/run", "--to", "gs://b/out"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "gs://b/" in err[0] and "pip install gcsfs" in err[0], err
