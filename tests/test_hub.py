@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from reference import gpt2_bpe_dir, require, smollm2_gguf
 from test_hf import jitter
-from test_multihost import fake_gcs  # noqa: F401 - a fixture: gs:// as an in-memory store
 
 from solo import cli
 from solo.agent.sampler import Sampler
@@ -264,7 +263,7 @@ def test_an_unsupported_quantization_is_named(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
-def test_a_gcs_gguf_is_read_from_a_local_copy(tmp_path, fake_gcs, monkeypatch):  # noqa: F811
+def test_a_gcs_gguf_is_read_from_a_local_copy(tmp_path, fake_gcs, monkeypatch):
     """A gs:// .gguf is downloaded into a temporary directory (its reader memory-maps a local
     file), read (here: to the error naming its quantization) and the copy removed."""
     import tempfile
@@ -319,9 +318,9 @@ def _tree(root) -> dict[str, bytes]:
 
 
 def test_import_and_export_through_gcs_equal_the_local_round_trip(
-        gpt2_dir, tmp_path, fake_gcs, monkeypatch):  # noqa: F811 - the imported fixture
+        gpt2_dir, tmp_path, fake_gcs, monkeypatch):
     """`solo import` from a gs:// HF directory into a gs:// workdir and `solo export` from it to
-    a gs:// directory (fsspec's in-memory store as GCS, test_multihost's fixture) give what the
+    a gs:// directory (fsspec's in-memory store as GCS, conftest's fake_gcs) give what the
     local round trip gives: the exported files byte for byte, the workdir's config and tokenizer
     files byte for byte and its params value for value. Remote outputs go up in order (config.json
     last, after the checkpoint's commit marker), leave no temporaries, and an upload that fails
