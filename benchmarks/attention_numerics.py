@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solo.files import write_atomic
 from solo.model import attention as attn
 
 # name -> (batch, length, heads, kv heads, head width)
@@ -135,9 +136,8 @@ def main(argv=None) -> list[dict]:
                     err = row.get("error") or "  ".join(
                         f"{x} rel {row[x]['rel']:.1e} max {row[x]['max_abs']:.1e}"
                         for x in ("fwd", "dq", "dk", "dv"))
-                    if args.json:  # after every row: a stage cut off by its time limit keeps
-                        with open(args.json, "w") as f:  # the rows done so far
-                            json.dump(rows, f, indent=1)
+                    if args.json:  # after every row: a run cut off by a time limit keeps its
+                        write_atomic(args.json, json.dumps(rows, indent=1))  # rows so far
                     print(f"{shape:5s} {path:6s} {dtype:8s} {'causal' if causal else 'bidir ':6s}"
                           f" {'ok  ' if row['ok'] else 'FAIL'} {err}", flush=True)
     return rows

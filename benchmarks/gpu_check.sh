@@ -10,8 +10,8 @@
 #        command:   bash benchmarks/gpu_check.sh
 #        carry:     [".gpu_wheels"]
 #        timeout_s: 570
-#      The stages' limits add up to 480 s (8 minutes) and each stage is killed at its own, so
-#      the call ends in about 8 minutes at worst, inside 570. The summary table prints last
+#      The stages' limits add up to 480 s (8 minutes); each is killed at its own (plus what the
+#      stages before it left unused), so the call ends in about 8 minutes at worst, inside 570. The summary table prints last
 #      (the reply's output_tail); every figure and the whole log are written to $OUT as they
 #      come, so they come back even from a timed-out call, and land here under the reply's
 #      files_at: summary.json, train_cudnn.json, train_xla.json, numerics.json, decode.json, log.
@@ -20,7 +20,8 @@
 #      below, comma-separated), same carry; then call give_back.
 #   Put the summary's figures in README.md ("On a GPU") and experiments/gpt2_124m.py's docstring.
 #
-# Stages, in order of importance, each under `timeout`, each run whatever the others did:
+# Stages, in order of importance, each under `timeout`, each run whatever the others did (see
+# LIMITS below):
 #   install    20 s  the carried wheels into /tmp/solo-gpu-site (pip --no-index --no-deps
 #                    --target: the image's jax, jaxlib, CUDA and cuDNN are never touched)
 #   env        20 s  nvidia-smi, jax.print_environment_info(), the devices
@@ -31,8 +32,8 @@
 #                    and gradients vs a float64/float32-highest reference (GPT-2's shape too)
 #   tests      90 s  tests/test_attention.py + tests/test_precision.py on the GPU (cuDNN joins
 #                    the attention paths; float32 matmuls at 'highest', see below)
-#   decode     60 s  benchmarks/decode_throughput.py (bfloat16, batches 1/8/64, HF side skipped)
-#   train_xla  80 s  the train stage with model.attention=xla (the reference path, for the ratio)
+#   decode     70 s  benchmarks/decode_throughput.py (bfloat16, batches 1/8/64, HF side skipped)
+#   train_xla  70 s  the train stage with model.attention=xla (the reference path, for the ratio)
 #
 #   bash benchmarks/gpu_check.sh [--dry-run] [--smoke] [--only STAGES] [--wheels DIR]
 #   bash benchmarks/gpu_check.sh --fetch-wheels [--wheels DIR]   (FETCH_PY=3.12 by default)
@@ -84,21 +85,36 @@ if [ $FETCH = 1 ]; then  # here, with a package index: the wheels for the device
   exit 0
 fi
 
+# each stage's own limit (seconds). The budget is the selected stages' sum (480 for all of
+# them); a stage may also use what the stages before it left unused, never what the stages
+# after it are owed, so the script ends inside the budget (plus 5 s a stage to kill) whatever
+# hangs, and a slow first compile borrows what a quick stage saved.
+LIMITS=${GPU_CHECK_LIMITS:-"install:20 env:20 train:150 numerics:60 tests:90 decode:70 train_xla:70"}
+selected() { [ -z "$ONLY" ] || [ "$1" = install ] || [[ $ONLY == *",$1,"* ]]; }
+OWED=0  # the limits of the selected stages not yet run
+for e in $LIMITS; do selected "${e%%:*}" && OWED=$(( OWED + ${e#*:} )); done
+BUDGET=$OWED
+
 mkdir -p "$OUT"
 START=$(date +%s)
 LOG=$OUT/log
 [ $DRY = 1 ] || : > "$LOG"
-RESULTS=""  # "name rc seconds" per stage, for the summary
-step() {  # step SECONDS NAME CMD...: one stage under its own time limit, never fatal
-  local limit=$1 name=$2; shift 2
-  if [ -n "$ONLY" ] && [ "$name" != install ] && [[ $ONLY != *",$name,"* ]]; then return 0; fi
+RESULTS=""  # "name:rc:seconds" per stage, for the summary
+step() {  # step NAME CMD...: one stage under its time limit (LIMITS), never fatal
+  local name=$1 limit e; shift
+  selected "$name" || return 0
+  for e in $LIMITS; do [ "${e%%:*}" = "$name" ] && limit=${e#*:}; done
+  OWED=$(( OWED - limit ))
   local t0; t0=$(date +%s)
+  if [ $DRY = 0 ]; then  # its own limit plus what earlier stages left unused
+    limit=$(( BUDGET - (t0 - START) - OWED )); [ $limit -lt 10 ] && limit=10
+  fi
   echo "=== $name (limit ${limit}s, at $(( t0 - START ))s)" | tee -a "$LOG"
   if [ $DRY = 1 ]; then echo "+ $*"; return 0; fi
   timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   RESULTS="$RESULTS $name:$rc:$(( $(date +%s) - t0 ))"
-  echo "=== $name: exit $rc$([ "$rc" = 124 ] && echo ' (timed out)') in $(( $(date +%s) - t0 ))s" \
+  echo "=== $name: exit $rc$([ "$rc" = 124 ] || [ "$rc" = 137 ] && echo ' (timed out)') in $(( $(date +%s) - t0 ))s" \
     | tee -a "$LOG"
 }
 
@@ -127,7 +143,7 @@ install_missing() {
 }
 export PY WHEELS SITE NEEDS
 export -f install_missing  # `timeout` runs programs, not shell functions
-step 20 install bash -c install_missing  # always, --only or not
+step install bash -c install_missing  # always, --only or not
 # solo in place: solo/ plus each stage folder as solo.<folder> (pyproject's package-dir)
 if [ $DRY = 0 ]; then
   rm -rf "$PKG" && mkdir -p "$PKG/solo"
@@ -150,15 +166,15 @@ envinfo() {
   "$PY" -P -c "import jax, solo.model; jax.print_environment_info(); print(jax.devices())"
 }
 export -f envinfo
-step 20 env bash -c envinfo
-step 150 train "$PY" -P benchmarks/train_throughput.py $SIZE --json "$OUT/train_cudnn.json"
-step 60 numerics "$PY" -P benchmarks/attention_numerics.py $NUM --json "$OUT/numerics.json"
+step env bash -c envinfo
+step train "$PY" -P benchmarks/train_throughput.py $SIZE --json "$OUT/train_cudnn.json"
+step numerics "$PY" -P benchmarks/attention_numerics.py $NUM --json "$OUT/numerics.json"
 # the tests' float32 tolerances are float32's (2e-5): on a GPU, float32 matmuls default to TF32
 # (~1e-3), so they run at 'highest' (a no-op on CPU); the bfloat16/cuDNN checks are unaffected
-step 90 tests env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -P -m pytest -q -p no:cacheprovider \
+step tests env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -P -m pytest -q -p no:cacheprovider \
   tests/test_attention.py tests/test_precision.py -k "$SEL and not gpu_check"
-step 60 decode "$PY" -P benchmarks/decode_throughput.py --skip-hf $DEC --json "$OUT/decode.json"
-step 80 train_xla "$PY" -P benchmarks/train_throughput.py $SIZE --set attention=xla \
+step decode "$PY" -P benchmarks/decode_throughput.py --skip-hf $DEC --json "$OUT/decode.json"
+step train_xla "$PY" -P benchmarks/train_throughput.py $SIZE --set attention=xla \
   --json "$OUT/train_xla.json"
 [ $DRY = 1 ] && exit 0
 

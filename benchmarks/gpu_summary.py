@@ -110,7 +110,7 @@ def main(out_dir: str) -> dict:
         print("decode: no figure (see the log)")
     c, x = summary["train_cudnn"], summary["train_xla"]
     if c:
-        line = (f"GPT-2 124M bf16 train step on {c['device']} (jax {c['jax']}, "
+        line = (f"GPT-2 124M {c['dtype']} train step on {c['device']} (jax {c['jax']}, "
                 f"{c['tokens_per_step']:,} tokens a step): {c['tokens_s']:,} tokens/s, "
                 f"{c['ms_step']:.1f} ms/step, MFU {c['mfu']:.1%}")
         if x:

@@ -272,11 +272,13 @@ def main(argv=None):
     if args.json:
         import json
 
-        with open(args.json, "w") as f:
-            json.dump(dict(size=args.size, device=dev.device_kind, devices=ndev,
-                           dtype=cfg.dtype, peak=peak, peak_source=how, attention=attention,
-                           remat=cfg.remat, tokens_per_step=tokens, flops_per_token=fpt,
-                           jax_version=jax.__version__, **out), f, indent=2)
+        from solo.files import write_atomic
+
+        figures = dict(size=args.size, device=dev.device_kind, devices=ndev, dtype=cfg.dtype,
+                       peak=peak, peak_source=how, attention=attention, remat=cfg.remat,
+                       tokens_per_step=tokens, flops_per_token=fpt, jax_version=jax.__version__,
+                       **out)
+        write_atomic(args.json, json.dumps(figures, indent=2))
     return out
 
 
