@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 
@@ -78,34 +79,45 @@ def paths(backend: str) -> list[str]:
     return {"gpu": ["cudnn"], "tpu": ["splash"]}.get(backend, []) + ["xla", "einsum"]
 
 
-def check(shape: str, path: str, dtype: str, causal: bool, seed: int = 0) -> dict:
+def _loss(impl: str, case: dict, prec: str | None = None):
+    """jit(value_and_grad) of sum(out * cotangent) over real query rows on path `impl`."""
+    real_q = jnp.asarray(case["real"])[:, :, None, None]
+    ct = case["ct"].astype(jnp.float32)
+    mj, sj = jnp.asarray(case["mask"]), jnp.asarray(case["seg"])
+
+    def f(q, k, v):
+        with jax.default_matmul_precision(prec) if prec else contextlib.nullcontext():
+            out = attn.attend(impl, q, k, v, mj, sj, causal=case["causal"])
+        return jnp.sum(jnp.where(real_q, out.astype(jnp.float32) * ct, 0.0)), out
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+
+@functools.cache
+def _case(shape: str, dtype: str, causal: bool, seed: int = 0) -> dict:
+    """Inputs and references of one case, shared by every path checked on it."""
     b, n, h, g, kw = SHAPES[shape]
     rng = np.random.default_rng(seed)
     seg = segments(b, n, rng)
-    m = mask(seg, causal)
-    q, k, v, ct = (jnp.asarray(rng.standard_normal(s), dtype) for s in
-                   ((b, n, h, kw), (b, n, g, kw), (b, n, g, kw), (b, n, h, kw)))
-    real = seg != 0  # padding queries carry no loss weight: any finite value will do
-    real_q = jnp.asarray(real)[:, :, None, None]
-    mj, sj = jnp.asarray(m), jnp.asarray(seg)
+    case = dict(seg=seg, mask=mask(seg, causal), causal=causal, real=seg != 0)
+    case["q"], case["k"], case["v"], case["ct"] = (
+        jnp.asarray(rng.standard_normal(s), dtype)
+        for s in ((b, n, h, kw), (b, n, g, kw), (b, n, g, kw), (b, n, h, kw)))
+    up = [case[x].astype(jnp.float32) for x in "qkv"]
+    _, case["ref_grads"] = _loss("xla", case, "highest")(*up)
+    case["ref"] = reference64(*(np.asarray(x, np.float64) for x in up), case["mask"])
+    return case
 
-    def loss(impl, prec=None):
-        def f(q, k, v):
-            with jax.default_matmul_precision(prec) if prec else contextlib.nullcontext():
-                out = attn.attend(impl, q, k, v, mj, sj, causal=causal)
-            return jnp.sum(jnp.where(real_q, out.astype(jnp.float32) * ct.astype(jnp.float32),
-                                     0.0)), out
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
+def check(shape: str, path: str, dtype: str, causal: bool, seed: int = 0) -> dict:
+    case = _case(shape, dtype, causal, seed)
+    real = case["real"]  # padding queries carry no loss weight: any finite value will do
     # float32 rows at 'highest': a GPU's default float32 matmul is TF32 (~1e-3), a precision
     # choice, not an attention error; bfloat16 rows run as training runs them
-    (_, out), grads = loss(path, "highest" if dtype == "float32" else None)(q, k, v)
-    up = [x.astype(jnp.float32) for x in (q, k, v)]
-    _, ref_grads = loss("xla", "highest")(*up)
-    ref = reference64(*(np.asarray(x, np.float64) for x in up), m)
+    fn = _loss(path, case, "highest" if dtype == "float32" else None)
+    (_, out), grads = fn(case["q"], case["k"], case["v"])
     row = dict(shape=shape, path=path, dtype=dtype, causal=causal,
-               fwd=errors(out, ref, real))
-    for name, a, r in zip("qkv", grads, ref_grads, strict=True):
+               fwd=errors(out, case["ref"], real))
+    for name, a, r in zip("qkv", grads, case["ref_grads"], strict=True):
         row[f"d{name}"] = errors(a, r, real if name == "q" else np.ones_like(real))
     rels = [row["fwd"]["rel"]] + [row[f"d{x}"]["rel"] for x in "qkv"]
     row["ok"] = bool(all(np.isfinite(rels)) and max(rels) < BOUND[dtype])
