@@ -2,7 +2,7 @@
 # benchmarks/gpu_check.sh: everything issue 13 asks of a GPU, in ONE call of the device tool.
 #
 # A session lent a GPU (the `status` tool says can_start_another: true) does exactly this:
-#   1. here, once (needs this machine's package index; ~0.1 MB):
+#   1. here, once, in the project's venv (it needs this machine's package index; 80 KB):
 #        bash benchmarks/gpu_check.sh --fetch-wheels
 #      It fills .gpu_wheels/ (git-ignored) with the wheels of what solo's stages import and
 #      the device image lacks (ml-collections), for the image's Python 3.12, manylinux x86_64.
@@ -10,14 +10,17 @@
 #        command:   bash benchmarks/gpu_check.sh
 #        carry:     [".gpu_wheels"]
 #        timeout_s: 570
-#      The stages' limits add up to 480 s (8 minutes); each is killed at its own (plus what the
-#      stages before it left unused), so the call ends in about 8 minutes at worst, inside 570. The summary table prints last
-#      (the reply's output_tail); every figure and the whole log are written to $OUT as they
-#      come, so they come back even from a timed-out call, and land here under the reply's
-#      files_at: summary.json, train_cudnn.json, train_xla.json, numerics.json, decode.json, log.
+#      The stages' limits add up to 480 s (8 minutes); each is killed at its own (plus what
+#      the stages before it left unused), so the call ends within about 9 minutes whatever
+#      hangs. The summary table prints last (the reply's output_tail: tokens/s, ms/step, MFU,
+#      numerics errors per path, the tests' tally, decode tokens/s, each stage's exit). Every
+#      figure and the whole log are written to $OUT as they come, so they come back even from
+#      a timed-out call, and land here, read-only, under the reply's files_at: summary.json,
+#      train_cudnn.json, train_xla.json, numerics.json, decode.json, log.
 #   3. if a stage failed or timed out and the machine is still warm (30 s), rerun it alone at
-#      once (no new start): command `bash benchmarks/gpu_check.sh --only train_xla` (names
-#      below, comma-separated), same carry; then call give_back.
+#      once (no new start; a fresh one needs 4 minutes left): command
+#      `bash benchmarks/gpu_check.sh --only train_xla` (names below, comma-separated), same
+#      carry, timeout_s its limit + 60; then call give_back.
 #   Put the summary's figures in README.md ("On a GPU") and experiments/gpt2_124m.py's docstring.
 #
 # Stages, in order of importance, each under `timeout`, each run whatever the others did (see
@@ -43,6 +46,7 @@
 # image the one with jax, torch and pytest) runs everything with -P, so the repository root never
 # shadows the `solo` package, which is assembled in place under /tmp (symlinks, nothing
 # installed). No file goes to $OUT but the six above (the device tool returns at most 8).
+# benchmarks/gpu_summary.py prints the summary. GPU_CHECK_LIMITS overrides the limits' table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

@@ -26,7 +26,7 @@ def _train(d: dict | None) -> dict | None:
     if not d or "jax" not in d:
         return None
     j = d["jax"]
-    return dict(device=f"{d['devices']}x {d['device']}", dtype=d["dtype"],
+    return dict(size=d["size"], device=f"{d['devices']}x {d['device']}", dtype=d["dtype"],
                 attention=d.get("attention", "?"), ms_step=round(j["ms_step"], 2),
                 ms_step_median=round(j.get("ms_step_median", j["ms_step"]), 2),
                 tokens_s=round(j["tokens_s"]), mfu=round(j["mfu"], 4),
@@ -110,7 +110,7 @@ def main(out_dir: str) -> dict:
         print("decode: no figure (see the log)")
     c, x = summary["train_cudnn"], summary["train_xla"]
     if c:
-        line = (f"GPT-2 124M {c['dtype']} train step on {c['device']} (jax {c['jax']}, "
+        line = (f"{c['size']} {c['dtype']} train step on {c['device']} (jax {c['jax']}, "
                 f"{c['tokens_per_step']:,} tokens a step): {c['tokens_s']:,} tokens/s, "
                 f"{c['ms_step']:.1f} ms/step, MFU {c['mfu']:.1%}")
         if x:
