@@ -180,3 +180,38 @@ def test_attention_numerics_figures_pass_a_right_path_and_fail_a_leaky_one(monke
     monkeypatch.setattr(attn, "attend", leaky)
     row = numerics.check("small", "einsum", "float32", causal=True)
     assert not row["ok"] and row["fwd"]["rel"] > 1e-2, row
+
+
+def test_gpu_summary_reads_the_figures_and_reports_what_is_missing(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_summary.py (gpu_check.sh's last word): MFU and tokens/s from the train
+    JSON, each path's worst numerics error, pytest's tally from the log, a timed-out stage as
+    such, and the missing decode figure named rather than skipped."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_summary.py"
+    spec = importlib.util.spec_from_file_location("gpu_summary", path)
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    (tmp_path / "train_cudnn.json").write_text(json.dumps(dict(
+        size="gpt2-124m", device="NVIDIA H200", devices=1, dtype="bfloat16", peak=989e12,
+        attention="attention: cudnn", jax=dict(ms_step=60.0, tokens_s=546133.3, mfu=0.4718))))
+    err = lambda rel: dict(rel=rel, max_abs=10 * rel)
+    (tmp_path / "numerics.json").write_text(json.dumps([
+        dict(path="cudnn", dtype="bfloat16", ok=True, fwd=err(3e-3), dq=err(5e-3), dk=err(1e-3),
+             dv=err(2e-3)),
+        dict(path="cudnn", dtype="bfloat16", ok=False, error="NotImplementedError: cuDNN")]))
+    (tmp_path / "log").write_text("=== tests (limit 90s, at 3s)\n....F\n"
+                                  "1 failed, 4 passed, 3 deselected in 9.1s\n=== tests: exit 1\n")
+    monkeypatch.setenv("RESULTS", "train:0:80 tests:1:12 decode:124:70")
+    out = summary.main(str(tmp_path))
+    assert out["train_cudnn"]["tokens_s"] == 546133 and out["train_cudnn"]["mfu"] == 0.4718
+    assert out["numerics"]["cudnn/bfloat16"] == dict(rows=2, failed=1, worst_rel=5e-3,
+                                                     worst_max_abs=5e-2,
+                                                     errors=["NotImplementedError: cuDNN"])
+    assert out["tests"] == "1 failed, 4 passed, 3 deselected in 9.1s"
+    assert out["stages"]["decode"]["status"] == "timed out" and out["decode"] == {}
+    printed = capsys.readouterr().out
+    assert "MFU 47.2% of 989.0 TFLOP/s" in printed and "decode: no figure" in printed
+    assert json.loads((tmp_path / "summary.json").read_text()) == out
