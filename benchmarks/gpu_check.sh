@@ -165,9 +165,27 @@ else
   SIZE="--size gpt2-124m --steps 20 --rounds 2 --warmup 3"; DEC="--batches 1,8,64 --rounds 2"
   NUM="--shapes small,gpt2"; SEL="not gpt2"
 fi
-envinfo() {
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
-  "$PY" -P -c "import jax, solo.model; jax.print_environment_info(); print(jax.devices())"
+envinfo() {  # read-only: nvidia-smi queries, versions, devices, the cuDNN jax finds
+  command -v nvidia-smi >/dev/null && nvidia-smi --format=csv \
+    --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw
+  "$PY" -P - <<'PYEOF'
+import importlib.metadata as md
+import jax
+import solo.model  # noqa: F401 - solo imports on this image
+jax.print_environment_info()
+print(jax.devices(), [d.device_kind for d in jax.devices()])
+def version(p):
+    try:
+        return md.version(p)
+    except md.PackageNotFoundError:
+        return "missing"
+print({p: version(p) for p in ("flax", "optax", "orbax-checkpoint", "ml-collections", "pytest")})
+try:  # private API: only a diagnostic
+    from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+    print("cudnn", check_cudnn_version())
+except Exception as e:  # noqa: BLE001
+    print("cudnn: not found or unknown:", type(e).__name__, str(e)[:120])
+PYEOF
 }
 export -f envinfo
 step env bash -c envinfo
