@@ -93,7 +93,8 @@ fi
 # them); a stage may also use what the stages before it left unused, never what the stages
 # after it are owed, so the script ends inside the budget (plus 5 s a stage to kill) whatever
 # hangs, and a slow first compile borrows what a quick stage saved.
-LIMITS=${GPU_CHECK_LIMITS:-"install:20 env:20 train:150 numerics:60 tests:90 decode:70 train_xla:70"}
+LIMITS="install:20 env:20 train:150 numerics:60 tests:90 decode:70 train_xla:70"
+LIMITS=${GPU_CHECK_LIMITS:-$LIMITS}
 selected() { [ -z "$ONLY" ] || [ "$1" = install ] || [[ $ONLY == *",$1,"* ]]; }
 OWED=0  # the limits of the selected stages not yet run
 for e in $LIMITS; do selected "${e%%:*}" && OWED=$(( OWED + ${e#*:} )); done
@@ -102,7 +103,10 @@ BUDGET=$OWED
 mkdir -p "$OUT"
 START=$(date +%s)
 LOG=$OUT/log
-[ $DRY = 1 ] || : > "$LOG"
+if [ $DRY = 0 ]; then  # this run's figures only (the device tool empties $OUT; a local run may not)
+  : > "$LOG"
+  rm -f "$OUT"/{summary,train_cudnn,train_xla,numerics,decode}.json
+fi
 RESULTS=""  # "name:rc:seconds" per stage, for the summary
 step() {  # step NAME CMD...: one stage under its time limit (LIMITS), never fatal
   local name=$1 limit e; shift
@@ -117,9 +121,10 @@ step() {  # step NAME CMD...: one stage under its time limit (LIMITS), never fat
   if [ $DRY = 1 ]; then echo "+ $*"; return 0; fi
   timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  RESULTS="$RESULTS $name:$rc:$(( $(date +%s) - t0 ))"
-  echo "=== $name: exit $rc$([ "$rc" = 124 ] || [ "$rc" = 137 ] && echo ' (timed out)') in $(( $(date +%s) - t0 ))s" \
-    | tee -a "$LOG"
+  local secs=$(( $(date +%s) - t0 )) how=""
+  RESULTS="$RESULTS $name:$rc:$secs"
+  { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && how=" (timed out)"
+  echo "=== $name: exit $rc$how in ${secs}s" | tee -a "$LOG"
 }
 
 # packages the image lacks, from the carried wheels, without an index, into a folder of their
@@ -128,7 +133,7 @@ install_missing() {
   local files="" missing="" entry mod whl
   for entry in $NEEDS; do
     mod=${entry%%:*}
-    "$PY" -c "import $mod" 2>/dev/null && continue
+    "$PY" -P -c "import $mod" 2>/dev/null && continue
     missing="$missing $mod"
     whl=$(ls "$WHEELS"/"$(echo "${entry#*:}" | tr - _)"-*.whl 2>/dev/null | head -1)
     [ -n "$whl" ] && files="$files $whl"
@@ -143,7 +148,7 @@ install_missing() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" $files || return 1
   missing=${missing# }
-  PYTHONPATH=$SITE "$PY" -c "import ${missing// /,}; print('installed: $missing')"
+  PYTHONPATH=$SITE "$PY" -P -c "import ${missing// /,}; print('installed: $missing')"
 }
 export PY WHEELS SITE NEEDS
 export -f install_missing  # `timeout` runs programs, not shell functions
