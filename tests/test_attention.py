@@ -156,6 +156,8 @@ def test_gpu_check_script_stages_fit_eight_minutes(tmp_path):
         assert stage in out.stdout, stage
     commands = [ln for ln in out.stdout.splitlines() if ln.startswith("+ ") and "python" in ln]
     assert len(commands) == 5 and all(" -P " in ln for ln in commands), commands
+    # the device tool returns at most 8 files from $OUT: these 4 figures + log + summary.json
+    assert len(set(re.findall(re.escape(str(tmp_path)) + r"/(\S+)", out.stdout))) == 4
 
 
 def test_attention_numerics_figures_pass_a_right_path_and_fail_a_leaky_one(monkeypatch):
