@@ -238,6 +238,8 @@ def main(argv=None):
             res[f"4x_{name}_over_roofline"] = 4 * res[f"{name}_tok_s"] / res["roofline_tok_s"]
             res[f"ratios_{name}"] = [round(x, 2) for x in ratios]
         results[f"batch{b}"] = res
+        if args.json:  # after every batch: a run cut off by a time limit keeps what it measured
+            _write(args.json, results)
         print(f"batch {b}: " + ", ".join(
             f"{k}={v:.2f}" if isinstance(v, float) and v < 10 else
             f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
@@ -251,9 +253,14 @@ def main(argv=None):
             print(f"batch 1 {'non-streaming' if c == 0 else f'streaming chunk={c}'}: "
                   f"{r:.1f} tok/s", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        _write(args.json, results)
     return results
+
+
+def _write(path: str, results: dict) -> None:
+    from solo.files import write_atomic
+
+    write_atomic(path, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def main(argv=None):
           f"flops/token={fpt / 1e6:.1f}M dtype={cfg.dtype} remat={cfg.remat} "
           f"devices={ndev}x {dev.device_kind} "
           f"mesh={dict(parallel.make_mesh(config.train.mesh).shape)}")
-    print(describe(cfg.attention, config.data.seq_len, cfg.head_dim, cfg.dtype))
+    attention = describe(cfg.attention, config.data.seq_len, cfg.head_dim, cfg.dtype)
+    print(attention)
     print(f"peak {peak / 1e12:.3f} TFLOP/s per device ({how})")
     gemm = measure_gemm() if dev.platform == "cpu" else float("nan")
     if dev.platform == "cpu":
@@ -260,7 +261,7 @@ def main(argv=None):
     out = {}
     for k, (w, c, med) in best.items():
         mfu = tokens * fpts[k] / w / (peak * (ndev if k == "jax" else 1))
-        out[k] = dict(ms_step=w * 1e3, tokens_s=tokens / w, mfu=mfu)
+        out[k] = dict(ms_step=w * 1e3, ms_step_median=med * 1e3, tokens_s=tokens / w, mfu=mfu)
         extra_s = (f"  ({tokens * fpts[k] / w / gemm:.0%} of the measured GEMM rate)"
                    if dev.platform == "cpu" else "")
         print(f"{k:6s} step {w * 1e3:8.1f} ms (median {med * 1e3:.1f}, cpu {c * 1e3:.0f} ms)  "
@@ -271,9 +272,13 @@ def main(argv=None):
     if args.json:
         import json
 
-        with open(args.json, "w") as f:
-            json.dump(dict(size=args.size, device=dev.device_kind, devices=ndev,
-                           dtype=cfg.dtype, peak=peak, **out), f, indent=2)
+        from solo.files import write_atomic
+
+        figures = dict(size=args.size, device=dev.device_kind, devices=ndev, dtype=cfg.dtype,
+                       peak=peak, peak_source=how, attention=attention, remat=cfg.remat,
+                       tokens_per_step=tokens, flops_per_token=fpt, jax_version=jax.__version__,
+                       **out)
+        write_atomic(args.json, json.dumps(figures, indent=2))
     return out
 
 

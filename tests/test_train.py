@@ -314,6 +314,8 @@ def test_mfu_formula_and_peak_table(monkeypatch):
     assert peaks.peak_flops("bfloat16", Dev("NVIDIA H100 80GB HBM3"))[0] == 989e12
     assert peaks.peak_flops("bfloat16", Dev("NVIDIA H100 PCIe"))[0] == 756e12
     assert peaks.peak_flops("float32", Dev("NVIDIA H200"))[0] == 494.5e12
+    assert peaks.peak_flops("bfloat16", Dev("NVIDIA H200"))[0] == 989e12  # dense, not sparse
+    assert peaks.peak_flops("bfloat16", Dev("NVIDIA H200 NVL"))[0] == 835e12
     assert peaks.peak_flops("float16", Dev("NVIDIA B200"))[0] == 2250e12
     assert peaks.peak_flops("bfloat16", Dev("TPU v6 lite"))[0] == 918e12
     assert peaks.peak_flops("bfloat16", Dev("TPU v5 lite"))[0] == 197e12

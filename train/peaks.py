@@ -33,7 +33,8 @@ PEAKS: dict[str, dict[str, float]] = {
     "H100": {"bfloat16": 989e12, "float32": 494.5e12},  # SXM ("NVIDIA H100 80GB HBM3")
     "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
     "H100 NVL": {"bfloat16": 835e12, "float32": 417.5e12},
-    "H200": {"bfloat16": 989e12, "float32": 494.5e12},
+    "H200": {"bfloat16": 989e12, "float32": 494.5e12},  # SXM ("NVIDIA H200"); GH200 alike
+    "H200 NVL": {"bfloat16": 835e12, "float32": 417.5e12},  # data sheets give 2x, with sparsity
     "B200": {"bfloat16": 2250e12, "float32": 1100e12},
 }
 
