@@ -231,3 +231,17 @@ def test_tokenizer_endpoints(base_url, tok):
     assert ids["tokens"] == tok.encode(PROMPT)
     text = httpx.post(base_url + "/detokenize", json={"tokens": ids["tokens"]}, timeout=60).json()
     assert text["prompt"] == PROMPT
+
+
+def test_logits_chunk_model_scores_as_without_it(decoder, tok):
+    """A run trained with model.logits_chunk (its forward returns lm_hidden/lm_kernel, no logits)
+    scores the same log-probabilities as the same params with logits_chunk=0."""
+    model, params = decoder
+    chunked = Transformer(model.cfg.replace(logits_chunk=8))
+    ids = [BOS_ID, *tok.encode(PROMPT)]
+    got = Scorer(chunked, params, tok).score([ids], top_k=2)[0]
+    ref = log_softmax(model, params, ids)
+    assert np.allclose(got.logprobs[1:], [ref[t - 1, ids[t]] for t in range(1, len(ids))],
+                       atol=TOL)
+    plain = Scorer(model, params, tok).score([ids], top_k=2)[0]
+    assert [[i for i, _ in t] for t in got.top[1:]] == [[i for i, _ in t] for t in plain.top[1:]]
