@@ -141,7 +141,7 @@ class ModelWorker:
         it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
                                   method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,
                                   stop_rows=stop_rows,
-                                  stop_ids=self.template.stop_ids if chat else None)
+                                  stop_ids=self.template.stop_ids if chat else tok.stop_ids)
         try:
             for new, _, info in it:
                 for i, (job, row) in enumerate(zip(batch, rows, strict=True)):

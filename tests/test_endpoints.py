@@ -245,3 +245,35 @@ def test_logits_chunk_model_scores_as_without_it(decoder, tok):
                        atol=TOL)
     plain = Scorer(model, params, tok).score([ids], top_k=2)[0]
     assert [[i for i, _ in t] for t in got.top[1:]] == [[i for i, _ in t] for t in plain.top[1:]]
+
+
+def test_raw_completions_stop_only_at_the_tokenizers_stop_ids(tok):
+    """A model that always writes USER_ID, one of the chat template's stop ids but not the
+    tokenizer's: a raw completion runs to its budget (as `solo sample` does), a chat reply ends
+    at once."""
+    import flax.linen as nn
+
+    from solo.data.tokenizer import USER_ID
+
+    assert USER_ID in CHAT_STOP_IDS and USER_ID not in tok.stop_ids
+    cfg = model_config(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
+                       d_ff=64, max_len=32, norm="layernorm", tie_embeddings=False)
+    model = Transformer(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), {
+        "tokens": jnp.zeros((1, 4), jnp.int32)})["params"])
+    # final norm output = e_0 at every position; logits = lm_head row 0: USER_ID wins
+    params["decoder"]["final_norm"] = dict(scale=jnp.zeros(32), bias=jnp.eye(32)[0])
+    kernel = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = jnp.zeros_like(kernel).at[0, USER_ID].set(10.0)
+    app = make_app(Sampler(model, params, tok, cache_len=32, stop_ids=CHAT_STOP_IDS),
+                   model_name="tiny", max_new_tokens=4)
+    with serving(app) as url:
+        raw = httpx.post(url + "/v1/completions", timeout=60, json=dict(
+            model="tiny", prompt="Anya", max_tokens=4, temperature=0)).json()
+        chat = httpx.post(url + "/v1/chat/completions", timeout=60, json=dict(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            temperature=0)).json()
+    assert (raw["choices"][0]["finish_reason"], raw["usage"]["completion_tokens"]) == (
+        "length", 4)
+    assert (chat["choices"][0]["finish_reason"], chat["usage"]["completion_tokens"]) == (
+        "stop", 0)
