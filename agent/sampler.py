@@ -282,7 +282,7 @@ class Sampler:
                  method=None, seed: int = 0, stop: Sequence[str] = (),
                  stream_cb: Callable[[int, str], None] | None = None, chunk: int = 8,
                  src=None, stop_ids: Sequence[int] | None = None,
-                 prefix: str = "") -> list[Generation]:
+                 prefix: str = "", guards=None) -> list[Generation]:
         """Generates for a batch of prompts (text, framed by data/framing.py as training framed
         it, or token lists taken as they are).
 
@@ -294,8 +294,10 @@ class Sampler:
         Rows end independently at a stop token, a stop string (text cut before it) or their
         max_new_tokens (one budget, or one per row). stream_cb(row, text_delta) is called as
         text becomes final (held back while it could still be the start of a stop string).
-        Without stream_cb and stop strings the whole decode is one jitted call. `prefix` is
-        dropped from the start of each row's text (a chat template's content prefix).
+        Without stream_cb, stop strings and guards the whole decode is one jitted call.
+        `prefix` is dropped from the start of each row's text (a chat template's content
+        prefix). `guards` (agent/guards.Guards): the output guard, applied as the text grows
+        (agent/streaming.RowText), so what stream_cb receives is the guarded reply.
         """
         tok = self.tokenizer
         if self.cfg.kind == "encoder_decoder":
@@ -309,8 +311,8 @@ class Sampler:
                    for p in prompts]
         else:
             ids = [framing.prompt(tok, p) if isinstance(p, str) else list(p) for p in prompts]
-        streaming = bool(stream_cb or [s for s in stop if s])
-        rows = [RowText(tok, m, stop, incremental=streaming, prefix=prefix)
+        streaming = bool(stream_cb or [s for s in stop if s] or guards is not None)
+        rows = [RowText(tok, m, stop, incremental=streaming, prefix=prefix, guards=guards)
                 for m in _per_row(max_new_tokens, len(ids))]
         stop_rows = np.zeros((len(ids),), bool)
         it = self.iterate(ids, max_new_tokens=max_new_tokens, method=method, seed=seed,

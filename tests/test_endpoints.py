@@ -122,7 +122,7 @@ def test_token_id_prompts_are_scored_as_given(client, sampler, tok):
 
 def test_completion_text_n_and_stop(client, sampler, tok):
     ids = [BOS_ID] + tok.encode(PROMPT)
-    new = sampler.generate_ids([ids], max_new_tokens=6)[0][0]
+    new = sampler.generate_ids([ids], max_new_tokens=6, stop_ids=tok.stop_ids)[0][0]
     want = tok.decode(ids + new)[len(tok.decode(ids)):]
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
     assert r.choices[0].text == want and r.object == "text_completion"
@@ -138,6 +138,23 @@ def test_completion_text_n_and_stop(client, sampler, tok):
                                         stop=[want[2]])
         assert cut.choices[0].text == want[: want.index(want[2])]
         assert cut.choices[0].finish_reason == "stop"
+
+
+def test_stop_string_usage_and_logprobs_count_the_texts_tokens(client, sampler, tok):
+    """A stop string cuts the text inside a decode chunk: usage.completion_tokens and the
+    logprobs are the tokens whose decode is the returned text, not the chunk's tokens past it."""
+    ids = [BOS_ID] + tok.encode(PROMPT)
+    new = sampler.generate_ids([ids], max_new_tokens=12, stop_ids=tok.stop_ids)[0][0]
+    after = lambda k: tok.decode(ids + new[:k])[len(tok.decode(ids)):]  # noqa: E731
+    full = after(len(new))
+    assert len(full) >= 6
+    stop = full[2:4]
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                  logprobs=0, stop=[stop])
+    text, k = r.choices[0].text, r.usage.completion_tokens
+    assert text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    assert after(k).startswith(text) and not (k and after(k - 1).startswith(text))
+    assert len(r.choices[0].logprobs.tokens) == k
 
 
 def test_chat_logprobs_are_the_models_log_softmax(client, sampler, tok):
