@@ -262,6 +262,10 @@ def test_logits_chunk_model_scores_as_without_it(decoder, tok):
                        atol=TOL)
     plain = Scorer(model, params, tok).score([ids], top_k=2)[0]
     assert [[i for i, _ in t] for t in got.top[1:]] == [[i for i, _ in t] for t in plain.top[1:]]
+    # the sampler decodes through Transformer.decode, which always gives logits
+    greedy = Sampler(chunked, params, tok, cache_len=32).generate_ids([ids], max_new_tokens=4)
+    assert greedy == Sampler(model, params, tok, cache_len=32).generate_ids([ids],
+                                                                          max_new_tokens=4)
 
 
 def test_raw_completions_stop_only_at_the_tokenizers_stop_ids(tok):
