@@ -93,3 +93,27 @@ def test_solo_tokenizer_framing_is_unchanged(tok):
     ids = tok.encode("Anna")
     assert T.encode_docs(tok, ["Anna"])[0].tolist() == [BOS_ID, *ids, EOS_ID]
     assert T.view_row(tok, ids, 4)["tokens"].tolist() == [BOS_ID, *ids[:2], EOS_ID]
+
+
+def test_decoder_prompt_and_embedding_input_match_the_training_rows(tok):
+    """Decoder LM: a text prompt reaches the model as its training document begins (the document
+    without its EOS); embeddings: Scorer.text_ids is the contrastive training view."""
+    cfg = model_config(vocab_size=tok.vocab_size, d_model=16, num_layers=1, num_heads=2,
+                       d_ff=32, max_len=32)
+    model = Transformer(cfg)
+    params = model.init(jax.random.key(0), {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
+    s = Sampler(model, params, tok, cache_len=32)
+    seen = []
+    prefill = s._prefill
+
+    def spy(variables, prompt, lengths, *a, **k):
+        seen.append([t for t in np.asarray(prompt)[0].tolist() if t])
+        return prefill(variables, prompt, lengths, *a, **k)
+
+    s._prefill = spy
+    text = "Anna lives in Oslo"
+    s.generate([text], max_new_tokens=1)
+    assert seen == [T.encode_docs(tok, [text])[0][:-1].tolist()]
+    view = T.view_row(tok, tok.encode(text), cfg.max_len)
+    assert Scorer(model, params, tok).text_ids(text) == view["tokens"][
+        view["segment_ids"] > 0].tolist()
