@@ -1,8 +1,9 @@
 """One generated row, token ids in -> final text out: how every caller ends rows and streams.
 
 `Sampler.generate`, `Sampler.generate_ids` and the server's batching worker all feed the chunks
-of ids the decode loop yields into one `RowText` per row, so stop tokens, stop strings, budgets
-and held-back text behave the same everywhere.
+of ids the decode loop yields into one `RowText` per row, so stop tokens, stop strings, budgets,
+held-back text and a chat reply's output guard behave the same everywhere: what is streamed,
+answered, counted in usage and kept in the history comes from one decision.
 """
 
 from __future__ import annotations
