@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solo.agent.guards import Guards
 from solo.agent.sampling import (  # noqa: F401  (re-exported: the sampler's public API)
     Compose,
     Greedy,
@@ -282,7 +283,7 @@ class Sampler:
                  method=None, seed: int = 0, stop: Sequence[str] = (),
                  stream_cb: Callable[[int, str], None] | None = None, chunk: int = 8,
                  src=None, stop_ids: Sequence[int] | None = None,
-                 prefix: str = "", guards=None) -> list[Generation]:
+                 prefix: str = "", guards: Guards | None = None) -> list[Generation]:
         """Generates for a batch of prompts (text, framed by data/framing.py as training framed
         it, or token lists taken as they are).
 

@@ -134,8 +134,8 @@ class ModelWorker:
     def _generate(self, batch: list[_Job]) -> None:
         tok = self.sampler.tokenizer
         chat = batch[0].kind == "chat"
-        # text is decoded per chunk only where a stream or stop strings need it
-        # chat replies are guarded as they grow: the stream and the answer are one decision
+        # text is decoded per chunk where a stream, stop strings or guards need it; chat
+        # replies are guarded as they grow: the stream and the answer are one decision
         rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream,
                         prefix=self.template.reply_prefix if chat else "",
                         guards=self.guards if chat else None) for j in batch]
