@@ -93,9 +93,8 @@ class ChatSession:
     def reply(self, user_text: str, stream_cb: Callable[[str], None] | None = None) -> str:
         """Answers user_text (guarded), appends the exchange to the history, returns the reply.
 
-        stream_cb(text_delta) receives the reply as it is generated. If the output guard then
-        refuses or truncates, the returned (and remembered) reply is the guarded text; the REPL
-        prints a note when it differs from what was streamed.
+        stream_cb(text_delta) receives the reply as it is generated, guarded as it grows
+        (agent/streaming.RowText): what it receives is the returned (and remembered) reply.
         """
         self.last_decisions = []
         d_in = self.guards.check_input(user_text)
@@ -110,13 +109,14 @@ class ChatSession:
         gen = self.sampler.generate([ids], max_new_tokens=self.max_new_tokens,
                                     method=self.sampling, seed=self.seed, stream_cb=cb,
                                     chunk=self.chunk, stop_ids=self.template.stop_ids,
-                                    prefix=self.template.reply_prefix)[0]
+                                    prefix=self.template.reply_prefix,
+                                    guards=self.guards)[0]
         self.seed += 1  # a new draw each turn when sampling
-        d_out = self.guards.check_output(gen.text)
+        d_out = gen.guard
         self.last_decisions.append(d_out)
         if not d_out.allowed:
             self.stats.refusals += 1
-        text = d_out.text
+        text = gen.text
         self.history += [dict(role="user", content=user_text),
                          dict(role="assistant", content=text)]
         self.stats.turns = sum(m["role"] == "user" for m in self.history)

@@ -42,7 +42,7 @@ from solo.agent.requests import (
     read_body,
 )
 from solo.agent.scoring import Scorer, ScoringError
-from solo.data import transforms as T
+from solo.data import framing
 
 
 @dataclasses.dataclass
@@ -105,8 +105,7 @@ async def completions(ctx: Context, request: Request) -> Response:
         rows = []  # (ids, first echoed token, prompt text, max_new)
         for i, p in enumerate(req["prompts"]):
             if isinstance(p, str):
-                start = T.bos(tok)
-                ids, first, text = start + tok.encode(p), len(start), p
+                ids, first, text = framing.prompt(tok, p), len(framing.start(tok)), p
             else:
                 ids, first, text = list(p), 0, tok.decode(p)
             if not ids:
@@ -235,9 +234,8 @@ async def tokenize(ctx: Context, request: Request) -> Response:
             raise RequestError("'prompt' must be a string", param="prompt")
     except RequestError as e:
         return error_response(e)
-    ids = ctx.tokenizer.encode(req["prompt"])
-    if req.get("add_special_tokens", True):
-        ids = T.bos(ctx.tokenizer) + ids
+    ids = (framing.prompt(ctx.tokenizer, req["prompt"]) if req.get("add_special_tokens", True)
+           else ctx.tokenizer.encode(req["prompt"]))
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": ctx.scorer.max_len})
 
 

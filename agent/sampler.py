@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solo.agent.guards import Guards
 from solo.agent.sampling import (  # noqa: F401  (re-exported: the sampler's public API)
     Compose,
     Greedy,
@@ -36,6 +37,7 @@ from solo.agent.sampling import (  # noqa: F401  (re-exported: the sampler's pub
 )
 from solo.agent.streaming import Generation, RowText  # noqa: F401  (Generation: re-exported)
 from solo.compile_options import compiler_options
+from solo.data import framing
 from solo.data.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID
 from solo.model import DecodeCache, Transformer, init_cache, unstack_layers
 
@@ -101,8 +103,10 @@ class Sampler:
         if stop_ids is None:  # the tokenizer's end of text (and solo's end of turn)
             stop_ids = tokenizer.stop_ids if tokenizer is not None else (EOS_ID, EOT_ID)
         self.stop_ids = tuple(int(i) for i in stop_ids)
-        # a decoder's first token for the encoder-decoder path, and before text prompts
-        self.bos_id = tokenizer.bos_id if tokenizer is not None else BOS_ID
+        # an encoder-decoder's first decoder token (data/framing.py: as seq2seq training rows)
+        self.bos_id = BOS_ID if tokenizer is None else (
+            framing.decoder_start(tokenizer) if cfg.kind == "encoder_decoder"
+            else tokenizer.bos_id)
         self.overflow = overflow
         self.min_bucket = min_bucket
         opts = compiler_options("decode")
@@ -188,7 +192,7 @@ class Sampler:
         max_new_rows = _per_row(max_new_tokens, len(prompts))
         max_new = max(max_new_rows, default=1)
         if self.cfg.kind == "encoder_decoder":
-            if src is None:  # the prompts are the sources; the decoder starts from BOS
+            if src is None:  # the prompts are the (framed) sources; the decoder starts at BOS
                 src, prompts = prompts, [[self.bos_id]] * len(prompts)
             src = [list(map(int, x)) for x in src]
             if any(len(x) > self.cfg.max_len for x in src):
@@ -279,22 +283,37 @@ class Sampler:
                  method=None, seed: int = 0, stop: Sequence[str] = (),
                  stream_cb: Callable[[int, str], None] | None = None, chunk: int = 8,
                  src=None, stop_ids: Sequence[int] | None = None,
-                 prefix: str = "") -> list[Generation]:
-        """Generates for a batch of prompts (str -> BOS + tokenizer.encode, or token lists).
+                 prefix: str = "", guards: Guards | None = None) -> list[Generation]:
+        """Generates for a batch of prompts (text, framed by data/framing.py as training framed
+        it, or token lists taken as they are).
+
+        Decoder-only: a text prompt is framing.prompt ([BOS] text). Encoder-decoder: without
+        `src` the prompts are the sources (text: framing.source, text [EOS], as seq2seq_rows
+        frames it) and the decoder starts at BOS; with `src` (the sources) a text prompt is the
+        decoder's start, [BOS] text.
 
         Rows end independently at a stop token, a stop string (text cut before it) or their
         max_new_tokens (one budget, or one per row). stream_cb(row, text_delta) is called as
         text becomes final (held back while it could still be the start of a stop string).
-        Without stream_cb and stop strings the whole decode is one jitted call. `prefix` is
-        dropped from the start of each row's text (a chat template's content prefix).
+        Without stream_cb, stop strings and guards the whole decode is one jitted call.
+        `prefix` is dropped from the start of each row's text (a chat template's content
+        prefix). `guards` (agent/guards.Guards): the output guard, applied as the text grows
+        (agent/streaming.RowText), so what stream_cb receives is the guarded reply.
         """
         tok = self.tokenizer
-        start = [self.bos_id] if self.bos_id is not None and getattr(tok, "add_bos", True) else []
-        ids = [(start + tok.encode(p)) if isinstance(p, str) else list(p) for p in prompts]
-        if src is not None:
-            src = [tok.encode(x) if isinstance(x, str) else list(x) for x in src]
-        streaming = bool(stream_cb or [s for s in stop if s])
-        rows = [RowText(tok, m, stop, incremental=streaming, prefix=prefix)
+        if self.cfg.kind == "encoder_decoder":
+            # sources longer than max_len: an error in _start, or cut here keeping their EOS
+            src_len = self.cfg.max_len if self.overflow == "truncate_left" else None
+            if src is None:
+                src, prompts = prompts, [[self.bos_id]] * len(prompts)
+            src = [framing.source(tok, x, src_len) if isinstance(x, str) else list(x)
+                   for x in src]
+            ids = [[self.bos_id, *tok.encode(p)] if isinstance(p, str) else list(p)
+                   for p in prompts]
+        else:
+            ids = [framing.prompt(tok, p) if isinstance(p, str) else list(p) for p in prompts]
+        streaming = bool(stream_cb or [s for s in stop if s] or guards is not None)
+        rows = [RowText(tok, m, stop, incremental=streaming, prefix=prefix, guards=guards)
                 for m in _per_row(max_new_tokens, len(ids))]
         stop_rows = np.zeros((len(ids),), bool)
         it = self.iterate(ids, max_new_tokens=max_new_tokens, method=method, seed=seed,

@@ -9,7 +9,7 @@ reads the padding) and bucketed to powers of two, so a new length rarely recompi
 Embeddings: a model trained with the `embed` head (InfoNCE) has one, L2-normalised; any other
 model has none unless `pooling='mean'` is chosen (the server's `--embeddings mean`): the mean of
 the final hidden states over the text's tokens, L2-normalised. Text is framed as the contrastive
-training views are (data/transforms.view_row: [BOS] text [EOS]).
+training views are (data/framing.document: [BOS] text [EOS], or [CLS] text [SEP]).
 
 Shapes: B batch, L length, V vocabulary, K top-k alternatives, D model width, E embedding width.
 """
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solo.data import transforms as T
+from solo.data import framing
 from solo.model import Transformer
 
 POOLINGS = ("head", "mean")
@@ -64,6 +64,10 @@ class Scorer:
             raise ValueError(f"pooling={pooling!r}; valid: {POOLINGS}")
         params = nn.meta.unbox(params)
         self.params = params["params"] if "params" in params else params
+        # a model trained with model.logits_chunk returns lm_hidden/lm_kernel instead of logits:
+        # the same params without it give the logits
+        if model.cfg.logits_chunk:
+            model = Transformer(model.cfg.replace(logits_chunk=0))
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_len = int(self.cfg.max_len)
         self.has_embed_head = "embed_head" in self.params
@@ -147,11 +151,9 @@ class Scorer:
                 "states")
 
     def text_ids(self, text: str) -> list[int]:
-        """A text as an embedding input: [BOS] text [EOS] as the contrastive views are framed,
-        truncated to the model's length keeping EOS."""
-        tok = self.tokenizer
-        eos = T.eos(tok)
-        return [*T.bos(tok), *tok.encode(text)][: self.max_len - len(eos)] + eos
+        """A text as an embedding input, framed as the contrastive views are (framing.document:
+        [BOS] text [EOS], or [CLS] text [SEP]), truncated to the model's length keeping EOS."""
+        return framing.document(self.tokenizer, text, self.max_len)
 
     def _embed_impl(self, params, tokens_BL, seg_BL, head: bool):
         batch = {"tokens": tokens_BL, "segment_ids": seg_BL}

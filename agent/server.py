@@ -134,14 +134,16 @@ class ModelWorker:
     def _generate(self, batch: list[_Job]) -> None:
         tok = self.sampler.tokenizer
         chat = batch[0].kind == "chat"
-        # text is decoded per chunk only where a stream or stop strings need it
+        # text is decoded per chunk where a stream, stop strings or guards need it; chat
+        # replies are guarded as they grow: the stream and the answer are one decision
         rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream,
-                        prefix=self.template.reply_prefix if chat else "") for j in batch]
+                        prefix=self.template.reply_prefix if chat else "",
+                        guards=self.guards if chat else None) for j in batch]
         stop_rows = np.zeros((len(batch),), bool)
         it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
                                   method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,
                                   stop_rows=stop_rows,
-                                  stop_ids=self.template.stop_ids if chat else None)
+                                  stop_ids=self.template.stop_ids if chat else tok.stop_ids)
         try:
             for new, _, info in it:
                 for i, (job, row) in enumerate(zip(batch, rows, strict=True)):
@@ -169,12 +171,9 @@ class ModelWorker:
         gen, rest = row.close()
         if job.stream and rest:
             job.emit("delta", rest)
-        text, action = gen.text, None
-        if job.kind == "chat":
-            d = self.guards.check_output(gen.text)
-            text, action = d.text, d.action
+        action = None if gen.guard is None else gen.guard.action
         stop = [] if row.stop_token is None else [row.stop_token]
-        job.emit("done", dict(text=text, finish_reason=gen.finish_reason,
+        job.emit("done", dict(text=gen.text, finish_reason=gen.finish_reason,
                               prompt_tokens=gen.prompt_tokens,
                               completion_tokens=len(gen.tokens), guard=action,
                               tokens=list(gen.tokens) + stop))
@@ -269,19 +268,15 @@ def make_app(sampler: Sampler | None, *, model_name: str = "solo", guards: Guard
                         yield chunk_of({}, "stop")
                         yield "data: [DONE]\n\n"
                         return
-                    streamed = ""
                     while True:
                         kind, payload = await job.events.get()
                         if kind == "delta":
-                            streamed += payload
                             yield chunk_of({"content": payload})
                         elif kind == "error":
                             yield "data: " + json.dumps({"error": {
                                 "message": payload, "type": "server_error"}}) + "\n\n"
                             break
-                        else:
-                            if payload["text"] != streamed and payload["guard"] == "refuse":
-                                yield chunk_of({"content": "\n" + payload["text"]})
+                        else:  # the deltas were the guarded reply (agent/streaming.RowText)
                             yield chunk_of({}, payload["finish_reason"])
                             break
                     yield "data: [DONE]\n\n"

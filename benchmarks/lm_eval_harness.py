@@ -92,8 +92,11 @@ def own_loglikelihoods(loaded, pairs: list[tuple[str, str]]) -> list[float]:
     """log p(continuation | BOS + context) per pair from the model's logits, tokenized as lm_eval
     does (the whole string encoded; the continuation = the tokens after the context's). Rows
     are right-padded to the model's length (causal: padding is never attended to)."""
+    from solo.model import Transformer
+
     tok, cfg = loaded.tokenizer, loaded.model.cfg
-    apply = jax.jit(lambda p, x, seg: loaded.model.apply(
+    model = Transformer(cfg.replace(logits_chunk=0))  # logits even for a logits_chunk run
+    apply = jax.jit(lambda p, x, seg: model.apply(
         {"params": p}, {"tokens": x, "segment_ids": seg})["logits"])
     out = []
     for lo in range(0, len(pairs), 16):

@@ -16,22 +16,19 @@ from typing import Any
 
 import numpy as np
 
+from solo.data import framing
+
 Example = dict[str, np.ndarray]
 Rows = dict[str, np.ndarray]
 
 
-def bos(tok) -> list[int]:
-    """[the tokenizer's BOS] where it starts a document with one, else []."""
-    return [tok.bos_id] if tok.bos_id is not None and getattr(tok, "add_bos", True) else []
-
-
-def eos(tok) -> list[int]:
-    return [tok.eos_id] if tok.eos_id is not None else []
+# a document's first and last ids (BOS/EOS, or CLS/SEP for a BERT-style tokenizer): data/framing.py
+bos, eos = framing.start, framing.end
 
 
 def encode_docs(tok, texts: Sequence[str]) -> list[np.ndarray]:
-    """[BOS] + tokens + [EOS] per document (each where the tokenizer has it), int32."""
-    return [np.asarray([*bos(tok), *tok.encode(t), *eos(tok)], np.int32) for t in texts]
+    """Documents framed by framing.document ([BOS] text [EOS], or [CLS] text [SEP]), int32."""
+    return [np.asarray(framing.document(tok, t), np.int32) for t in texts]
 
 
 def encode_chat_docs(tok, records: Sequence[dict]) -> list[np.ndarray]:
@@ -228,8 +225,9 @@ def nsp_row(a: Sequence[int], b: Sequence[int], is_next: bool, seq_len: int, cls
 
 
 def view_row(tok, ids: Sequence[int], seq_len: int, suffix: str = "") -> Example:
-    """One contrastive view: [BOS] text [EOS] truncated to seq_len (keeping EOS), one segment."""
-    ids = [*bos(tok), *ids][: seq_len - len(eos(tok))] + eos(tok)
+    """One contrastive view: framing.document ([BOS] text [EOS]) truncated to seq_len (keeping
+    EOS), one segment."""
+    ids = framing.document(tok, ids, seq_len)
     n = len(ids)
     row = {
         f"{k}{suffix}": np.zeros(seq_len, np.int32) for k in ("tokens", "segment_ids", "positions")
@@ -282,9 +280,9 @@ def sft_examples(tok, chats: Sequence[dict], seq_len: int) -> list[Example]:
 
 
 def seq2seq_rows(tok, records: Sequence[dict], src_len: int, seq_len: int) -> Rows:
-    """One pair per row: src = source+[EOS]; decoder tokens [BOS]+target, targets target+[EOS]."""
-    if tok.bos_id is None or tok.eos_id is None:
-        raise ValueError(f"{tok!r}: seq2seq rows need a BOS (the decoder's start) and an EOS")
+    """One pair per row: src = framing.source (source+[EOS]); decoder tokens [BOS]+target,
+    targets target+[EOS]."""
+    first, (last,) = framing.decoder_start(tok), framing.end(tok)
     n = len(records)
     rows = {
         k: np.zeros((n, src_len), np.int32)
@@ -298,14 +296,14 @@ def seq2seq_rows(tok, records: Sequence[dict], src_len: int, seq_len: int) -> Ro
     )
     rows["weights"] = np.zeros((n, seq_len), np.float32)
     for i, r in enumerate(records):
-        src = ([*tok.encode(r["source"])][: src_len - 1]) + [tok.eos_id]
+        src = framing.source(tok, r["source"], src_len)
         tgt = tok.encode(r["target"])[: seq_len - 1]
         m, k = len(src), len(tgt) + 1
         rows["src_tokens"][i, :m] = src
         rows["src_segment_ids"][i, :m] = 1
         rows["src_positions"][i, :m] = np.arange(m)
-        rows["tokens"][i, :k] = [tok.bos_id, *tgt]
-        rows["targets"][i, :k] = [*tgt, tok.eos_id]
+        rows["tokens"][i, :k] = [first, *tgt]
+        rows["targets"][i, :k] = [*tgt, last]
         rows["weights"][i, :k] = 1.0
         rows["segment_ids"][i, :k] = 1
         rows["positions"][i, :k] = np.arange(k)

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +123,29 @@ def test_history_trimming_keeps_system_and_newest(sampler, tok):
     assert len(s.history) < 12
     with pytest.raises(ContextOverflow):
         s.prompt_ids("x" * 200)
+
+
+def test_session_streams_the_guarded_reply(sampler):
+    """ChatSession.reply under output guards: what stream_cb receives is the returned (and
+    remembered) reply, the guard's decision on the unguarded reply; the reply's token count
+    is that of its text."""
+    plain = ChatSession(sampler, max_new_tokens=12, guards=Guards(markers=()))
+    reply = plain.reply("Where does Anya live?")
+    assert len(reply) >= 4
+    for guards in [Guards(dataclasses.replace(NO_LIMITS, max_output_chars=2)),
+                   Guards(markers=(reply[1:3],)),
+                   Guards(dataclasses.replace(NO_LIMITS, blocked_patterns=(re.escape(reply[2]),),
+                                              refusal="Refused."))]:
+        want = guards.check_output(reply)
+        s = ChatSession(sampler, max_new_tokens=12, guards=guards)
+        streamed = []
+        assert s.reply("Where does Anya live?", stream_cb=streamed.append) == want.text
+        assert "".join(streamed) == want.text == s.history[-1]["content"]
+        assert s.last_decisions[-1].action == want.action
+        if want.allowed:
+            assert s.stats.completion_tokens <= plain.stats.completion_tokens
+            assert s.stats.completion_tokens < plain.stats.completion_tokens or (
+                want.text == reply)
 
 
 def test_session_input_guard_refuses_without_generating(sampler):

@@ -122,7 +122,7 @@ def test_token_id_prompts_are_scored_as_given(client, sampler, tok):
 
 def test_completion_text_n_and_stop(client, sampler, tok):
     ids = [BOS_ID] + tok.encode(PROMPT)
-    new = sampler.generate_ids([ids], max_new_tokens=6)[0][0]
+    new = sampler.generate_ids([ids], max_new_tokens=6, stop_ids=tok.stop_ids)[0][0]
     want = tok.decode(ids + new)[len(tok.decode(ids)):]
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
     assert r.choices[0].text == want and r.object == "text_completion"
@@ -138,6 +138,23 @@ def test_completion_text_n_and_stop(client, sampler, tok):
                                         stop=[want[2]])
         assert cut.choices[0].text == want[: want.index(want[2])]
         assert cut.choices[0].finish_reason == "stop"
+
+
+def test_stop_string_usage_and_logprobs_count_the_texts_tokens(client, sampler, tok):
+    """A stop string cuts the text inside a decode chunk: usage.completion_tokens and the
+    logprobs are the tokens whose decode is the returned text, not the chunk's tokens past it."""
+    ids = [BOS_ID] + tok.encode(PROMPT)
+    new = sampler.generate_ids([ids], max_new_tokens=12, stop_ids=tok.stop_ids)[0][0]
+    after = lambda k: tok.decode(ids + new[:k])[len(tok.decode(ids)):]  # noqa: E731
+    full = after(len(new))
+    assert len(full) >= 6
+    stop = full[2:4]
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                  logprobs=0, stop=[stop])
+    text, k = r.choices[0].text, r.usage.completion_tokens
+    assert text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    assert after(k).startswith(text) and not (k and after(k - 1).startswith(text))
+    assert len(r.choices[0].logprobs.tokens) == k
 
 
 def test_chat_logprobs_are_the_models_log_softmax(client, sampler, tok):
@@ -231,3 +248,53 @@ def test_tokenizer_endpoints(base_url, tok):
     assert ids["tokens"] == tok.encode(PROMPT)
     text = httpx.post(base_url + "/detokenize", json={"tokens": ids["tokens"]}, timeout=60).json()
     assert text["prompt"] == PROMPT
+
+
+def test_logits_chunk_model_scores_as_without_it(decoder, tok):
+    """A run trained with model.logits_chunk (its forward returns lm_hidden/lm_kernel, no logits)
+    scores the same log-probabilities as the same params with logits_chunk=0."""
+    model, params = decoder
+    chunked = Transformer(model.cfg.replace(logits_chunk=8))
+    ids = [BOS_ID, *tok.encode(PROMPT)]
+    got = Scorer(chunked, params, tok).score([ids], top_k=2)[0]
+    ref = log_softmax(model, params, ids)
+    assert np.allclose(got.logprobs[1:], [ref[t - 1, ids[t]] for t in range(1, len(ids))],
+                       atol=TOL)
+    plain = Scorer(model, params, tok).score([ids], top_k=2)[0]
+    assert [[i for i, _ in t] for t in got.top[1:]] == [[i for i, _ in t] for t in plain.top[1:]]
+    # the sampler decodes through Transformer.decode, which always gives logits
+    greedy = Sampler(chunked, params, tok, cache_len=32).generate_ids([ids], max_new_tokens=4)
+    assert greedy == Sampler(model, params, tok, cache_len=32).generate_ids([ids],
+                                                                          max_new_tokens=4)
+
+
+def test_raw_completions_stop_only_at_the_tokenizers_stop_ids(tok):
+    """A model that always writes USER_ID, one of the chat template's stop ids but not the
+    tokenizer's: a raw completion runs to its budget (as `solo sample` does), a chat reply ends
+    at once."""
+    import flax.linen as nn
+
+    from solo.data.tokenizer import USER_ID
+
+    assert USER_ID in CHAT_STOP_IDS and USER_ID not in tok.stop_ids
+    cfg = model_config(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
+                       d_ff=64, max_len=32, norm="layernorm", tie_embeddings=False)
+    model = Transformer(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), {
+        "tokens": jnp.zeros((1, 4), jnp.int32)})["params"])
+    # final norm output = e_0 at every position; logits = lm_head row 0: USER_ID wins
+    params["decoder"]["final_norm"] = dict(scale=jnp.zeros(32), bias=jnp.eye(32)[0])
+    kernel = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = jnp.zeros_like(kernel).at[0, USER_ID].set(10.0)
+    app = make_app(Sampler(model, params, tok, cache_len=32, stop_ids=CHAT_STOP_IDS),
+                   model_name="tiny", max_new_tokens=4)
+    with serving(app) as url:
+        raw = httpx.post(url + "/v1/completions", timeout=60, json=dict(
+            model="tiny", prompt="Anya", max_tokens=4, temperature=0)).json()
+        chat = httpx.post(url + "/v1/chat/completions", timeout=60, json=dict(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            temperature=0)).json()
+    assert (raw["choices"][0]["finish_reason"], raw["usage"]["completion_tokens"]) == (
+        "length", 4)
+    assert (chat["choices"][0]["finish_reason"], chat["usage"]["completion_tokens"]) == (
+        "stop", 0)

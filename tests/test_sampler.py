@@ -162,6 +162,58 @@ def test_row_text_holds_back_what_a_stop_string_or_utf8_could_still_change():
     assert (gen.tokens, gen.text, gen.finish_reason, rest) == ([104, 105], "hi", "stop", "hi")
 
 
+class _Bytes:  # id -> one byte; decode like sentencepiece's byte fallback
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("limit, patterns, stop", [
+    (0, (), ()), (6, (), ()), (0, ("secret",), ()), (0, (), ("\n",)), (4, ("is",), ("\n",)),
+])
+def test_row_text_guards_give_one_text_to_stream_and_answer(limit, patterns, stop):
+    """Every chunking of a row (and no streaming at all) gives the same text, streamed exactly
+    as answered: the output guard's decision on the whole reply (Guards.check_output after the
+    stop strings' cut), and the tokens kept are exactly those whose decode is that text."""
+    import re
+
+    from solo.agent.guards import NO_LIMITS, GuardConfig, Guards
+
+    guards = Guards(GuardConfig(**{**NO_LIMITS.__dict__, "max_output_chars": limit,
+                                   "blocked_patterns": patterns, "refusal": "No."}))
+    for full in ["Oslo<|user|>more", "Paris is nice\nQ: what", "the secret is 42\n",
+                 "abcdefghij", "no<|us", "ok", "<|end|>x", "Cé\nsecret"]:
+        cut = min((full.find(s) for s in stop if s in full), default=len(full))
+        want = guards.check_output(full[:cut])
+        ids = list(full.encode()) + [0]  # stop id 0 ends the row
+        results = set()
+        for chunk in [1, 2, 3, 5, len(ids)]:
+            for incremental in (True, False):
+                row = RowText(_Bytes(), 64, stop, guards=guards, incremental=incremental)
+                streamed = "".join(row.feed(ids[i:i + chunk], {0})
+                                   for i in range(0, len(ids), chunk))
+                gen, rest = row.close()
+                assert streamed + rest == gen.text == want.text, (full, chunk)
+                assert (gen.guard.action, gen.guard.reason) == (want.action, want.reason)
+                if want.allowed:  # the kept tokens decode to the text, one more would not
+                    assert bytes(gen.tokens).decode() == gen.text
+                results.add((gen.text, gen.finish_reason, tuple(gen.tokens)))
+        assert len(results) == 1, (full, results)  # one decision, however it was chunked
+        if want.action == "refuse":
+            assert re.search(patterns[0], bytes(gen.tokens).decode())
+
+
+def test_row_text_stop_string_trims_the_tokens_past_it():
+    """The review's repro: a stop string cuts the text; usage and log-probs count the tokens
+    of the text returned, not the chunk's tokens past the stop."""
+    row = RowText(_Bytes(), 64, stop=["\n"], incremental=False)
+    row.feed(list(b"Paris.\nQ: what"), {0})
+    gen, _ = row.close()
+    assert (gen.text, gen.finish_reason, bytes(gen.tokens)) == ("Paris.", "stop", b"Paris.")
+    row = RowText(_Bytes(), 64, stop=["\n"])
+    assert row.feed(list(b"Paris.\nQ"), {0}) == "Paris." and row.finish == "stop"
+    assert bytes(row.close()[0].tokens) == b"Paris."
+
+
 def test_seeded_sampling_reproducible(dec):
     model, params, sampler = dec
     m = Sampling(temperature=1.0, top_k=20, top_p=0.95)

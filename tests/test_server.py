@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import dataclasses
+import json
 import socket
 import time
 
@@ -72,6 +73,50 @@ def test_streaming_equals_non_streaming(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full
+
+
+def test_stream_and_answer_are_one_guarded_decision(sampler):
+    """Under every output guard (a character limit, a role marker the reply spells, a blocked
+    pattern, together) the streamed text is the non-streamed answer, which is the guard's
+    decision on the unguarded reply, and usage counts the tokens whose decode is that text."""
+    import re
+
+    from solo.data.chat import chat_template
+
+    template = chat_template(sampler.tokenizer)
+    ids, _ = template.encode(QUESTION, add_generation_prompt=True)
+    ref = sampler.generate([ids], max_new_tokens=12, stop_ids=template.stop_ids,
+                           prefix=template.reply_prefix)[0]
+    reply, toks = ref.text, ref.tokens
+    assert len(reply) >= 6  # (key 2's reply: enough text to cut)
+
+    def shown(k):  # the reply text of its first k tokens (the template's prefix dropped)
+        text, prefix = sampler.tokenizer.decode(toks[:k]), template.reply_prefix
+        return text.removeprefix(prefix) if not prefix.startswith(text) else ""
+
+    limit = dataclasses.replace(NO_LIMITS, max_output_chars=3)
+    block = dataclasses.replace(NO_LIMITS, blocked_patterns=(re.escape(reply[3:5]),),
+                                refusal="No.")
+    configs = [Guards(limit), Guards(NO_LIMITS, markers=(reply[2:4],)), Guards(block),
+               Guards(dataclasses.replace(block, max_output_chars=4), markers=(reply[4:],))]
+    app = make_app(sampler, model_name="tiny", max_new_tokens=12)
+    body = dict(model="tiny", messages=QUESTION, max_tokens=12, temperature=0)
+    with serving(app) as url:
+        c = httpx.Client(base_url=url, timeout=60)
+        for guards in configs:
+            app.state.worker.guards = guards
+            want = guards.check_output(reply)
+            r = c.post("/v1/chat/completions", json=body).json()
+            streamed = ""
+            with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: {"):
+                        streamed += json.loads(line[6:])["choices"][0]["delta"].get(
+                            "content") or ""
+            assert streamed == r["choices"][0]["message"]["content"] == want.text, guards.cfg
+            k = r["usage"]["completion_tokens"]
+            if want.allowed:
+                assert shown(k).startswith(want.text) and not shown(k - 1).startswith(want.text)
 
 
 def test_input_guard_refusal(client):
