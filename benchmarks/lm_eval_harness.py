@@ -89,18 +89,20 @@ def serve_in_thread(app):
 
 
 def own_loglikelihoods(loaded, pairs: list[tuple[str, str]]) -> list[float]:
-    """log p(continuation | BOS + context) per pair from the model's logits, tokenized as lm_eval
+    """log p(continuation | [BOS] + context) per pair from the model's logits, tokenized as lm_eval
     does (the whole string encoded; the continuation = the tokens after the context's). Rows
     are right-padded to the model's length (causal: padding is never attended to)."""
+    from solo.data import framing
     from solo.model import Transformer
 
     tok, cfg = loaded.tokenizer, loaded.model.cfg
+    start = framing.start(tok)  # the prompt framing the server uses ([BOS] only where add_bos)
     model = Transformer(cfg.replace(logits_chunk=0))  # logits even for a logits_chunk run
     apply = jax.jit(lambda p, x, seg: model.apply(
         {"params": p}, {"tokens": x, "segment_ids": seg})["logits"])
     out = []
     for lo in range(0, len(pairs), 16):
-        rows = [(len(tok.encode(ctx)), [tok.bos_id] + tok.encode(ctx + cont))
+        rows = [(len(start) + len(tok.encode(ctx)), start + tok.encode(ctx + cont))
                 for ctx, cont in pairs[lo:lo + 16]]
         x = np.zeros((16, cfg.max_len), np.int32)
         seg = np.zeros((16, cfg.max_len), np.int32)
@@ -108,7 +110,7 @@ def own_loglikelihoods(loaded, pairs: list[tuple[str, str]]) -> list[float]:
             x[i, : len(ids)], seg[i, : len(ids)] = ids, 1
         logits = apply(loaded.params, jnp.asarray(x), jnp.asarray(seg))
         logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
-        out += [float(sum(logp[i, t - 1, ids[t]] for t in range(1 + n_ctx, len(ids))))
+        out += [float(sum(logp[i, t - 1, ids[t]] for t in range(max(n_ctx, 1), len(ids))))
                 for i, (n_ctx, ids) in enumerate(rows)]
     return out
 
