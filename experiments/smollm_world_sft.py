@@ -17,8 +17,8 @@ Runtime:  21.4 min on a quiet 2-core CPU (Intel Xeon, Sapphire Rapids): 120 step
           replies, ~4 min); peak memory 7.3 GB.
 Expect:   eval loss on unseen biography paraphrases 0.738 (perplexity 2.09; from-scratch
           gpt_world: 0.75 after 4,000 steps), train loss 0.40; held-out exact match 0.014
-          (3/216), against the from-scratch chat_world's 0.847 on the same machine (its seed 0, before
-          the kv-head-major QKV layout; 0.45-0.70 over seeds 0-3 now). Replies have
+          (3/216), against the from-scratch chat_world's 0.847 on the same machine (its seed
+          0, before the kv-head-major QKV layout; 0.45-0.70 over seeds 0-3 now). Replies have
           the world's form ("January 27, 1955", "Hanoi") with wrong facts: 120 steps are 1.3
           passes over the 138k-token corpus, so each biography was read about once, while facts
           stored in weights need on the order of 100 exposures (Physics of LMs 3.1; gpt_world
