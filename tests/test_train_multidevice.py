@@ -76,6 +76,18 @@ SCRIPT = textwrap.dedent("""
     c.train.mesh.update(dict(data=4, fsdp=2, tensor=1))
     compare("infonce_jit8_accum2", p0, one, run_steps(c, pb))
 
+    # dropout under pmap: the state is replicated, so each device must fold in its own index.
+    # Two devices given the same rows: with shared draws their loss equals the 1-device loss of
+    # those rows (same rng, same masks); with their own draws it does not
+    for p in (0.5, 0.0):
+        c = tiny_config(dropout=p)
+        b = lm_batch(0)
+        two = {k: np.concatenate([v, v]) for k, v in b.items()}
+        single = run_steps(c, [b], devices=jax.devices()[:1])[1][0]["causal_lm/loss"]
+        c.train.parallel = "pmap"
+        pm = run_steps(c, [two], devices=jax.devices()[:2])[1][0]["causal_lm/loss"]
+        out[f"dropout_{p}"] = dict(single=single, pmap=pm)
+
     # a real run on 8 devices with fsdp-sharded params, for the restore-on-1-device check
     c = small_config(steps=3)
     c.train.mesh.update(dict(data=4, fsdp=2, tensor=1))
@@ -123,6 +135,15 @@ def test_eight_devices_match_one(eight_device_run, name):
     bound = BOUND[name.split("_")[0]]
     assert result["update_rel_diff"] < bound, result
     assert result["metric_rel_diff"] < bound, result
+
+
+def test_pmap_devices_draw_their_own_dropout(eight_device_run):
+    out, _ = eight_device_run
+    drop, control = out["dropout_0.5"], out["dropout_0.0"]
+    # no dropout: the same rows on two devices give the 1-device loss (float32 sums in another
+    # order: within 8 * 16 * 64 eps, as BOUND["lm"]); with dropout each device masks its own way
+    assert abs(control["pmap"] - control["single"]) <= BOUND["lm"] * control["single"]
+    assert abs(drop["pmap"] - drop["single"]) > 2 * BOUND["lm"] * drop["single"], drop
 
 
 def test_checkpoint_from_eight_devices_restores_on_one(eight_device_run):
