@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +61,9 @@ def resolve(choice: str, *, seq_len: int, head_dim: int, dtype, segments: bool =
                       f"(got {seq_len})"
         elif backend != "tpu" and choice == "auto":
             problem = "splash runs on TPU"
-    if problem is None:
-        return want, why
-    if choice != "auto" and choice == want and want == "splash" and backend != "tpu":
-        return want, why + " (interpret mode off TPU)"
+    if problem is None:  # an explicit splash off TPU runs in Pallas' interpret mode (tests)
+        return want, why + (" (interpret mode off TPU)" if want == "splash" and backend != "tpu"
+                            else "")
     return "xla", f"{why}: {problem}; using xla"
 
 
@@ -130,7 +130,7 @@ def splash_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool,
         hl, gl = q_bHLK.shape[1], k_bGLK.shape[1]
         r = hl // gl
         one = sa.CausalMask((n, n)) if causal else sa.FullMask((n, n))
-        blk = min(_SPLASH_BLOCK * 4, n)
+        blk = math.gcd(n, _SPLASH_BLOCK * 4)  # 128, 256 or 512: must divide n (768, 640...)
         sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk,
                               block_q_dkv=blk, block_kv_dkv=blk, block_kv_dkv_compute=blk,
                               block_q_dq=blk, block_kv_dq=blk)

@@ -136,8 +136,30 @@ def test_choice_by_backend_and_fallbacks():
     assert impl == "xla" and "GPU" in why
     assert attn.resolve("auto", backend="gpu", segments=False, **kw)[0] == "xla"
     assert attn.resolve("xla", backend="gpu", **kw)[0] == "xla"
+    # an explicit splash: interpret mode off TPU where it can run, else xla (not a crash)
+    impl, why = attn.resolve("splash", backend="cpu", **kw)
+    assert impl == "splash" and "interpret mode" in why
+    impl, why = attn.resolve("splash", backend="cpu", **{**kw, "seq_len": 100})
+    assert impl == "xla" and "multiple of 128" in why
     assert "einsum" in attn.describe("auto", 128, 16, "float32") or \
         jax.default_backend() != "cpu"
+
+
+def test_splash_lengths_that_512_does_not_divide():
+    """Splash tiles in blocks that divide the length: 640 (5 x 128) runs, packed and causal,
+    and equals the float64 reference (a 512 block would not divide it)."""
+    n = 640
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in [(1, n, 2, K), (1, n, 1, K), (1, n, 1, K)])
+    seg = np.ones((1, n), np.int32)
+    seg[0, 300:], seg[0, 600:] = 2, 0
+    mask = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+            & (np.arange(n)[:, None] >= np.arange(n)[None]))
+    out = np.asarray(attn.attend("splash", q, k, v, jnp.asarray(mask), jnp.asarray(seg),
+                                 causal=True), np.float64)
+    ref = attn.reference(q, k, v, mask)
+    np.testing.assert_allclose(out[seg != 0], ref[seg != 0], rtol=0, atol=2e-5)
 
 
 def test_gpu_check_script_stages_fit_eight_minutes(tmp_path):
