@@ -420,6 +420,16 @@ class HFTokenizer:
                              "or unused")
         return piece
 
+    def token_bytes(self, i: int) -> bytes:
+        """The raw bytes token `i` stands for: a byte-level piece spells one byte per character
+        (so a piece may be part of a UTF-8 character, which `decode` would turn into U+FFFD);
+        any other token, its decoded text."""
+        piece = self.id_to_piece(i)
+        if self._byte_level and set(piece) <= _alphabet_chars():
+            inverse = {c: b for b, c in byte_alphabet().items()}
+            return bytes(inverse[c] for c in piece)
+        return self.decode([i]).encode("utf-8")
+
     def piece_to_id(self, piece: str) -> int:
         """The piece's id; an unknown piece is unk_id (as sentencepiece), a KeyError without."""
         i = self._plain.token_to_id(piece)

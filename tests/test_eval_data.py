@@ -182,4 +182,13 @@ def test_bits_per_byte_counts_no_first_token_bytes_without_bos(tmp_path):
     docs = TEXT.split("\n\n")
     expect = sum(len(d.encode("utf-8")) - piece[tok.encode(d)[0]] for d in docs)
     assert got == expect, (got, expect)
+    # a document that starts inside a character GPT-2 splits over tokens: the first token holds
+    # part of its bytes (decoding the rest would count U+FFFD's 3 bytes for them)
+    cjk = "日本語のテキスト\n\n𝔘nicode start"
+    path.write_text(cjk, encoding="utf-8")
+    got = scored_bytes(RunConfig.from_config(c), tok, "train")
+    docs = cjk.split("\n\n")
+    assert any(piece[tok.encode(d)[0]] < len(d[0].encode("utf-8")) for d in docs)
+    expect = sum(len(d.encode("utf-8")) - piece[tok.encode(d)[0]] for d in docs)
+    assert got == expect, (got, expect)
     assert expect < len(TEXT.replace("\n\n", "").encode("utf-8"))

@@ -109,8 +109,16 @@ def scored_bytes(config: RunConfig, tokenizer, split: str) -> int | None:
         if transforms.bos(tokenizer):
             return sum(len(r["text"].encode("utf-8")) for r in records)
         # no BOS (byte-level BPE imports: GPT-2, SmolLM2): a document's first token is context,
-        # never a target, so its bytes are not scored either
-        return sum(len(tokenizer.decode(tokenizer.encode(r["text"])[1:]).encode("utf-8"))
+        # never a target, so its bytes are not scored either (its raw bytes: it may be part of a
+        # character, which decoding the rest would count as U+FFFD)
+        def first(ids: list[int]) -> int:
+            if not ids:
+                return 0
+            if hasattr(tokenizer, "token_bytes"):
+                return len(tokenizer.token_bytes(ids[0]))
+            return len(tokenizer.decode(ids[:1]).encode("utf-8"))
+
+        return sum(len(r["text"].encode("utf-8")) - first(tokenizer.encode(r["text"]))
                    for r in records)
     if d.task == "sft":
         from solo.data.chat import chat_template
