@@ -165,3 +165,14 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"solo:{name}")
+
+
+def all_agree(ok: bool) -> bool:
+    """True where every process says `ok` (an all-gather; `ok` itself with one process): how
+    processes take a decision together that each could otherwise take its own way."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([int(bool(ok))], np.int32))))

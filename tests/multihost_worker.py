@@ -24,6 +24,7 @@ from solo.config import RunConfig
 from solo.data import pipeline
 from solo.data import tokenizer as tokenizer_lib
 from solo.experiments import load_config
+from solo.train import checkpoint as ckpt_lib
 from solo.train import inference, loop
 from solo.train import metrics as metrics_lib
 
@@ -105,6 +106,14 @@ def main() -> None:
         init = jax.jit(run.init_state)(run.key).params
         arrays.update({f"init{jax.tree_util.keystr(p)}": np.asarray(x)
                        for p, x in jax.tree_util.tree_flatten_with_path(init)[0]})
+    # a restore that fails on process 1 alone: every process falls back to the same older step
+    def restore_fn(step):
+        if step == 5 and jax.process_index() == 1:
+            raise OSError("injected read error")
+        return step
+
+    out["agreed_step"] = ckpt_lib.first_restorable(restore_fn, [5, 4], workdir,
+                                                   agree=multihost.all_agree)[1]
     if multihost.is_primary():
         np.savez(log_path + ".npz", **arrays)
     with open(log_path + ".json", "w") as f:

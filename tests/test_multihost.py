@@ -148,6 +148,14 @@ def test_two_processes_train_the_one_process_params(runs):
         np.testing.assert_allclose(out["p0"]["evaluate"][k], v, rtol=rtol, err_msg=k)
 
 
+def test_processes_agree_on_the_step_they_restore(runs):
+    """A restore that fails on process 1 alone (an injected read error at step 5): both
+    processes fall back to step 4 together; one process alone restores step 5."""
+    _, out = runs
+    assert [out[p]["agreed_step"] for p in ("p0", "p1")] == [4, 4]
+    assert out["one"]["agreed_step"] == 5
+
+
 def test_two_process_checkpoint_restores_on_one_process(runs):
     from solo.train.inference import load
 

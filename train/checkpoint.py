@@ -91,7 +91,10 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
             return out["state"], dict(out["data"] or {})
 
-        (state, data_state), s = first_restorable(one, steps, self.directory)
+        # all processes must restore the same step (a failure on one host alone, e.g. a read
+        # error, must not leave the others on a newer step, or out of the set-aside barrier)
+        (state, data_state), s = first_restorable(one, steps, self.directory,
+                                                  agree=multihost.all_agree)
         if not self.read_only:
             self._set_aside([t for t in steps if t > s])
         return state, data_state, s
@@ -162,16 +165,23 @@ class Checkpointer:
         self.manager.close()
 
 
-def first_restorable(restore_fn, steps: list[int], directory: str) -> tuple[Any, int]:
-    """restore_fn(step) for the first step that restores; warns about each one that does not."""
+def first_restorable(restore_fn, steps: list[int], directory: str,
+                     agree=lambda ok: ok) -> tuple[Any, int]:
+    """restore_fn(step) for the first step that restores; warns about each one that does not.
+    `agree(ok)` says whether every process restored it too (multihost.all_agree), so all of
+    them settle on one step."""
     errors = []
     for s in steps:
         try:
-            return restore_fn(s), s
+            out, why = restore_fn(s), None
         except Exception as e:  # noqa: BLE001 - fall back to the next older step, report all
+            out = None
             why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e) else ''}"
-            log.warning("checkpoint step %d does not restore (%s); trying an older one", s, why)
-            errors.append(f"step {s}: {why}")
+        if agree(why is None):
+            return out, s
+        why = why or "another process could not restore it"
+        log.warning("checkpoint step %d does not restore (%s); trying an older one", s, why)
+        errors.append(f"step {s}: {why}")
     raise CheckpointError(
         f"no restorable checkpoint in {directory} ({'; '.join(errors)[:400]}); restore the "
         "checkpoints from a copy, or move the directory aside to train from scratch")
