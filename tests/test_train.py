@@ -272,8 +272,8 @@ class _FakeDevice:  # what mesh_utils reads of a device
     id: int
     slice_index: int
     process_index: int = 0
-    platform: str = "cpu"
-    device_kind: str = "cpu"
+    platform: str = "tpu"
+    device_kind: str = "TPU v5 lite"
 
 
 def test_device_grid_keeps_multislice_inner_axes_within_a_slice():
@@ -286,8 +286,12 @@ def test_device_grid_keeps_multislice_inner_axes_within_a_slice():
     assert (slice_of == np.array([0, 0, 1, 1])[:, None, None]).all()
     with pytest.raises(ValueError, match="multiple of the 2 slices"):
         parallel.device_grid((1, 8, 2), devices)
-    # one slice (and CPU): jax.devices() order, as before
-    cpu = [_FakeDevice(id=i, slice_index=0) for i in range(8)]
+    # GPUs (whatever slices they report) and CPUs: jax.devices() order, as before
+    gpu = [_FakeDevice(id=i, slice_index=i % 2, platform="gpu", device_kind="H200")
+           for i in range(8)]
+    np.testing.assert_array_equal(parallel.device_grid((1, 8, 1), gpu),
+                                  np.array(gpu, dtype=object).reshape(1, 8, 1))
+    cpu = [_FakeDevice(id=i, slice_index=0, platform="cpu", device_kind="cpu") for i in range(8)]
     np.testing.assert_array_equal(parallel.device_grid((2, 2, 2), cpu),
                                   np.array(cpu, dtype=object).reshape(2, 2, 2))
 

@@ -57,7 +57,9 @@ def device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
     links: TPU torus neighbours, NVLink ids in order on GPU; on CPU this is a plain reshape. With
     several TPU slices (multislice: devices carry `slice_index`) only `data` spans slices, over
     the data-center network, and each slice holds a (data / slices, fsdp, tensor) block."""
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    # TPU only: what GPUs report as slices (hosts, NVLink domains) is left to create_device_mesh
+    tpu = all(getattr(d, "platform", "") == "tpu" for d in devices)
+    slices = len({getattr(d, "slice_index", 0) for d in devices}) if tpu else 1
     if slices > 1:
         if shape[0] % slices:
             raise ValueError(f"train.mesh.data={shape[0]} must be a multiple of the {slices} "
