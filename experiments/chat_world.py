@@ -9,8 +9,8 @@ SFT is short and gentle (lr 1e-4): gpt_world's mixed training already taught the
 held-out accuracy (measured before 3-turn chats: 0.53 -> 0.43).
 
 Command:  solo train chat_world --workdir runs/chat_world
-Runtime:  6.3-7.5 min for both stages on a quiet 2-core CPU (~20k tokens/s); SFT + held-out eval
-          take ~1 min of it.
+Runtime:  5.9 min for both stages on a quiet 2-core Intel Xeon (~25k tokens/s; 6.3-7.5 min on
+          earlier 2-core machines); SFT + held-out eval take ~1 min of it.
 Expect:   held-out exact-match on the test split, greedy, through the chat path, on a 2-core
           Intel Xeon: 0.699 (151/216) with seed 0 (SFT eval loss 0.1152). The seed moves it a
           lot: seeds 0-3 gave 0.699 / 0.454 / 0.542 / 0.583 (mean 0.570, sd 0.10; SFT eval loss
