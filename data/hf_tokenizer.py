@@ -110,6 +110,12 @@ def _alphabet_chars() -> frozenset[str]:
     return frozenset(byte_alphabet().values())
 
 
+@lru_cache(maxsize=1)
+def _alphabet_bytes() -> dict[str, int]:
+    """byte_alphabet inverted: a byte-level character -> the byte it spells."""
+    return {c: b for b, c in byte_alphabet().items()}
+
+
 def _byte_spelling(token: str) -> str:
     """`token` in the byte alphabet (tokens a GGUF stores as raw text, e.g. some added ones)."""
     if set(token) <= _alphabet_chars():
@@ -426,8 +432,7 @@ class HFTokenizer:
         any other token, its decoded text."""
         piece = self.id_to_piece(i)
         if self._byte_level and set(piece) <= _alphabet_chars():
-            inverse = {c: b for b, c in byte_alphabet().items()}
-            return bytes(inverse[c] for c in piece)
+            return bytes(_alphabet_bytes()[c] for c in piece)
         return self.decode([i]).encode("utf-8")
 
     def piece_to_id(self, piece: str) -> int:

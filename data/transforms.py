@@ -22,10 +22,6 @@ Example = dict[str, np.ndarray]
 Rows = dict[str, np.ndarray]
 
 
-# a document's first and last ids (BOS/EOS, or CLS/SEP for a BERT-style tokenizer): data/framing.py
-bos, eos = framing.start, framing.end
-
-
 def encode_docs(tok, texts: Sequence[str]) -> list[np.ndarray]:
     """Documents framed by framing.document ([BOS] text [EOS], or [CLS] text [SEP]), int32."""
     return [np.asarray(framing.document(tok, t), np.int32) for t in texts]

@@ -38,7 +38,7 @@ import jax
 from ml_collections import ConfigDict
 
 from solo.config import ConfigError, RunConfig
-from solo.data import pipeline, sources, transforms
+from solo.data import framing, pipeline, sources
 from solo.data.tasks import get_task
 from solo.experiments import apply_overrides
 from solo.train import parallel
@@ -106,7 +106,7 @@ def scored_bytes(config: RunConfig, tokenizer, split: str) -> int | None:
     if d.task == "lm":
         if any("text" not in r for r in records):
             return None  # chat transcripts as documents: role markers have no bytes
-        if transforms.bos(tokenizer):
+        if framing.start(tokenizer):
             return sum(len(r["text"].encode("utf-8")) for r in records)
         # no BOS (byte-level BPE imports: GPT-2, SmolLM2): a document's first token is context,
         # never a target, so its bytes are not scored either (its raw bytes: it may be part of a
