@@ -343,9 +343,12 @@ def _quiet_closed_loop_callbacks() -> None:
 def _quiet_teardown() -> None:
     """After a failure the command reported as one line, the same failure surfaces again while the
     process tears down: writers' atexit flushes and their threads (TensorBoard's event file on a
-    full disk, say) print tracebacks of it. Those are dropped; SOLO_DEBUG=1 keeps everything."""
+    full disk, say) print tracebacks of it, and Orbax's abandoned write coroutines warn that they
+    were never awaited. Those are dropped; SOLO_DEBUG=1 keeps everything."""
     import threading
+    import warnings
 
+    warnings.simplefilter("ignore")
     sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None
     logging.disable(logging.CRITICAL)
@@ -406,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         # the traceback.
         if os.environ.get("SOLO_DEBUG"):
             raise
-        print(f"solo {args.command}: error: {_one_line(e, getattr(args, 'workdir', ''))} "
-              "(SOLO_DEBUG=1 for the traceback)", file=sys.stderr)
-        _quiet_teardown()
+        line = _one_line(e, getattr(args, "workdir", ""))
+        _quiet_teardown()  # from here on, nothing but the one line
+        print(f"solo {args.command}: error: {line} (SOLO_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 2
     except Diverged as e:
         print(f"solo {args.command}: {e}", file=sys.stderr)

@@ -1,8 +1,20 @@
 """Fixtures shared by several test files."""
 
+import logging
 import sys
+import threading
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _process_hooks():
+    """A CLI error run in-process quiets the process's teardown (solo/cli._quiet_teardown):
+    logging off, unraisable and thread exceptions dropped. The next test gets them back."""
+    saved = sys.unraisablehook, threading.excepthook, logging.root.manager.disable
+    yield
+    sys.unraisablehook, threading.excepthook = saved[:2]
+    logging.disable(saved[2])
 
 
 @pytest.fixture

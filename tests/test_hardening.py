@@ -194,6 +194,39 @@ def test_a_full_disk_is_a_few_lines_and_the_run_resumes(tmp_path):
     assert (out / "steps").read_text().split() == ["10", "15", "20"]
 
 
+TEARDOWN = """
+import sys, threading
+from solo import cli
+
+left = []
+
+def failing(args):
+    async def write_fragment():
+        pass
+    left.append(write_fragment())  # never awaited, as Orbax leaves its writes on a full disk
+    raise OSError(28, "No space left on device")
+
+cli._sample = failing
+rc = cli.main(["sample", "wd", "--prompt", "x"])
+left.clear()  # the coroutine is collected: Python warns that it was never awaited
+worker = threading.Thread(target=lambda: 1 / 0)  # a writer thread failing at teardown
+worker.start()
+worker.join()
+sys.exit(rc)
+"""
+
+
+def test_after_the_one_line_error_the_teardown_prints_nothing():
+    """What the process does after it reported a failure as one line (a never-awaited write
+    coroutine collected, a writer thread raising) adds nothing to stderr; SOLO_DEBUG=1 shows it."""
+    env = {k: v for k, v in os.environ.items() if k != "SOLO_DEBUG"}
+    r = subprocess.run([sys.executable, "-c", TEARDOWN], env=env, capture_output=True,
+                       text=True, timeout=300)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("solo sample: error: no space left on device (writing wd)")
+
+
 def test_load_still_works_after_the_faults(finished):
     assert load(str(finished[0])).step == 4
 
