@@ -110,7 +110,7 @@ class ChatSession:
                                     method=self.sampling, seed=self.seed, stream_cb=cb,
                                     chunk=self.chunk, stop_ids=self.template.stop_ids,
                                     prefix=self.template.reply_prefix,
-                                    guards=self.guards)[0]
+                                    guards=self.guards, continuation=False)[0]
         self.seed += 1  # a new draw each turn when sampling
         d_out = gen.guard
         self.last_decisions.append(d_out)

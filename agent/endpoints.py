@@ -146,9 +146,8 @@ async def completions(ctx: Context, request: Request) -> Response:
     choices = []
     for c, res in enumerate(results):
         ids, start, prompt_text, _ = rows[c // n]
-        completion = _continuation(tok, ids, res["tokens"][: res["completion_tokens"]],
-                                   res["text"], req["stop"])
-        text = (prompt_text + completion) if req["echo"] else completion
+        # the row's text is already the continuation decoded after the prompt (RowText context)
+        text = (prompt_text + res["text"]) if req["echo"] else res["text"]
         logprobs = None
         if scores is not None:
             logprobs = completion_logprobs(tok, scores[c], start if req["echo"] else len(ids))
@@ -161,18 +160,6 @@ async def completions(ctx: Context, request: Request) -> Response:
         "created": int(time.time()), "model": ctx.model_name, "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens}})
-
-
-def _continuation(tok, ids: list[int], tokens: list[int], text: str, stop: list[str]) -> str:
-    """The text the tokens add after the prompt, decoded in context (a SentencePiece word
-    piece's leading space is kept, as a separate decode would drop it), cut at a stop string."""
-    before = tok.decode(ids)
-    full = tok.decode(ids + tokens)
-    if not full.startswith(before):
-        return text
-    out = full[len(before):]
-    cut = min((out.find(s) for s in stop if s and s in out), default=-1)
-    return out[:cut] if cut >= 0 else out
 
 
 async def embeddings(ctx: Context, request: Request) -> Response:

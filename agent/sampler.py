@@ -283,7 +283,8 @@ class Sampler:
                  method=None, seed: int = 0, stop: Sequence[str] = (),
                  stream_cb: Callable[[int, str], None] | None = None, chunk: int = 8,
                  src=None, stop_ids: Sequence[int] | None = None,
-                 prefix: str = "", guards: Guards | None = None) -> list[Generation]:
+                 prefix: str = "", guards: Guards | None = None,
+                 continuation: bool = True) -> list[Generation]:
         """Generates for a batch of prompts (text, framed by data/framing.py as training framed
         it, or token lists taken as they are).
 
@@ -299,6 +300,9 @@ class Sampler:
         `prefix` is dropped from the start of each row's text (a chat template's content
         prefix). `guards` (agent/guards.Guards): the output guard, applied as the text grows
         (agent/streaming.RowText), so what stream_cb receives is the guarded reply.
+        `continuation`: the text is what the tokens add after the prompt (decoded in context, a
+        SentencePiece word piece keeps its leading space); False for a chat reply, whose text is
+        its tokens' own decode.
         """
         tok = self.tokenizer
         if self.cfg.kind == "encoder_decoder":
@@ -313,8 +317,9 @@ class Sampler:
         else:
             ids = [framing.prompt(tok, p) if isinstance(p, str) else list(p) for p in prompts]
         streaming = bool(stream_cb or [s for s in stop if s] or guards is not None)
-        rows = [RowText(tok, m, stop, incremental=streaming, prefix=prefix, guards=guards)
-                for m in _per_row(max_new_tokens, len(ids))]
+        rows = [RowText(tok, m, stop, incremental=streaming, prefix=prefix, guards=guards,
+                        context=row_ids if continuation else ())
+                for m, row_ids in zip(_per_row(max_new_tokens, len(ids)), ids, strict=True)]
         stop_rows = np.zeros((len(ids),), bool)
         it = self.iterate(ids, max_new_tokens=max_new_tokens, method=method, seed=seed,
                           chunk=chunk if streaming else 0, src=src, stop_rows=stop_rows,

@@ -138,7 +138,8 @@ class ModelWorker:
         # replies are guarded as they grow: the stream and the answer are one decision
         rows = [RowText(tok, j.max_new, j.stop, len(j.ids), incremental=j.stream,
                         prefix=self.template.reply_prefix if chat else "",
-                        guards=self.guards if chat else None) for j in batch]
+                        guards=self.guards if chat else None, context=() if chat else j.ids)
+                for j in batch]
         stop_rows = np.zeros((len(batch),), bool)
         it = self.sampler.iterate([j.ids for j in batch], max_new_tokens=[j.max_new for j in batch],
                                   method=batch[0].method, seed=batch[0].seed, chunk=self.chunk,

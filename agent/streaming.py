@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 from solo.agent.guards import GuardDecision, Guards
 
+_CONTEXT = 8  # prompt tokens a continuation is decoded after
+
 
 @dataclasses.dataclass
 class Generation:
@@ -42,12 +44,22 @@ class RowText:
     refuses the whole reply). A row ends as soon as its text decides it. Without it (no
     streaming, no stop strings, no guards) the text is decoded once, in `close`; either way
     the stream (the deltas and close's rest) is exactly the final text.
+
+    `context` (a raw continuation's prompt ids; the newest few are used): the text is what the
+    tokens add after them, decoded in context as transformers' text-generation pipeline does,
+    so a SentencePiece word piece keeps the leading space a decode of its own strips (Llama 2's
+    Metaspace decoder). A chat reply (no context) is its tokens' own decode, as a chat template's
+    reply is.
     """
 
     def __init__(self, tokenizer, max_new: int, stop: Sequence[str] = (),
                  prompt_tokens: int = 0, *, incremental: bool = True, prefix: str = "",
-                 guards: Guards | None = None):
+                 guards: Guards | None = None, context: Sequence[int] = ()):
         self.tokenizer, self.max_new, self.prompt_tokens = tokenizer, int(max_new), prompt_tokens
+        self.context = [int(t) for t in list(context)[-_CONTEXT:]] if tokenizer else []
+        self.before = tokenizer.decode(self.context) if self.context else ""
+        if self.before.endswith("\ufffd"):  # the prompt ends inside a character: decode alone
+            self.context, self.before = [], ""
         self.prefix = prefix  # dropped from the start of the text (a chat template's)
         self.stop = [s for s in stop if s]
         self.guards = guards
@@ -88,7 +100,11 @@ class RowText:
         return self._release(self.settled if not self.hold_all else 0)
 
     def _decode(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens)
+        full = self.tokenizer.decode(self.context + tokens) if self.context else None
+        if full is not None and full.startswith(self.before):
+            text = full[len(self.before):]
+        else:
+            text = self.tokenizer.decode(tokens)
         if self.prefix and (text.startswith(self.prefix) or self.prefix.startswith(text)):
             text = text[len(self.prefix):]  # ("" while the text could still be the prefix)
         return text

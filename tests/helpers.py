@@ -45,3 +45,22 @@ def serving(app):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+def llama_style_tokenizer(words: str = "the king sat on his throne and spoke to all who came"):
+    """An HFTokenizer as Llama 2's tokenizer.json builds one (Metaspace word pieces; a decoder
+    that replaces '▁' by a space and strips the text's first space), over `words`."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from solo.data.hf_tokenizer import HFTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = [*specials, *dict.fromkeys("▁" + w for w in words.split())]
+    b = Backend(models.WordLevel({t: i for i, t in enumerate(pieces)}, unk_token="<unk>"))
+    b.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    b.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    b.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    return HFTokenizer(b.to_str(), named_tokens=dict(bos_token="<s>", eos_token="</s>",
+                                                     unk_token="<unk>"), add_bos=True)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-from helpers import model_config, serving
+from helpers import llama_style_tokenizer, model_config, serving
 
 from solo.agent.chat import CHAT_STOP_IDS
 from solo.agent.sampler import Sampler
@@ -155,6 +155,33 @@ def test_stop_string_usage_and_logprobs_count_the_texts_tokens(client, sampler, 
     assert text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
     assert after(k).startswith(text) and not (k and after(k - 1).startswith(text))
     assert len(r.choices[0].logprobs.tokens) == k
+
+
+def test_completion_is_decoded_after_the_prompt_with_a_metaspace_tokenizer():
+    """Llama 2's decoder strips a text's first space: the completion is the full decode less the
+    prompt's (its leading space kept), and a stop string is found in that text, so a stop at
+    the first word's space ends the row there (finish 'stop', no tokens counted)."""
+    tok = llama_style_tokenizer()
+    cfg = model_config(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
+                       d_ff=64, max_len=64)
+    model = Transformer(cfg)
+    params = jax.jit(model.init)(jax.random.key(3),
+                                 {"tokens": jnp.zeros((1, 4), jnp.int32)})["params"]
+    sampler = Sampler(model, params, tok, cache_len=64, stop_ids=tok.stop_ids)
+    ids = [tok.bos_id, *tok.encode("the king")]
+    new = sampler.generate_ids([ids], max_new_tokens=6, stop_ids=tok.stop_ids)[0][0]
+    want = tok.decode(ids + new)[len(tok.decode(ids)):]
+    assert want.startswith(" ") and not tok.decode(new).startswith(" ")
+    with serving(make_app(sampler, model_name="llama", max_new_tokens=6)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="llama", prompt="the king", max_tokens=6,
+                                      temperature=0)
+        assert r.choices[0].text == want and r.usage.completion_tokens == len(new)
+        first = want.split(" ")[1]
+        cut = client.completions.create(model="llama", prompt="the king", max_tokens=6,
+                                        temperature=0, stop=[" " + first])
+    assert cut.choices[0].text == "" and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens == 0
 
 
 def test_chat_logprobs_are_the_models_log_softmax(client, sampler, tok):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import model_config
+from helpers import llama_style_tokenizer, model_config
 
 from solo.agent.sampler import (
     Compose,
@@ -212,6 +212,49 @@ def test_row_text_stop_string_trims_the_tokens_past_it():
     row = RowText(_Bytes(), 64, stop=["\n"])
     assert row.feed(list(b"Paris.\nQ"), {0}) == "Paris." and row.finish == "stop"
     assert bytes(row.close()[0].tokens) == b"Paris."
+
+
+def test_row_text_of_a_continuation_keeps_the_leading_space_a_metaspace_decode_strips():
+    """Llama 2's decoder strips a text's first space, so "▁sat" decoded alone is "sat"; after
+    "the king" the continuation is " sat on his throne" (transformers' text-generation pipeline:
+    the full decode less the prompt's), streamed in every chunking as answered, cut at a stop
+    string. A chat reply (no context) is its tokens' own decode."""
+    tok = llama_style_tokenizer()
+    prompt, new = tok.encode("the king"), tok.encode("sat on his throne")
+    assert tok.decode(new) == "sat on his throne"  # what the row said before it had a context
+    for stop, want in [((), " sat on his throne"), ((" his",), " sat on")]:
+        for chunk in (1, 2, len(new)):
+            for incremental in (True, False):
+                row = RowText(tok, 64, stop, incremental=incremental,
+                              context=[tok.bos_id, *prompt])
+                streamed = "".join(row.feed(new[i:i + chunk], set())
+                                   for i in range(0, len(new), chunk))
+                gen, rest = row.close()
+                assert streamed + rest == gen.text == want, (stop, chunk, incremental)
+                assert gen.tokens == new[: len(want.split())]  # the tokens of the text kept
+    row = RowText(tok, 64)  # a chat reply
+    row.feed(new, set())
+    assert row.close()[0].text == "sat on his throne"
+
+
+def test_generate_continues_a_text_prompt_in_context():
+    """Sampler.generate's text is the full decode less the prompt's, streamed or not; a chat
+    reply (continuation=False) is the tokens' own decode."""
+    tok = llama_style_tokenizer()
+    model, params = tiny(vocab=tok.vocab_size)
+    sampler = Sampler(model, params, tok, cache_len=64, stop_ids=())
+    prompts = ["the king", "he spoke to"]
+    free = sampler.generate(prompts, max_new_tokens=6)
+    deltas = {0: [], 1: []}
+    streamed = sampler.generate(prompts, max_new_tokens=6, chunk=2,
+                                stream_cb=lambda i, d: deltas[i].append(d))
+    alone = sampler.generate(prompts, max_new_tokens=6, continuation=False)
+    for i, p in enumerate(prompts):
+        ids = [tok.bos_id, *tok.encode(p)]
+        want = tok.decode(ids + free[i].tokens)[len(tok.decode(ids)):]
+        assert free[i].text == streamed[i].text == "".join(deltas[i]) == want
+        assert alone[i].text == tok.decode(free[i].tokens)
+    assert any(g.text.startswith(" ") for g in free)  # the case the context decides
 
 
 def test_seeded_sampling_reproducible(dec):
