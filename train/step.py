@@ -183,22 +183,29 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
         metrics = {**metrics, "loss": (loss, one), "grad_norm": (grad_norm, one),
                    "lr": (jnp.asarray(schedule(state.step), jnp.float32), one)}
         # the divergence guard (train.loop) reads `nonfinite`; with train.max_skipped_steps a
-        # bad step changes nothing but the step counters and stays out of the metric sums. The
-        # optimizer's integer counts advance with state.step, so the lr schedule stays on the
-        # step (the logged lr is the one applied and the run still ends at its minimum lr)
+        # bad step changes nothing but the step counters and stays out of the metric sums
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             keep = lambda new, old: jnp.where(finite, new, old)
             params = jax.tree.map(keep, params, state.params)
-            opt_state = jax.tree.map(
-                lambda new, old: new if jnp.issubdtype(new.dtype, jnp.integer) else keep(new, old),
-                opt_state, state.opt_state)
+            opt_state = _skipped(keep, opt_state, state.opt_state)
             metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), metrics)
         metrics["nonfinite"] = (1.0 - finite.astype(jnp.float32), one)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, metrics
 
     return _with_activation_sharding(train_step, mesh)
+
+
+def _skipped(keep: Callable, new: Any, old: Any) -> Any:
+    """The optimizer state after a step `keep` may skip: Adam's moments and its count stay (its
+    bias correction counts the updates applied), the lr schedule's count follows the step (the
+    logged lr is the one applied, and the run still ends at its minimum lr)."""
+    def schedule(x) -> bool:
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    return jax.tree.map(lambda n, o: n if schedule(n) else jax.tree.map(keep, n, o),
+                        new, old, is_leaf=schedule)
 
 
 def _with_activation_sharding(fn: Callable, mesh: Mesh | None) -> Callable:
