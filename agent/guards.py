@@ -64,6 +64,12 @@ class GuardDecision:
         return self.action != "refuse"
 
 
+# What can make a match in a reply's beginning not one in the whole reply: "secret$" matches
+# "the secret" but not "the secrets"; likewise \Z, \b, \B and lookaheads (conservatively,
+# anywhere in the pattern, escaped or not).
+_END_SENSITIVE = re.compile(r"\$|\\[ZbB]|\(\?[=!]")
+
+
 class Guards:
     """cfg: limits and patterns; markers: the chat template's control-token texts (a reply is
     cut at the first one; default solo's role markers)."""
@@ -71,7 +77,8 @@ class Guards:
     def __init__(self, cfg: GuardConfig = NO_LIMITS, markers: Sequence[str] = ROLE_MARKER_TEXTS):
         self.cfg = cfg
         self.markers = tuple(m for m in markers if m)
-        self._patterns = [(p, re.compile(p, re.IGNORECASE)) for p in self.cfg.blocked_patterns]
+        self._patterns = [(p, re.compile(p, re.IGNORECASE), bool(_END_SENSITIVE.search(p)))
+                          for p in self.cfg.blocked_patterns]
 
     @classmethod
     def from_config(cls, agent: AgentConfig, markers: Sequence[str] = ROLE_MARKER_TEXTS
@@ -86,9 +93,14 @@ class Guards:
                 else "")
         return decision
 
-    def blocked_match(self, text: str) -> tuple[str, int] | None:
-        """The first blocked pattern found in text, and where its match ends; None if none."""
-        for src, pat in self._patterns:
+    def blocked_match(self, text: str, *, partial: bool = False) -> tuple[str, int] | None:
+        """The first blocked pattern found in text, and where its match ends; None if none.
+        `partial`: text may still grow (a reply being generated), so only patterns whose match
+        no later text can undo are tried; one with an end anchor, a word boundary or a
+        lookahead waits for the whole reply."""
+        for src, pat, end_sensitive in self._patterns:
+            if partial and end_sensitive:
+                continue
             m = pat.search(text)
             if m:
                 return src, m.end()

@@ -127,7 +127,7 @@ class RowText:
             reasons, final = ["too_long"], True  # (a marker past the limit cut nothing)
         self.blocked = None
         if self.hold_all:
-            match = self.guards.blocked_match(text[:settled])
+            match = self.guards.blocked_match(text[:settled], partial=not final)
             if match is not None:  # the reply is refused: the row ends at the match
                 self.blocked, at = match
                 text, settled, finish, end = text[:at], at, "stop", at

@@ -169,6 +169,7 @@ class _Bytes:  # id -> one byte; decode like sentencepiece's byte fallback
 
 @pytest.mark.parametrize("limit, patterns, stop", [
     (0, (), ()), (6, (), ()), (0, ("secret",), ()), (0, (), ("\n",)), (4, ("is",), ("\n",)),
+    (0, ("secret$",), ()), (0, (r"\bsecre\b",), ()),  # a match the text's growth undoes
 ])
 def test_row_text_guards_give_one_text_to_stream_and_answer(limit, patterns, stop):
     """Every chunking of a row (and no streaming at all) gives the same text, streamed exactly
