@@ -383,19 +383,31 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
 
 def mesh_eval_fn(loaded, config: RunConfig):
     """`loaded`'s (train.inference.load) eval step on every device, taking host batches: returns
-    (config with its eval batch padded to a multiple of the device count, fn(params, batch)).
-    Padding rows carry zero weight, so the metrics are exact for any eval batch size."""
+    (config, fn(params, batch)). An eval batch keeps data.eval_batch_size real rows on any
+    device count (rounded up to a multiple of the process count), each process's rows padded
+    with all-zero rows to a multiple of its devices: padding carries zero weight, so every
+    metric, a batch-coupled one such as InfoNCE's in-batch retrieval included, is the one the
+    training run's eval reported."""
     mesh = parallel.data_mesh()
+    nproc = jax.process_count()
     ebs = config.data.eval_batch
-    if ebs % mesh.devices.size:
-        config = config.replace(data=config.data.replace(
-            eval_batch_size=ebs + (-ebs) % mesh.devices.size))
+    if ebs % nproc:
+        config = config.replace(data=config.data.replace(eval_batch_size=ebs + (-ebs) % nproc))
+    local = mesh.devices.size // nproc
     params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
     eval_fn = jax.jit(make_eval_step(loaded.model, config),
                       in_shardings=(params_sh, parallel.batch_sharding(mesh)),
                       out_shardings=parallel.replicated(mesh),
                       compiler_options=train_options(config))
-    return config, lambda params, batch: eval_fn(params, parallel.shard_batch(batch, mesh))
+
+    def fn(params, batch):
+        extra = -len(next(iter(batch.values()))) % local
+        if extra:
+            batch = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+                     for k, v in batch.items()}
+        return eval_fn(params, parallel.shard_batch(batch, mesh))
+
+    return config, fn
 
 
 def evaluate(workdir: str, checkpoint: str | int = "latest",
