@@ -65,9 +65,9 @@ class GuardDecision:
 
 
 # What can make a match in a reply's beginning not one in the whole reply: "secret$" matches
-# "the secret" but not "the secrets"; likewise \Z, \b, \B and lookaheads (conservatively,
-# anywhere in the pattern, escaped or not).
-_END_SENSITIVE = re.compile(r"\$|\\[ZbB]|\(\?[=!]")
+# "the secret" but not "the secrets"; likewise \Z (\z from Python 3.14), \b, \B and lookaheads
+# (conservatively, anywhere in the pattern, escaped or not).
+_END_SENSITIVE = re.compile(r"\$|\\[ZzbB]|\(\?[=!]")
 
 
 class Guards:
@@ -94,17 +94,17 @@ class Guards:
         return decision
 
     def blocked_match(self, text: str, *, partial: bool = False) -> tuple[str, int] | None:
-        """The first blocked pattern found in text, and where its match ends; None if none.
-        `partial`: text may still grow (a reply being generated), so only patterns whose match
-        no later text can undo are tried; one with an end anchor, a word boundary or a
-        lookahead waits for the whole reply."""
+        """The blocked pattern whose match in text ends first (ties: the first listed), and where
+        it ends; None if none. Ending first, a match is found in the same place whether the
+        reply is searched as it grows or whole. `partial`: text may still grow, so only patterns
+        whose match no later text can undo are tried; one with an end anchor, a word boundary
+        or a lookahead waits for the whole reply."""
+        found = None
         for src, pat, end_sensitive in self._patterns:
-            if partial and end_sensitive:
-                continue
-            m = pat.search(text)
-            if m:
-                return src, m.end()
-        return None
+            m = None if partial and end_sensitive else pat.search(text)
+            if m and (found is None or m.end() < found[1]):
+                found = src, m.end()
+        return found
 
     def _blocked(self, text: str) -> str | None:
         match = self.blocked_match(text)

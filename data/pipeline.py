@@ -304,11 +304,13 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """Every example of `split` exactly once, in order, deterministic masks; the last batch is
     padded with all-zero rows (zero weights), so weighted sums do not depend on batch_size.
-    batch_size is global (default data.eval_batch_size); each process gets its slice of every
+    batch_size (default data.eval_batch_size) is the global batch's real rows on any process
+    count (a batch-coupled metric, InfoNCE's, depends on which rows share a batch): with zero
+    rows after them to a multiple of process_count, each process gets its equal slice of every
     batch and all processes get the same number of batches. max_batches > 0 truncates."""
     preps = prepare_split(d, tokenizer, split)
     gbs = int(batch_size or d.eval_batch)
-    bs = per_process_batch(gbs, process_count)
+    bs = -(-gbs // process_count)  # this process's rows of each (padded) global batch
     index = [(c, j) for c, p in enumerate(preps) for j in range(len(p))]
     num = -(-len(index) // gbs)
     if max_batches > 0:
@@ -320,8 +322,9 @@ def eval_batches(
     zero = T.zero_like_row(row(0))
     out = []
     for b in range(num):
-        lo = b * gbs + process_index * bs
-        rows = [row(g) if g < len(index) else zero for g in range(lo, lo + bs)]
+        lo = process_index * bs
+        rows = [row(b * gbs + j) if j < gbs and b * gbs + j < len(index) else zero
+                for j in range(lo, lo + bs)]
         out.append({k: np.stack([r[k] for r in rows]) for k in zero})
     return out
 

@@ -170,6 +170,8 @@ class _Bytes:  # id -> one byte; decode like sentencepiece's byte fallback
 @pytest.mark.parametrize("limit, patterns, stop", [
     (0, (), ()), (6, (), ()), (0, ("secret",), ()), (0, (), ("\n",)), (4, ("is",), ("\n",)),
     (0, ("secret$",), ()), (0, (r"\bsecre\b",), ()),  # a match the text's growth undoes
+    (0, ("nice", "is"), ()), (0, ("secret$", "is"), ()),  # the first match to end is the one
+    (0, ("is", r"\bth"), ()), (0, ("!", r"s\b"), ("\n",)),
 ])
 def test_row_text_guards_give_one_text_to_stream_and_answer(limit, patterns, stop):
     """Every chunking of a row (and no streaming at all) gives the same text, streamed exactly
@@ -199,8 +201,9 @@ def test_row_text_guards_give_one_text_to_stream_and_answer(limit, patterns, sto
                     assert bytes(gen.tokens).decode() == gen.text
                 results.add((gen.text, gen.finish_reason, tuple(gen.tokens)))
         assert len(results) == 1, (full, results)  # one decision, however it was chunked
-        if want.action == "refuse":
-            assert re.search(patterns[0], bytes(gen.tokens).decode())
+        if want.action == "refuse":  # the same pattern, matched at the end of the kept tokens
+            assert gen.guard.pattern == want.pattern
+            assert re.search(want.pattern, bytes(gen.tokens).decode())
 
 
 def test_row_text_stop_string_trims_the_tokens_past_it():

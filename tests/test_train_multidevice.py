@@ -3,7 +3,7 @@
 Checks that the jit step on an 8-device mesh (data x fsdp), the pmap step on 8 devices and the
 1-device step give the same numbers (incl. InfoNCE, whose negatives pmap must all-gather), and that
 a checkpoint written on 8 devices (params sharded over fsdp) restores on 1 device, and that
-`solo eval` on 8 devices reports a 1-device InfoNCE run's eval metrics.
+`solo eval` (and train.loop.evaluate) on 8 devices reports a 1-device InfoNCE run's eval metrics.
 """
 
 from __future__ import annotations
@@ -99,9 +99,12 @@ SCRIPT = textwrap.dedent("""
              **{jax.tree_util.keystr(p): np.asarray(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(loaded.params)[0]})
     out["eval8"] = summary["eval"]
-    # a 1-device InfoNCE run (eval batches of 6 pairs) evaluated here, on 8 devices
+    # a 1-device InfoNCE run (eval batches of 6 pairs) evaluated here, on 8 devices, by `solo
+    # eval` (agent.evaluate.eval_command) and by train.loop.evaluate
+    from solo.agent.evaluate import eval_command
     from solo.train.loop import evaluate
-    out["infonce_eval8"] = evaluate(sys.argv[3])["eval"]
+    out["infonce_eval8"] = json.load(open(eval_command(sys.argv[3], name="eight")[1]))["metrics"]
+    out["infonce_loop_eval8"] = evaluate(sys.argv[3])["eval"]
     print("RESULT" + json.dumps(out))
 """)
 
@@ -189,8 +192,13 @@ def test_infonce_eval_is_the_same_on_eight_devices(eight_device_run):
     """In-batch negatives make InfoNCE's eval depend on which pairs share a batch: on 8 devices
     an eval batch still holds the run's 6 pairs (padded with zero-weight rows), so `solo eval`
     there reports what 1 device reports (with 8-pair batches its top-1 accuracy was 17% off)."""
+    from solo.agent.evaluate import eval_command
+
     result, tmp = eight_device_run
-    one = evaluate(str(tmp / "infonce"))["eval"]
-    assert "infonce/loss" in one
-    for k, v in result["infonce_eval8"].items():
-        np.testing.assert_allclose(one[k], v, rtol=1e-4, err_msg=k)
+    one = json.loads(Path(eval_command(str(tmp / "infonce"), name="one")[1]).read_text())
+    # solo eval scores the whole split; train.loop.evaluate the run's train.eval_batches (3)
+    for name, ref in [("infonce_eval8", one["metrics"]),
+                      ("infonce_loop_eval8", evaluate(str(tmp / "infonce"))["eval"])]:
+        assert "infonce/loss" in ref and result[name].keys() == ref.keys()
+        for k, v in result[name].items():
+            np.testing.assert_allclose(ref[k], v, rtol=1e-4, err_msg=(name, k))

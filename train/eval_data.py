@@ -61,7 +61,7 @@ def data_overrides(overrides: Sequence[str]) -> list[str]:
 def eval_config(saved: ConfigDict, overrides: Sequence[str]) -> RunConfig:
     """The run's config with the data overrides applied and checked."""
     config = RunConfig.from_config(apply_overrides(saved, data_overrides(overrides)))
-    validate_config(config, parallel.data_mesh())
+    validate_config(config, parallel.data_mesh(), batches=False)  # eval pads its batches
     if config.data.seq_len > config.model.max_len and config.model.positions == "learned":
         raise ConfigError(f"data.seq_len={config.data.seq_len} > model.max_len="
                           f"{config.model.max_len} (learned positions)")
@@ -140,7 +140,7 @@ def evaluate_data(loaded, config: RunConfig, splits: Sequence[str] = ("validatio
     'tokens', 'bytes' and 'bits_per_byte' where defined."""
     splits = check_splits(splits)
     nbytes = [scored_bytes(config, loaded.tokenizer, s) for s in splits]
-    config, eval_fn = mesh_eval_fn(loaded, config)
+    eval_fn = mesh_eval_fn(loaded, config)
     acc = None
     for split in splits:
         for batch in pipeline.eval_batches(config.data, loaded.tokenizer, split,

@@ -1,5 +1,6 @@
 """`train_and_evaluate(config, workdir)`: validate, prepare the workdir, init or resume, train with
-periodic eval / logging / checkpointing; `evaluate(workdir)` for `solo eval`.
+periodic eval / logging / checkpointing; `evaluate(workdir)`: a checkpoint's eval-split metrics
+(`solo eval` adds data overrides, splits and QA: train/eval_data.py).
 
 Order of operations is chosen so that every user error (bad objective, task/objective mismatch,
 indivisible batch, wrong mesh, unusable workdir) fails before anything is written or compiled.
@@ -14,6 +15,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -44,9 +46,10 @@ class TrainConfigError(ConfigError):
     """A config that cannot train; the message names the keys and the fix."""
 
 
-def validate_config(config: RunConfig, mesh) -> None:
+def validate_config(config: RunConfig, mesh, *, batches: bool = True) -> None:
     """What no single section can check: objectives vs the task's batches, batch sizes vs the
-    mesh, the parallel mode vs the mesh. (Each section validated itself when it was built.)"""
+    mesh (`batches`; evaluation pads its batches instead), the parallel mode vs the mesh. (Each
+    section validated itself when it was built.)"""
     if not config.objectives:
         raise TrainConfigError("config.objectives: no objective has a nonzero weight")
     task = get_task(config.data.task)
@@ -61,11 +64,11 @@ def validate_config(config: RunConfig, mesh) -> None:
                 f"does not provide; use data.task in {fits or 'none (objectives incompatible)'}")
     dp, k = parallel.data_parallel_size(mesh), config.optim.grad_accum
     bs, ebs = config.data.batch_size, config.data.eval_batch
-    if bs % (dp * k):
+    if batches and bs % (dp * k):
         raise TrainConfigError(
             f"data.batch_size={bs} must be divisible by data-parallel size {dp} x "
             f"optim.grad_accum {k} = {dp * k}")
-    if ebs % dp:
+    if batches and ebs % dp:
         raise TrainConfigError(
             f"data.eval_batch_size={ebs} must be divisible by data-parallel size {dp}")
     if config.train.parallel == "pmap" and mesh.shape["fsdp"] * mesh.shape["tensor"] != 1:
@@ -381,33 +384,28 @@ def _loop(run: _Run, state, train_iter, ckpt, writer, progress, signals) -> dict
             "workdir": run.workdir, "num_devices": ndev, "flops_per_token": fpt}
 
 
-def mesh_eval_fn(loaded, config: RunConfig):
-    """`loaded`'s (train.inference.load) eval step on every device, taking host batches: returns
-    (config, fn(params, batch)). An eval batch keeps data.eval_batch_size real rows on any
-    device count (rounded up to a multiple of the process count), each process's rows padded
-    with all-zero rows to a multiple of its devices: padding carries zero weight, so every
-    metric, a batch-coupled one such as InfoNCE's in-batch retrieval included, is the one the
-    training run's eval reported."""
+def mesh_eval_fn(loaded, config: RunConfig) -> Callable[[Any, dict], Any]:
+    """`loaded`'s (train.inference.load) eval step on every device, taking host batches
+    (pipeline.eval_batches: data.eval_batch_size real rows each on any device count). Each
+    process's rows are padded with all-zero rows to a multiple of its devices: padding carries
+    zero weight, so every metric, a batch-coupled one such as InfoNCE's in-batch retrieval
+    included, is the one the training run's eval reported."""
     mesh = parallel.data_mesh()
-    nproc = jax.process_count()
-    ebs = config.data.eval_batch
-    if ebs % nproc:
-        config = config.replace(data=config.data.replace(eval_batch_size=ebs + (-ebs) % nproc))
-    local = mesh.devices.size // nproc
+    local = mesh.devices.size // jax.process_count()
     params_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
     eval_fn = jax.jit(make_eval_step(loaded.model, config),
                       in_shardings=(params_sh, parallel.batch_sharding(mesh)),
                       out_shardings=parallel.replicated(mesh),
                       compiler_options=train_options(config))
 
-    def fn(params, batch):
+    def fn(params: Any, batch: dict[str, np.ndarray]) -> Any:
         extra = -len(next(iter(batch.values()))) % local
         if extra:
             batch = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
                      for k, v in batch.items()}
         return eval_fn(params, parallel.shard_batch(batch, mesh))
 
-    return config, fn
+    return fn
 
 
 def evaluate(workdir: str, checkpoint: str | int = "latest",
@@ -417,6 +415,6 @@ def evaluate(workdir: str, checkpoint: str | int = "latest",
     defaults, i.e. automatic on a detected cluster; a workdir's config.json never says)."""
     multihost.initialize(dist or multihost.DistConfig.from_config(get_config().dist))
     loaded = inference.load(workdir, checkpoint)
-    config, place = mesh_eval_fn(loaded, loaded.config)
-    out = run_eval(place, loaded.params, config, loaded.tokenizer)
+    config = loaded.config
+    out = run_eval(mesh_eval_fn(loaded, config), loaded.params, config, loaded.tokenizer)
     return {"step": loaded.step, "eval": out, "workdir": workdir, "config": config}
