@@ -376,6 +376,10 @@ def _one_line(e: BaseException, workdir: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `solo` command (argv None: the process's command line). Called with argv (a notebook,
+    a test), a failure's one line leaves the caller's logging, warnings and hooks as they were;
+    the command itself silences its process's teardown after it."""
+    command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     # --config.* overrides and --sweep.* grids are free-form; everything else goes to argparse.
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -410,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SOLO_DEBUG"):
             raise
         line = _one_line(e, getattr(args, "workdir", ""))
-        _quiet_teardown()  # from here on, nothing but the one line
+        if command:
+            _quiet_teardown()  # from here on, nothing but the one line
         print(f"solo {args.command}: error: {line} (SOLO_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 2

@@ -9,8 +9,8 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _process_hooks():
-    """A CLI error run in-process quiets the process's teardown (solo/cli._quiet_teardown):
-    logging off, unraisable and thread exceptions dropped. The next test gets them back."""
+    """solo/cli.main run in-process installs its unraisable-exception filter (each call wraps the
+    hook again); the next test gets the hooks and logging it started with."""
     saved = sys.unraisablehook, threading.excepthook, logging.root.manager.disable
     yield
     sys.unraisablehook, threading.excepthook = saved[:2]

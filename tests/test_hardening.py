@@ -207,7 +207,8 @@ def failing(args):
     raise OSError(28, "No space left on device")
 
 cli._sample = failing
-rc = cli.main(["sample", "wd", "--prompt", "x"])
+sys.argv = ["solo", "sample", "wd", "--prompt", "x"]
+rc = cli.main()  # the `solo` command
 left.clear()  # the coroutine is collected: Python warns that it was never awaited
 worker = threading.Thread(target=lambda: 1 / 0)  # a writer thread failing at teardown
 worker.start()
@@ -217,14 +218,27 @@ sys.exit(rc)
 
 
 def test_after_the_one_line_error_the_teardown_prints_nothing():
-    """What the process does after it reported a failure as one line (a never-awaited write
-    coroutine collected, a writer thread raising) adds nothing to stderr; SOLO_DEBUG=1 shows it."""
+    """What the `solo` process does after it reported a failure as one line (a never-awaited
+    write coroutine collected, a writer thread raising) adds nothing to stderr."""
     env = {k: v for k, v in os.environ.items() if k != "SOLO_DEBUG"}
     r = subprocess.run([sys.executable, "-c", TEARDOWN], env=env, capture_output=True,
                        text=True, timeout=300)
     lines = r.stderr.splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("solo sample: error: no space left on device (writing wd)")
+
+
+def test_main_called_in_process_leaves_the_callers_logging_and_warnings(tmp_path, capsys):
+    """cli.main([...]) from a notebook: its failure is the same one line, and the caller's
+    logging, warnings filters and thread exception hook are as they were."""
+    import logging
+    import threading
+    import warnings
+
+    before = logging.root.manager.disable, list(warnings.filters), threading.excepthook
+    rc = cli.main(["sample", str(tmp_path / "absent"), "--prompt", "Anya"])
+    assert rc == 2 and len(capsys.readouterr().err.splitlines()) == 1
+    assert (logging.root.manager.disable, warnings.filters, threading.excepthook) == before
 
 
 def test_load_still_works_after_the_faults(finished):
