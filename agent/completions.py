@@ -13,18 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from solo.agent.scoring import TokenScores
-
-_WINDOW = 8  # tokens of context a piece is decoded in
+from solo.agent.streaming import CONTEXT, text_after
 
 
 def piece(tok, ids: Sequence[int], t: int, token: int | None = None) -> str:
     """The text `token` (default ids[t]) adds after ids[:t]; a token that adds none (a special
     token, part of a multi-byte character) is named by its vocabulary piece ("</s>", "<0xE2>")."""
     token = ids[t] if token is None else token
-    lo = max(0, t - _WINDOW)
-    before = tok.decode(list(ids[lo:t]))
-    after = tok.decode([*ids[lo:t], token])
-    text = after[len(before):] if after.startswith(before) else tok.decode([token])
+    text = text_after(tok, ids[max(0, t - CONTEXT):t], [token])
     return text or tok.id_to_piece(token)
 
 

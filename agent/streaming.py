@@ -13,7 +13,20 @@ from collections.abc import Iterable, Sequence
 
 from solo.agent.guards import GuardDecision, Guards
 
-_CONTEXT = 8  # prompt tokens a continuation is decoded after
+CONTEXT = 8  # tokens before a piece of text that it is decoded after
+
+
+def text_after(tokenizer, context: Sequence[int], tokens: Sequence[int],
+               before: str | None = None) -> str:
+    """The text `tokens` add after `context` (its decode: `before`, if known), decoded together
+    (a SentencePiece word piece keeps the leading space its own decode strips); their own
+    decode where the context's text does not begin the whole."""
+    if context:
+        before = tokenizer.decode(list(context)) if before is None else before
+        full = tokenizer.decode([*context, *tokens])
+        if full.startswith(before):
+            return full[len(before):]
+    return tokenizer.decode(list(tokens))
 
 
 @dataclasses.dataclass
@@ -56,7 +69,7 @@ class RowText:
                  prompt_tokens: int = 0, *, incremental: bool = True, prefix: str = "",
                  guards: Guards | None = None, context: Sequence[int] = ()):
         self.tokenizer, self.max_new, self.prompt_tokens = tokenizer, int(max_new), prompt_tokens
-        self.context = [int(t) for t in list(context)[-_CONTEXT:]] if tokenizer else []
+        self.context = [int(t) for t in list(context)[-CONTEXT:]] if tokenizer else []
         self.before = tokenizer.decode(self.context) if self.context else ""
         if self.before.endswith("\ufffd"):  # the prompt ends inside a character: decode alone
             self.context, self.before = [], ""
@@ -100,11 +113,7 @@ class RowText:
         return self._release(self.settled if not self.hold_all else 0)
 
     def _decode(self, tokens: list[int]) -> str:
-        full = self.tokenizer.decode(self.context + tokens) if self.context else None
-        if full is not None and full.startswith(self.before):
-            text = full[len(self.before):]
-        else:
-            text = self.tokenizer.decode(tokens)
+        text = text_after(self.tokenizer, self.context, tokens, self.before)
         if self.prefix and (text.startswith(self.prefix) or self.prefix.startswith(text)):
             text = text[len(self.prefix):]  # ("" while the text could still be the prefix)
         return text

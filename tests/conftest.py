@@ -1,20 +1,17 @@
 """Fixtures shared by several test files."""
 
-import logging
 import sys
-import threading
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
-def _process_hooks():
+def _unraisable_hook():
     """solo/cli.main run in-process installs its unraisable-exception filter (each call wraps the
-    hook again); the next test gets the hooks and logging it started with."""
-    saved = sys.unraisablehook, threading.excepthook, logging.root.manager.disable
+    hook again); the next test gets the hook it started with."""
+    saved = sys.unraisablehook
     yield
-    sys.unraisablehook, threading.excepthook = saved[:2]
-    logging.disable(saved[2])
+    sys.unraisablehook = saved
 
 
 @pytest.fixture

@@ -141,12 +141,13 @@ def test_per_row_budgets_match_each_row_alone(dec):
         sampler.generate_ids(prompts, max_new_tokens=[3, 4])
 
 
-def test_row_text_holds_back_what_a_stop_string_or_utf8_could_still_change():
-    class Bytes:  # id -> one byte; decode like sentencepiece's byte fallback
-        def decode(self, ids):
-            return bytes(ids).decode("utf-8", errors="replace")
+class _Bytes:  # id -> one byte; decode like sentencepiece's byte fallback
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
 
-    row = RowText(Bytes(), max_new=20, stop=["END"])
+
+def test_row_text_holds_back_what_a_stop_string_or_utf8_could_still_change():
+    row = RowText(_Bytes(), max_new=20, stop=["END"])
     assert row.feed(b"abE", {0}) == "ab"  # "E" could still begin "END"
     assert row.feed(b"Nx", {0}) == "ENx"  # no end of "abENx" begins "END": all final
     assert row.feed("é".encode()[:1], {0}) == ""  # half a UTF-8 character: held
@@ -154,17 +155,12 @@ def test_row_text_holds_back_what_a_stop_string_or_utf8_could_still_change():
     assert row.finish == "stop" and row.text == "abENxéz"
     gen, rest = row.close()
     assert rest == "" and gen.text == "abENxéz" and gen.finish_reason == "stop"
-    row = RowText(Bytes(), max_new=3, incremental=False)
+    row = RowText(_Bytes(), max_new=3, incremental=False)
     row.feed(b"hi", {0})
     assert row.finish is None
     row.feed([0, 33], {0})  # stop id 0 ends the row; the id after it is ignored
     gen, rest = row.close()
     assert (gen.tokens, gen.text, gen.finish_reason, rest) == ([104, 105], "hi", "stop", "hi")
-
-
-class _Bytes:  # id -> one byte; decode like sentencepiece's byte fallback
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 @pytest.mark.parametrize("limit, patterns, stop", [
